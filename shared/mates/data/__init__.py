@@ -1,0 +1,1 @@
+"""Corpus, tokenization, reference sets and the demo data builder."""

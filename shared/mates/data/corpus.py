@@ -1,0 +1,244 @@
+"""Corpus reading and tokenization into memory-mapped arrays.
+
+A corpus is JSONL or Parquet rows `{"id": str, "text": str, ...}`. It is read
+once, validated (unique non-empty string IDs, non-empty UTF-8 text), tokenized,
+and stored as flat binary arrays with offsets, so that a pool of millions of
+documents is never held in Python lists of text or tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mates.artifacts import atomic_path, read_json, write_json
+from mates.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_BATCH_ROWS = 1000
+
+
+@dataclass
+class Row:
+    id: str
+    text: str
+    domain: str | None
+
+
+@dataclass
+class ReadStats:
+    rows: int = 0
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
+
+
+class BadRow(DataError):
+    """A corpus row that cannot be used; `reason` is the message without the location."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, parsed object or an exception) from JSONL or Parquet."""
+    if path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several unrelated types
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        n = 0
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
+            for obj in batch.to_pylist():
+                n += 1
+                yield n, obj
+        return
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield lineno, BadRow(f"{path}:{lineno}", f"not valid UTF-8 ({e.reason})")
+            except json.JSONDecodeError as e:
+                yield lineno, BadRow(f"{path}:{lineno}", f"not valid JSON ({e.msg})")
+
+
+def _validate(obj: Any, where: str, id_field: str, text_field: str) -> tuple[str, str]:
+    if isinstance(obj, BadRow):
+        raise obj
+    if not isinstance(obj, dict):
+        raise BadRow(where, "row must be a JSON object")
+    doc_id, text = obj.get(id_field), obj.get(text_field)
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise BadRow(where, f"missing or non-string `{id_field}`")
+    if not isinstance(text, str):
+        raise BadRow(where, f"missing or non-string `{text_field}` (id {doc_id!r})")
+    if not text.strip():
+        raise BadRow(where, f"empty `{text_field}` (id {doc_id!r})")
+    return doc_id, text
+
+
+def iter_corpus(
+    path: Path,
+    *,
+    id_field: str = "id",
+    text_field: str = "text",
+    domain_field: str | None = "domain",
+    on_bad_row: str = "error",
+    stats: ReadStats | None = None,
+) -> Iterator[Row]:
+    """Stream validated rows. Bad rows raise (naming file and line) or are skipped and counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"corpus file {path} does not exist")
+    stats = stats if stats is not None else ReadStats()
+    seen: set[str] = set()
+    for lineno, obj in _raw_rows(path):
+        where = f"{path}:{lineno}"
+        try:
+            doc_id, text = _validate(obj, where, id_field, text_field)
+            if doc_id in seen:
+                raise BadRow(where, f"duplicate id {doc_id!r}")
+        except BadRow as e:
+            if on_bad_row == "error":
+                raise
+            stats.skip(e.reason.split(" (")[0].split(" '")[0])
+            log.warning("skipping bad row: %s", e)
+            continue
+        seen.add(doc_id)
+        stats.rows += 1
+        domain = obj.get(domain_field) if domain_field else None
+        yield Row(doc_id, text, domain if isinstance(domain, str) else None)
+
+
+class TokenizedCorpus:
+    """Memory-mapped tokens and texts of a corpus, addressed by document ID or index."""
+
+    FILES = ("tokens.bin", "token_offsets.npy", "text.bin", "text_offsets.npy", "ids.json")
+
+    def __init__(self, root: Path):
+        root = Path(root)
+        self.root = root
+        self.meta = read_json(root / "meta.json")
+        dtype = np.dtype(self.meta["token_dtype"])
+        self.tokens = np.memmap(root / "tokens.bin", dtype=dtype, mode="r")
+        self.token_offsets = np.load(root / "token_offsets.npy", mmap_mode="r")
+        self._text = np.memmap(root / "text.bin", dtype=np.uint8, mode="r")
+        self.text_offsets = np.load(root / "text_offsets.npy", mmap_mode="r")
+        self.ids: list[str] = json.loads((root / "ids.json").read_text(encoding="utf-8"))
+        self.domains = np.load(root / "domains.npy")
+        self.domain_names: list[str] = self.meta["domain_names"]
+        self._index = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self, doc_id: str) -> int:
+        try:
+            return self._index[doc_id]
+        except KeyError:
+            raise DataError(f"unknown document id {doc_id!r}") from None
+
+    def indices_of(self, doc_ids: list[str]) -> np.ndarray:
+        return np.fromiter((self.index_of(d) for d in doc_ids), dtype=np.int64, count=len(doc_ids))
+
+    def token_ids(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.token_offsets[i] : self.token_offsets[i + 1]])
+
+    def text(self, i: int) -> str:
+        raw = self._text[self.text_offsets[i] : self.text_offsets[i + 1]]
+        return bytes(raw).decode("utf-8")
+
+    def num_tokens(self, indices: np.ndarray | None = None) -> np.ndarray:
+        lengths = np.diff(np.asarray(self.token_offsets))
+        return lengths if indices is None else lengths[indices]
+
+    def domain(self, i: int) -> str | None:
+        code = int(self.domains[i])
+        return self.domain_names[code] if code >= 0 else None
+
+
+def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dtype) -> dict:
+    """Tokenize rows in batches and append to flat binary files; returns counts."""
+    ids: list[str] = []
+    domain_codes: list[int] = []
+    domain_names: dict[str, int] = {}
+    tok_off, txt_off = [0], [0]
+    with open(out / "tokens.bin", "wb") as ftok, open(out / "text.bin", "wb") as ftxt:
+        batch: list[Row] = []
+
+        def flush() -> None:
+            encoded = tokenizer([r.text for r in batch], add_special_tokens=False)["input_ids"]
+            for r, toks in zip(batch, encoded, strict=True):
+                raw = r.text.encode("utf-8")
+                ftxt.write(raw)
+                ftok.write(np.asarray(toks, dtype=token_dtype).tobytes())
+                tok_off.append(tok_off[-1] + len(toks))
+                txt_off.append(txt_off[-1] + len(raw))
+                ids.append(r.id)
+                code = -1 if r.domain is None else domain_names.setdefault(r.domain, len(domain_names))
+                domain_codes.append(code)
+            batch.clear()
+
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= _BATCH_ROWS:
+                flush()
+        if batch:
+            flush()
+    np.save(out / "token_offsets.npy", np.asarray(tok_off, dtype=np.int64))
+    np.save(out / "text_offsets.npy", np.asarray(txt_off, dtype=np.int64))
+    np.save(out / "domains.npy", np.asarray(domain_codes, dtype=np.int16))
+    (out / "ids.json").write_text(json.dumps(ids), encoding="utf-8")
+    return {"num_docs": len(ids), "num_tokens": tok_off[-1], "domain_names": list(domain_names)}
+
+
+def tokenize_corpus(
+    path: Path,
+    tokenizer,
+    out: Path,
+    *,
+    id_field: str = "id",
+    text_field: str = "text",
+    domain_field: str | None = "domain",
+    on_bad_row: str = "error",
+) -> TokenizedCorpus:
+    """Tokenize a corpus file once into `out` (atomically); reuse it when already there."""
+    out = Path(out)
+    if (out / "meta.json").is_file():
+        return TokenizedCorpus(out)
+    vocab = len(tokenizer)
+    token_dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
+    stats = ReadStats()
+    rows = iter_corpus(
+        path, id_field=id_field, text_field=text_field, domain_field=domain_field,
+        on_bad_row=on_bad_row, stats=stats,
+    )
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        counts = _write_arrays(tmp, rows, tokenizer, token_dtype)
+        if counts["num_docs"] == 0:
+            raise DataError(f"corpus {path} has no usable documents (the pool is empty)")
+        meta = {
+            "source": str(path), "token_dtype": token_dtype.name, "vocab_size": vocab,
+            "skipped_rows": stats.skipped, "skip_reasons": stats.skip_reasons, **counts,
+        }
+        write_json(tmp / "meta.json", meta)
+    log.info("tokenized %d docs (%d tokens, %d rows skipped) from %s",
+             counts["num_docs"], counts["num_tokens"], stats.skipped, path)
+    return TokenizedCorpus(out)

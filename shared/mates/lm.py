@@ -1,0 +1,74 @@
+"""The language model (GPT-NeoX, the Pythia architecture) and its losses."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from mates.config import ModelConfig
+from mates.data.reference import IGNORE, ReferenceSet
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int, seq_tokens: int, eos_id: int) -> GPTNeoXForCausalLM:
+    """A randomly initialised GPT-NeoX from config (the paper pretrains from scratch)."""
+    hf_cfg = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        max_position_embeddings=seq_tokens,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": cfg.rotary_pct},
+        initializer_range=cfg.init_std,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        use_cache=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        attn_implementation="sdpa",
+    )
+    return GPTNeoXForCausalLM(hf_cfg)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked for; a no-op context in fp32."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
+            reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on the positions whose label is not IGNORE.
+
+    `labels[:, t]` is the target for position t (already shifted). Only scored
+    positions go through the output layer, which matters for LAMBADA-style sets
+    where one or two tokens per sequence count.
+    """
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, C)
+    mask = labels != IGNORE  # (B, T)
+    logits = model.get_output_embeddings()(hidden[mask])  # (M, V)
+    return F.cross_entropy(logits.float(), labels[mask], reduction=reduction)
+
+
+@torch.no_grad()
+def reference_loss(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int,
+                   precision: str = "fp32") -> float:
+    """Mean loss over all scored tokens of a reference set, batched, no Python loop per example."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(ref), batch_sequences):
+        end = min(start + batch_sequences, len(ref))
+        width = int(ref.lengths[start:end].max())  # rows are length-sorted: trim padding
+        ids = ref.input_ids[start:end, :width].to(device, non_blocking=True)
+        labels = ref.labels[start:end, :width].to(device, non_blocking=True)
+        with autocast(device, precision):
+            total += lm_loss(model, ids, labels, reduction="sum").double()
+    model.train(was_training)
+    return float(total) / ref.scored_tokens

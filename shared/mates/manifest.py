@@ -1,0 +1,107 @@
+"""The run manifest (`run.json`) and the stage state machine.
+
+`pending → training → probing → fitting → scoring → selecting → done`, with
+`failed` and `cancelled` reachable from any active state. Every transition is
+recorded with a timestamp; the manifest is rewritten atomically on each change.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mates.artifacts import read_json, write_json
+from mates.errors import RunStateError
+
+STAGE_STATES = ("pending", "training", "probing", "fitting", "scoring", "selecting", "done")
+END_STATES = ("done", "failed", "cancelled")
+RUN_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def _allowed(src: str, dst: str) -> bool:
+    if dst in ("failed", "cancelled"):
+        return src not in ("done",)
+    if src in ("failed", "cancelled"):
+        return True  # a resume picks up at whatever step the artifacts say is next
+    if src == dst:
+        return True
+    return STAGE_STATES.index(dst) > STAGE_STATES.index(src)
+
+
+class Manifest:
+    """In-memory view of run.json; every mutation is saved before it returns."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def create(cls, path: Path, config: dict, fingerprint: str, num_stages: int,
+               extra: dict | None = None) -> Manifest:
+        data = {
+            "run_id": f"{config['name']}-{uuid.uuid4().hex[:8]}",
+            "name": config["name"],
+            "status": "pending",
+            "created_at": now(),
+            "updated_at": now(),
+            "config_fingerprint": fingerprint,
+            "config": config,
+            "current_stage": 0,
+            "error": None,
+            "stages": [
+                {"stage": k, "state": "pending", "transitions": [{"state": "pending", "at": now()}],
+                 "timings": {}, "metrics": {}, "error": None}
+                for k in range(num_stages)
+            ],
+            **(extra or {}),
+        }
+        m = cls(path, data)
+        m.save()
+        return m
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        return cls(path, read_json(path))
+
+    def save(self) -> None:
+        self.data["updated_at"] = now()
+        write_json(self.path, self.data)
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    def stage(self, k: int) -> dict[str, Any]:
+        return self.data["stages"][k]
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        assert status in RUN_STATUSES, status
+        self.data["status"] = status
+        self.data["error"] = error
+        self.save()
+
+    def transition(self, k: int, state: str, error: str | None = None) -> None:
+        st = self.stage(k)
+        if not _allowed(st["state"], state):
+            raise RunStateError(f"stage {k}: illegal transition {st['state']} -> {state}")
+        if st["state"] != state:
+            st["transitions"].append({"state": state, "at": now()})
+        st["state"] = state
+        st["error"] = error
+        self.data["current_stage"] = k
+        self.save()
+
+    def add_timing(self, k: int, name: str, seconds: float) -> None:
+        timings = self.stage(k)["timings"]
+        timings[name] = round(timings.get(name, 0.0) + seconds, 3)
+        self.save()
+
+    def update_metrics(self, k: int, **metrics: Any) -> None:
+        self.stage(k)["metrics"].update(metrics)
+        self.save()

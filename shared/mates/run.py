@@ -1,0 +1,497 @@
+"""One MATES run: stages of train → probe → fit → score → select, resumable from artifacts.
+
+Each step of a stage is skipped when its artifact already exists, so a resumed
+run continues from the last completed step. Stage k trains on `selection(k)`;
+its checkpoint is probed, an influence model is fitted and scores stage k+1's
+pool, and the selection for stage k+1 is written. Stage 0 trains on a random
+selection; the random arm selects at random throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mates.artifacts import RunPaths, append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from mates.config import RunConfig, config_from_dict
+from mates.data.corpus import TokenizedCorpus, tokenize_corpus
+from mates.data.packing import PackedStream
+from mates.data.reference import load_reference
+from mates.data.tokenizer import load_tokenizer, train_bpe
+from mates.errors import ConfigError, MatesError, RunStateError, StageFailed
+from mates.influence import (
+    InfluenceModel,
+    InfluenceScorer,
+    fit_influence_model,
+    load_encoder,
+    report_dict,
+)
+from mates.lm import build_lm, reference_loss
+from mates.manifest import Manifest
+from mates.probe import ExactOracle
+from mates.selection import select_indices
+from mates.train import Callback, StepInfo, Trainer
+
+log = logging.getLogger(__name__)
+
+STAGE0_SECTIONS = ("seed", "data", "model", "train", "stages")
+
+
+class Cancelled(MatesError):
+    """The run was cancelled (a `cancel` file appeared in the run dir)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("`device` is 'cuda' but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class _EvalAndLog(Callback):
+    """Evaluates reference and held-out loss every `eval_every_steps` and at stage end."""
+
+    def __init__(self, run: Run, stage: int):
+        self.run, self.stage = run, stage
+        self.losses: list[float] = []
+        self.bar = tqdm(total=run.stage_steps(stage), desc=f"stage {stage} train",
+                        disable=not run.progress, leave=False)
+
+    def step_end(self, trainer: Trainer, info: StepInfo) -> None:
+        self.losses.append(info.loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{info.loss:.3f}")
+        every = self.run.cfg.train.eval_every_steps
+        if info.stage_step % every == 0 and info.stage_step < self.run.stage_steps(self.stage):
+            self._log(trainer, info)
+        ck = self.run.cfg.train.checkpoint_every_steps
+        if ck and info.stage_step % ck == 0 and info.stage_step < self.run.stage_steps(self.stage):
+            self.run.save_checkpoint(self.stage, info.stage_step, complete=False)
+        self.run.check_cancel()
+
+    def train_end(self, trainer: Trainer, info: StepInfo | None) -> None:
+        self.bar.close()
+        if info is not None:
+            self._log(trainer, info)
+
+    def _log(self, trainer: Trainer, info: StepInfo) -> None:
+        row = self.run.evaluate(self.stage, info.step, info.tokens)
+        row.update(train_loss=round(float(np.mean(self.losses)), 5), lr=info.lr)
+        self.losses.clear()
+        append_jsonl(self.run.paths.metrics, row)
+
+
+class Run:
+    """Drives one run in one process (the embedded default)."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, *, progress: bool = True):
+        self.cfg = cfg
+        self.paths = RunPaths(Path(out_dir))
+        self.progress = progress
+        self.manifest = self._open_manifest()
+        self.device = resolve_device(cfg.device)
+        self.trainer: Trainer | None = None
+        self._trainer_at: tuple[int, int] | None = None  # (stage, stage_step) held in memory
+        self._features: dict[int, torch.Tensor] = {}  # frozen-encoder feature cache, by doc index
+        self._stream_k: PackedStream | None = None  # the stream of the stage being trained
+        self._scorer: tuple[int, InfluenceScorer] | None = None  # last fitted model, by stage
+
+    # -- set-up --------------------------------------------------------------
+
+    def _open_manifest(self) -> Manifest:
+        fp = self.cfg.fingerprint()
+        if self.paths.manifest.is_file():
+            m = Manifest.load(self.paths.manifest)
+            if m.data["config_fingerprint"] != fp:
+                raise ConfigError(
+                    f"{self.paths.root} holds a run with a different config; "
+                    "resume it with its own config or choose another --out"
+                )
+            return m
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        return Manifest.create(self.paths.manifest, self.cfg.model_dump(mode="json"), fp,
+                               self.cfg.stages.num_stages)
+
+    @classmethod
+    def open(cls, run_dir: Path, progress: bool = True) -> Run:
+        """Re-open an existing run dir with the config it was created with."""
+        m = read_json(RunPaths(Path(run_dir)).manifest)
+        return cls(config_from_dict(m["config"]), run_dir, progress=progress)
+
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        if cfg.data.tokenizer == "train-bpe":
+            if (self.paths.tokenizer / "tokenizer.json").is_file():
+                self.tokenizer = load_tokenizer(self.paths.tokenizer)
+            else:
+                from mates.data.corpus import iter_corpus
+
+                texts = (r.text for r in iter_corpus(
+                    cfg.data.pool, id_field=cfg.data.id_field, text_field=cfg.data.text_field,
+                    domain_field=None, on_bad_row=cfg.data.on_bad_row))
+                self.tokenizer = train_bpe(texts, cfg.data.vocab_size, self.paths.tokenizer)
+        else:
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        d = cfg.data
+        self.corpus: TokenizedCorpus = tokenize_corpus(
+            d.pool, self.tokenizer, self.paths.tokenized, id_field=d.id_field,
+            text_field=d.text_field, domain_field=d.domain_field, on_bad_row=d.on_bad_row)
+        T = cfg.train.seq_tokens
+        self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples)
+        self.heldout = load_reference(d.heldout, self.tokenizer, T)
+        self.eos = self.tokenizer.eos_token_id
+        self._order = np.random.default_rng([cfg.seed, 7]).permutation(len(self.corpus))
+
+    def stage_steps(self, k: int) -> int:
+        return self.cfg.stages.stage0_steps if k == 0 else self.cfg.stages.stage_steps
+
+    def check_cancel(self) -> None:
+        if (self.paths.root / "cancel").exists():
+            raise Cancelled("run cancelled by request")
+
+    # -- driving -------------------------------------------------------------
+
+    def execute(self, seed_stage0_from: Path | None = None) -> Manifest:
+        """Run (or resume) every stage to the end; returns the final manifest."""
+        if self.manifest.data["status"] == "done":
+            raise RunStateError(f"run {self.manifest.run_id} is already done")
+        (self.paths.root / "cancel").unlink(missing_ok=True)
+        self.manifest.set_status("running")
+        k = 0
+        try:
+            self._prepare()
+            if seed_stage0_from is not None:
+                self._copy_stage0(Path(seed_stage0_from))
+            for k in range(self.cfg.stages.num_stages):
+                if self.manifest.stage(k)["state"] != "done":
+                    self._run_stage(k)
+            self._export()
+        except Cancelled as e:
+            self.manifest.transition(k, "cancelled", str(e))
+            self.manifest.set_status("cancelled", str(e))
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            self.manifest.transition(k, "failed", reason)
+            self.manifest.set_status("failed", f"stage {k} failed: {reason}")
+            append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
+                                             "reason": reason})
+            if isinstance(e, MatesError):
+                raise StageFailed(f"stage {k} failed: {e}") from e
+            raise
+        self.manifest.set_status("done")
+        return self.manifest
+
+    @contextmanager
+    def _state(self, k: int, state: str):
+        self.manifest.transition(k, state)
+        t0 = time.perf_counter()
+        yield
+        self.manifest.add_timing(k, state, time.perf_counter() - t0)
+
+    def _run_stage(self, k: int) -> None:
+        p = self.paths
+        if k == 0 and not p.selection(0).is_file():
+            self._write_pool(0)
+            self._select(0, scores=None, method="random")
+        with self._state(k, "training"):
+            self._train(k)
+        if k + 1 < self.cfg.stages.num_stages:
+            self._prepare_next(k)
+        self.manifest.transition(k, "done")
+
+    def _prepare_next(self, k: int) -> None:
+        """Probe checkpoint k, fit, score pool k+1 and write selection k+1."""
+        p = self.paths
+        if not p.pool(k + 1).is_file():
+            self._write_pool(k + 1)
+        if p.selection(k + 1).is_file():
+            return
+        if self.cfg.selection.method == "random":
+            with self._state(k, "selecting"):
+                self._select(k + 1, scores=None, method="random")
+            return
+        with self._state(k, "probing"):
+            if not p.probes(k).is_file():
+                self._probe(k)
+        with self._state(k, "fitting"):
+            if not (p.influence_model(k) / "meta.json").is_file():
+                self._fit(k)
+        with self._state(k, "scoring"):
+            if not p.scores(k).is_file():
+                self._score(k)
+        with self._state(k, "selecting"):
+            rows = read_jsonl(p.scores(k))
+            self._select(k + 1, scores=rows, method=self.cfg.selection.method)
+
+    # -- pools and selections ------------------------------------------------
+
+    def _selected_before(self, k: int) -> set[int]:
+        seen: set[int] = set()
+        for j in range(k):
+            seen.update(self.corpus.indices_of(read_json(self.paths.selection(j))["ids"]).tolist())
+        return seen
+
+    def _write_pool(self, k: int) -> None:
+        n = self.cfg.stages.pool_docs
+        if self.cfg.stages.pool_mode == "disjoint":
+            if (k + 1) * n > len(self.corpus):
+                raise ConfigError(
+                    f"`stages.pool_docs` ({n}) x {k + 1} stages exceeds the corpus "
+                    f"({len(self.corpus)} documents); lower it or use pool_mode: resample")
+            idx = self._order[k * n : (k + 1) * n]
+        else:
+            used = self._selected_before(k)
+            idx = np.array([i for i in self._order if int(i) not in used][:n], dtype=np.int64)
+        if len(idx) == 0:
+            raise StageFailed(f"stage {k}: no unused documents left for the pool")
+        write_json(self.paths.pool(k), {"stage": k, "ids": [self.corpus.ids[i] for i in idx]})
+
+    def _select(self, k: int, scores: list[dict] | None, method: str) -> None:
+        """Write selection(k) from pool(k); scores are joined to the pool by document ID."""
+        from mates.selection import join_scores
+
+        s = self.cfg.selection
+        pool_ids = read_json(self.paths.pool(k))["ids"]
+        arr = join_scores(pool_ids, scores) if scores is not None else None
+        seed = [self.cfg.seed, k, 11]
+        chosen = select_indices(arr, len(pool_ids), ratio=s.ratio, method=method,
+                                temperature=s.temperature, seed=seed)
+        ids = [pool_ids[i] for i in chosen]
+        idx = self.corpus.indices_of(ids)
+        pool_idx = self.corpus.indices_of(pool_ids)
+        manifest = {
+            "stage": k, "method": method, "seed": seed, "ratio": s.ratio,
+            "temperature": s.temperature if method == "gumbel" else None,
+            "model_version": f"{self.manifest.run_id}/{k - 1}" if scores is not None else None,
+            "pool_size": len(pool_ids), "selected": len(ids),
+            "selected_tokens": int(self.corpus.num_tokens(idx).sum()),
+            "stage_tokens": self.stage_steps(k) * self.cfg.train.batch_sequences * self.cfg.train.seq_tokens,
+            "domains": self._domain_counts(idx), "pool_domains": self._domain_counts(pool_idx),
+            "ids": ids,
+        }
+        write_json(self.paths.selection(k), manifest)
+        self.manifest.update_metrics(k, selection={key: v for key, v in manifest.items() if key != "ids"})
+
+    def _domain_counts(self, idx: np.ndarray) -> dict[str, int]:
+        return dict(sorted(Counter(self.corpus.domain(int(i)) or "-" for i in idx).items()))
+
+    # -- training ------------------------------------------------------------
+
+    def _build_trainer(self) -> Trainer:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_lm(cfg.model, len(self.tokenizer), cfg.train.seq_tokens, self.eos)
+        return Trainer(model, cfg.train, self.device)
+
+    def _stream(self, k: int) -> PackedStream:
+        ids = read_json(self.paths.selection(k))["ids"]
+        return PackedStream(self.corpus, self.corpus.indices_of(ids), self.cfg.train.seq_tokens,
+                            self.eos, seed=self.cfg.seed * 1000 + k)
+
+    def _ensure_trainer_at(self, k: int) -> dict | None:
+        """Hold the state from which stage k (re)starts; returns the checkpoint meta if loaded."""
+        if self.trainer is None:
+            self.trainer = self._build_trainer()
+        ck = self.paths.checkpoint(k)
+        if (ck / "trainer.json").is_file():
+            meta = self.trainer.load(ck)
+            self._trainer_at = (k, meta["stage_step"])
+            self._truncate_metrics(meta["step"])
+            return meta
+        if k == 0:
+            if self._trainer_at != (0, 0):
+                self.trainer = self._build_trainer()
+                self._trainer_at = (0, 0)
+                self._truncate_metrics(0)
+            return None
+        if self._trainer_at != (k - 1, self.stage_steps(k - 1)):
+            meta = self.trainer.load(self.paths.checkpoint(k - 1))
+            self._trainer_at = (k - 1, meta["stage_step"])
+            self._truncate_metrics(meta["step"])
+        return None
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows logged after the state being resumed from."""
+        path = self.paths.metrics
+        if path.is_file():
+            rows = [r for r in read_jsonl(path) if r["step"] <= step]
+            write_jsonl(path, rows)
+
+    def _train(self, k: int) -> None:
+        meta = self._ensure_trainer_at(k)
+        if meta and meta.get("complete"):
+            return
+        stream = self._stream(k)
+        start = 0
+        if meta:
+            stream.load_state_dict(meta["stream"])
+            start = meta["stage_step"]
+        assert self.trainer is not None
+        if self.trainer.step == 0 and not self.paths.metrics.is_file():
+            append_jsonl(self.paths.metrics, self.evaluate(0, 0, 0))
+        self._stream_k = stream
+        self.trainer.train(stream, self.stage_steps(k), [_EvalAndLog(self, k)], stage_step=start)
+        self.save_checkpoint(k, self.stage_steps(k), complete=True)
+        last = read_jsonl(self.paths.metrics)[-1]
+        self.manifest.update_metrics(
+            k, steps=self.trainer.step, tokens=self.trainer.tokens,
+            heldout_loss=last["heldout_loss"], reference_loss=last["reference_loss"],
+            train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1)
+
+    def save_checkpoint(self, k: int, stage_step: int, complete: bool) -> None:
+        assert self.trainer is not None and self._stream_k is not None
+        self.trainer.save(self.paths.checkpoint(k), {
+            "stage": k, "stage_step": stage_step, "complete": complete,
+            "stream": self._stream_k.state_dict(),
+        })
+        self._trainer_at = (k, stage_step)
+
+    def evaluate(self, k: int, step: int, tokens: int) -> dict:
+        assert self.trainer is not None
+        tc = self.cfg.train
+        model = self.trainer.model
+        return {
+            "stage": k, "step": step, "tokens": tokens, "time": time.time(),
+            "reference_loss": round(reference_loss(model, self.reference, tc.eval_batch_sequences, tc.precision), 5),
+            "heldout_loss": round(reference_loss(model, self.heldout, tc.eval_batch_sequences, tc.precision), 5),
+        }
+
+    # -- probing, fitting, scoring -------------------------------------------
+
+    def _probe(self, k: int) -> None:
+        """Exact oracle influences of probe documents drawn from stage k+1's pool."""
+        self._load_end_of(k)
+        assert self.trainer is not None
+        pool_ids = read_json(self.paths.pool(k + 1))["ids"]
+        n = min(self.cfg.probing.num_probes, len(pool_ids))
+        rng = np.random.default_rng([self.cfg.seed, k, 13])
+        chosen = sorted(rng.choice(len(pool_ids), size=n, replace=False).tolist())
+        tc = self.cfg.train
+        oracle = ExactOracle(self.trainer.model, self.trainer.optimizer, self.reference,
+                             lr=self.cfg.probing.lr or self.trainer.current_lr, grad_clip=tc.grad_clip,
+                             precision=tc.precision, eval_batch_sequences=tc.eval_batch_sequences)
+        rows = []
+        for j in tqdm(chosen, desc=f"stage {k} probe", disable=not self.progress, leave=False):
+            i = self.corpus.index_of(pool_ids[j])
+            toks = np.append(self.corpus.token_ids(i)[: tc.seq_tokens], self.eos)
+            rows.append({"id": pool_ids[j], "influence": oracle.influence(torch.from_numpy(toks.astype(np.int64))),
+                         "domain": self.corpus.domain(i)})
+            self.check_cancel()
+        write_jsonl(self.paths.probes(k), rows)
+        self.manifest.update_metrics(k, probes=self._probe_summary(rows, oracle))
+
+    def _probe_summary(self, rows: list[dict], oracle: ExactOracle) -> dict:
+        vals = np.array([r["influence"] for r in rows])
+        by_domain: dict[str, list[float]] = {}
+        for r in rows:
+            by_domain.setdefault(r["domain"] or "-", []).append(r["influence"])
+        return {
+            "count": len(rows), "mean": float(vals.mean()), "std": float(vals.std()),
+            "base_reference_loss": oracle.base_loss, "clipped_fraction": oracle.clipped / len(rows),
+            "mean_by_domain": {d: round(float(np.mean(v)), 6) for d, v in sorted(by_domain.items())},
+            "count_by_domain": {d: len(v) for d, v in sorted(by_domain.items())},
+        }
+
+    def _load_end_of(self, k: int) -> None:
+        if self._trainer_at != (k, self.stage_steps(k)):
+            if self.trainer is None:
+                self.trainer = self._build_trainer()
+            self.trainer.load(self.paths.checkpoint(k))
+            self._trainer_at = (k, self.stage_steps(k))
+
+    def _new_scorer(self, k: int) -> InfluenceScorer:
+        ic = self.cfg.influence
+        if ic.warm_start and k > 0 and (self.paths.influence_model(k - 1) / "meta.json").is_file():
+            return InfluenceScorer.load(self.paths.influence_model(k - 1), self.device)
+        encoder, tok = load_encoder(ic.encoder, seed=self.cfg.seed)
+        torch.manual_seed(self.cfg.seed + k)
+        return InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, self.device)
+
+    def _fit(self, k: int) -> None:
+        rows = read_jsonl(self.paths.probes(k))
+        scorer = self._new_scorer(k)
+        texts = [self.corpus.text(self.corpus.index_of(r["id"])) for r in rows]
+        bar = tqdm(total=self.cfg.influence.epochs, desc=f"stage {k} fit", disable=not self.progress, leave=False)
+        report = fit_influence_model(scorer, texts, np.array([r["influence"] for r in rows]),
+                                     self.cfg.influence, seed=self.cfg.seed + k, progress=bar.update)
+        bar.close()
+        scorer.meta.update(run_id=self.manifest.run_id, stage=k, version=f"{self.manifest.run_id}/{k}",
+                           fit=report_dict(report))
+        scorer.save(self.paths.influence_model(k), self.cfg.influence.encoder, self.cfg.influence.train_encoder)
+        self.manifest.update_metrics(k, influence_model=report_dict(report))
+        self._scorer = (k, scorer)
+
+    def _score(self, k: int) -> None:
+        """Score every document of stage k+1's pool with stage k's influence model."""
+        if self._scorer is not None and self._scorer[0] == k:
+            scorer = self._scorer[1]
+        else:
+            scorer = InfluenceScorer.load(self.paths.influence_model(k), self.device)
+        pool_ids = read_json(self.paths.pool(k + 1))["ids"]
+        idx = self.corpus.indices_of(pool_ids)
+        bs = self.cfg.influence.batch_size * 4
+        bar = tqdm(total=len(idx), desc=f"stage {k} score", disable=not self.progress, leave=False)
+        if self.cfg.influence.train_encoder:
+            scores = scorer.predict(scorer.tokenize([self.corpus.text(int(i)) for i in idx]), bs, bar.update)
+        else:
+            scores = scorer.predict_features(self._frozen_features(scorer, idx, bs, bar.update))
+        bar.close()
+        write_jsonl(self.paths.scores(k), ({"id": d, "score": float(s)} for d, s in zip(pool_ids, scores, strict=True)))
+        self.manifest.update_metrics(k, scores={"count": len(scores), "mean": float(np.mean(scores)),
+                                                "std": float(np.std(scores))})
+
+    def _frozen_features(self, scorer: InfluenceScorer, idx: np.ndarray, bs: int, progress) -> torch.Tensor:
+        """A frozen encoder's features never change: compute each document's once per process."""
+        todo = [int(i) for i in idx if int(i) not in self._features]
+        if todo:
+            feats = scorer.features(scorer.tokenize([self.corpus.text(i) for i in todo]), bs, progress)
+            self._features.update(zip(todo, feats, strict=True))
+        return torch.stack([self._features[int(i)] for i in idx])
+
+    # -- stage-0 sharing and export -----------------------------------------
+
+    def _copy_stage0(self, other: Path) -> None:
+        """Reuse another arm's stage 0 (random data, same seed and settings: identical by construction)."""
+        if self.manifest.stage(0)["state"] == "done" or (self.paths.checkpoint(0) / "trainer.json").is_file():
+            return
+        src = RunPaths(other)
+        theirs = config_from_dict(read_json(src.manifest)["config"])
+        if theirs.fingerprint(*STAGE0_SECTIONS) != self.cfg.fingerprint(*STAGE0_SECTIONS):
+            raise ConfigError(f"cannot share stage 0 with {other}: its data/model/train/stages/seed differ")
+        self.paths.stage(0).mkdir(parents=True, exist_ok=True)
+        for path in (src.pool(0), src.selection(0)):
+            shutil.copy2(path, self.paths.stage(0) / path.name)
+        shutil.copytree(src.checkpoint(0), self.paths.checkpoint(0))
+        rows = [r for r in read_jsonl(src.metrics) if r["stage"] == 0]
+        write_jsonl(self.paths.metrics, rows)
+        theirs_stage0 = read_json(src.manifest)["stages"][0]
+        self.manifest.stage(0)["timings"]["training"] = theirs_stage0["timings"].get("training", 0.0)
+        self.manifest.update_metrics(0, **{k: v for k, v in theirs_stage0["metrics"].items()
+                                           if k not in ("probes", "influence_model", "scores")},
+                                     shared_from=str(other))
+
+    def _export(self) -> None:
+        """The final LM in `save_pretrained` form, loadable by AutoModelForCausalLM."""
+        from mates.artifacts import atomic_path
+
+        last = self.cfg.stages.num_stages - 1
+        self._load_end_of(last)
+        assert self.trainer is not None
+        with atomic_path(self.paths.export()) as tmp:
+            self.trainer.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        self.manifest.data["export"] = str(self.paths.export())
+        self.manifest.save()

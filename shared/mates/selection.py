@@ -1,0 +1,91 @@
+"""Choosing the next stage's data from scored candidates.
+
+Gumbel-top-k draws k items WITHOUT replacement with probability proportional to
+softmax(−score/τ) at each draw: keep the k largest of `−score/τ + G`,
+G ~ Gumbel(0, 1) i.i.d. (Kool et al., 2019). The reference code adds the noise to
+`score/τ` and keeps the smallest, which is a different distribution; we don't.
+Scores are joined to documents by ID, never by row position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from mates.errors import ConfigError, DataError
+
+METHODS = ("gumbel", "topk", "random")
+
+
+def num_selected(pool_size: int, ratio: float) -> int:
+    """k = round(ratio × pool), at least one document."""
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"`selection.ratio` must be in (0, 1], got {ratio}")
+    if pool_size <= 0:
+        raise DataError("cannot select from an empty pool")
+    return max(1, min(pool_size, int(round(ratio * pool_size))))
+
+
+def gumbel_top_k(scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k draws without replacement from softmax(−scores/τ), in draw order."""
+    if temperature <= 0:
+        raise ConfigError(f"`selection.temperature` must be > 0, got {temperature}")
+    keys = -np.asarray(scores, dtype=np.float64) / temperature + rng.gumbel(size=len(scores))
+    top = np.argpartition(-keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))
+    return top[np.argsort(-keys[top], kind="stable")]
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k lowest (most helpful) scores; ties broken by position for determinism."""
+    return np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+
+
+def select_indices(scores: np.ndarray | None, pool_size: int, *, ratio: float, method: str,
+                   temperature: float, seed: int) -> np.ndarray:
+    """Indices into the pool chosen by `method`; `scores` may be None for 'random'."""
+    k = num_selected(pool_size, ratio)
+    rng = np.random.default_rng(seed)
+    if method == "random":
+        return rng.choice(pool_size, size=k, replace=False)
+    if method not in METHODS:
+        raise ConfigError(f"`selection.method` must be one of {METHODS}, got {method!r}")
+    if scores is None or len(scores) != pool_size:
+        raise DataError(f"method {method!r} needs one score per pool document")
+    if not np.all(np.isfinite(scores)):
+        raise DataError("scores contain NaN or infinite values")
+    if method == "topk":
+        return top_k(scores, k)
+    return gumbel_top_k(scores, k, temperature, rng)
+
+
+def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
+    """Scores aligned to `pool_ids` by document ID; every ID exactly once, no strangers."""
+    by_id: dict[str, float] = {}
+    for row in rows:
+        doc_id, score = row.get("id"), row.get("score")
+        if not isinstance(doc_id, str):
+            raise DataError(f"score row without a string `id`: {row!r}")
+        if doc_id in by_id:
+            raise DataError(f"duplicate score for id {doc_id!r}")
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+            raise DataError(f"score for id {doc_id!r} is not a finite number: {score!r}")
+        by_id[doc_id] = float(score)
+    missing = [d for d in pool_ids if d not in by_id]
+    if missing:
+        raise DataError(f"{len(missing)} pool documents have no score, e.g. {missing[:3]}")
+    extra = set(by_id) - set(pool_ids)
+    if extra:
+        raise DataError(f"{len(extra)} scores name documents outside the pool, e.g. {sorted(extra)[:3]}")
+    return np.array([by_id[d] for d in pool_ids], dtype=np.float64)
+
+
+def select_ids(rows: list[dict], *, fraction: float, method: str, temperature: float,
+               seed: int) -> list[str]:
+    """Select from scored rows {id, score} (the `mates select` command)."""
+    ids = [r.get("id") for r in rows]
+    scores = join_scores(ids, rows)  # validates IDs and values
+    chosen = select_indices(scores, len(ids), ratio=fraction, method=method,
+                            temperature=temperature, seed=seed)
+    return [ids[i] for i in chosen]

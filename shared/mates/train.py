@@ -1,0 +1,148 @@
+"""One training loop with named hooks, and checkpoints that continue exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mates.artifacts import atomic_path
+from mates.config import TrainConfig
+from mates.data.packing import PackedStream
+from mates.errors import ArtifactError, StageFailed
+from mates.lm import autocast, lm_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInfo:
+    step: int  # global optimizer steps done
+    stage_step: int  # steps done in this stage
+    tokens: int  # global training tokens seen
+    loss: float
+    lr: float
+    seconds: float
+
+
+class Callback:
+    """Named hooks of the training loop; override what you need."""
+
+    def step_end(self, trainer: Trainer, info: StepInfo) -> None: ...
+
+    def train_end(self, trainer: Trainer, info: StepInfo | None) -> None: ...
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW with decay on matrices only (norms and biases are not decayed)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then constant (the paper's schedule)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+class Trainer:
+    """Owns the model, the optimizer and the step/token counters across stages."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.step = 0
+        self.tokens = 0
+
+    @property
+    def current_lr(self) -> float:
+        return lr_at(self.step, self.cfg)
+
+    def _micro_batches(self, stream: PackedStream):
+        micro = self.cfg.micro_batch_sequences or self.cfg.batch_sequences
+        for _ in range(self.cfg.batch_sequences // micro):
+            x, y = stream.next_batch(micro)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_step(self, stream: PackedStream) -> float:
+        """One optimizer step over `batch_sequences` packed sequences; returns the mean loss."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.current_lr
+        n_micro = self.cfg.batch_sequences // (self.cfg.micro_batch_sequences or self.cfg.batch_sequences)
+        total = torch.zeros((), device=self.device)
+        for x, y in self._micro_batches(stream):
+            with autocast(self.device, self.cfg.precision):
+                loss = lm_loss(self.model, x, y) / n_micro
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.cfg.batch_sequences * self.cfg.seq_tokens
+        return float(total)
+
+    def train(self, stream: PackedStream, steps: int, callbacks: list[Callback],
+              stage_step: int = 0) -> StepInfo | None:
+        """Run `steps - stage_step` more steps; a non-finite loss fails the stage."""
+        info = None
+        for s in range(stage_step, steps):
+            t0 = time.perf_counter()
+            loss = self.train_step(stream)
+            if not math.isfinite(loss):
+                raise StageFailed(f"non-finite training loss ({loss}) at step {self.step}")
+            info = StepInfo(self.step, s + 1, self.tokens, loss, self.optimizer.param_groups[0]["lr"],
+                            time.perf_counter() - t0)
+            for cb in callbacks:
+                cb.step_end(self, info)
+        for cb in callbacks:
+            cb.train_end(self, info)
+        return info
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def save(self, path: Path, extra: dict) -> None:
+        """Model, optimizer, counters, RNG and caller state (data cursor, stage) atomically."""
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, tmp / "model.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, tmp / "rng.pt")
+            meta = {"step": self.step, "tokens": self.tokens, **extra}
+            (tmp / "trainer.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    def load(self, path: Path) -> dict:
+        """Restore a checkpoint written by `save`; returns its caller state."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+            self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)))
+            opt_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+            rng = torch.load(path / "rng.pt", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"checkpoint {path} is unreadable: {e}") from e
+        self.optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+        return meta
