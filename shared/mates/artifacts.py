@@ -38,6 +38,11 @@ class RunPaths:
         return self.root / "events.jsonl"
 
     @property
+    def cancel(self) -> Path:
+        """Marker file: its presence asks a running run to stop at the next step."""
+        return self.root / "cancel"
+
+    @property
     def tokenized(self) -> Path:
         return self.root / "tokenized"
 
@@ -142,13 +147,16 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ArtifactError(f"{path}:{lineno}: not valid JSON: {e}") from None
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rows.append(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError:
+                    raise ArtifactError(f"{path}:{lineno}: not valid UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise ArtifactError(f"{path}:{lineno}: not valid JSON: {e}") from None
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist") from None
     return rows

@@ -148,8 +148,13 @@ def cmd_select(args) -> int:
 
     if not 0 < args.fraction <= 1:
         raise MatesError(f"--fraction must be in (0, 1], got {args.fraction}")
-    ids = select_ids(read_jsonl(args.scores), fraction=args.fraction, method=args.method,
-                     temperature=args.temperature, seed=args.seed)
+    from mates.errors import DataError
+
+    try:
+        ids = select_ids(read_jsonl(args.scores), fraction=args.fraction, method=args.method,
+                         temperature=args.temperature, seed=args.seed)
+    except DataError as e:
+        raise DataError(f"{args.scores}: {e}") from None
     print("\n".join(json.dumps(i) for i in ids))
     return 0
 

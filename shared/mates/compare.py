@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mates.artifacts import atomic_path, read_json, read_jsonl, write_json
+from mates.artifacts import RunPaths, atomic_path, read_json, read_jsonl, write_json
 from mates.config import RunConfig
 from mates.errors import ConfigError
 from mates.run import Run
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def heldout_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(tokens, held-out loss) points of a run, in training order."""
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    rows = read_jsonl(RunPaths(Path(run_dir)).metrics)
     return [(int(r["tokens"]), float(r["heldout_loss"])) for r in rows]
 
 
@@ -39,7 +39,7 @@ def summarize(mates_dir: Path, random_dir: Path) -> dict:
     reach = tokens_to_reach(mates_curve, target)
 
     def arm(run_dir: Path, curve: list) -> dict:
-        m = read_json(Path(run_dir) / "run.json")
+        m = read_json(RunPaths(Path(run_dir)).manifest)
         timings: dict[str, float] = {}
         for st in m["stages"]:
             for name, sec in st["timings"].items():

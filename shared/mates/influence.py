@@ -183,7 +183,10 @@ class InfluenceScorer:
         source = meta["encoder"]
         encoder, tok = load_encoder(str(path / "encoder") if source == "encoder" else source)
         model = InfluenceModel(encoder)
-        model.head.load_state_dict(load_file(path / "head.safetensors"))
+        try:
+            model.head.load_state_dict(load_file(path / "head.safetensors"))
+        except Exception as e:  # safetensors raises its own error types
+            raise ArtifactError(f"influence model {path} is unreadable: {type(e).__name__}: {e}") from e
         return cls(model, tok, int(meta["max_tokens"]), device, meta)
 
 

@@ -97,8 +97,8 @@ class Run:
         self.cfg = cfg
         self.paths = RunPaths(Path(out_dir))
         self.progress = progress
+        self.device = resolve_device(cfg.device)  # before the run dir is touched
         self.manifest = self._open_manifest()
-        self.device = resolve_device(cfg.device)
         self.trainer: Trainer | None = None
         self._trainer_at: tuple[int, int] | None = None  # (stage, stage_step) held in memory
         self._features: dict[int, torch.Tensor] = {}  # frozen-encoder feature cache, by doc index
@@ -152,13 +152,18 @@ class Run:
         self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples)
         self.heldout = load_reference(d.heldout, self.tokenizer, T)
         self.eos = self.tokenizer.eos_token_id
+        st = cfg.stages
+        if st.pool_mode == "disjoint" and st.num_stages * st.pool_docs > len(self.corpus):
+            raise ConfigError(
+                f"`stages.pool_docs` ({st.pool_docs}) x {st.num_stages} stages exceeds the corpus "
+                f"({len(self.corpus)} documents); lower it or use `stages.pool_mode: resample`")
         self._order = np.random.default_rng([cfg.seed, 7]).permutation(len(self.corpus))
 
     def stage_steps(self, k: int) -> int:
         return self.cfg.stages.stage0_steps if k == 0 else self.cfg.stages.stage_steps
 
     def check_cancel(self) -> None:
-        if (self.paths.root / "cancel").exists():
+        if self.paths.cancel.exists():
             raise Cancelled("run cancelled by request")
 
     # -- driving -------------------------------------------------------------
@@ -167,7 +172,7 @@ class Run:
         """Run (or resume) every stage to the end; returns the final manifest."""
         if self.manifest.data["status"] == "done":
             raise RunStateError(f"run {self.manifest.run_id} is already done")
-        (self.paths.root / "cancel").unlink(missing_ok=True)
+        self.paths.cancel.unlink(missing_ok=True)
         self.manifest.set_status("running")
         k = 0
         try:
@@ -179,12 +184,14 @@ class Run:
                     self._run_stage(k)
             self._export()
         except Cancelled as e:
-            self.manifest.transition(k, "cancelled", str(e))
+            self._trainer_at = None  # memory may hold a half-trained stage
+            self._end_stage(k, "cancelled", str(e))
             self.manifest.set_status("cancelled", str(e))
             raise
         except Exception as e:
+            self._trainer_at = None
             reason = f"{type(e).__name__}: {e}"
-            self.manifest.transition(k, "failed", reason)
+            self._end_stage(k, "failed", reason)
             self.manifest.set_status("failed", f"stage {k} failed: {reason}")
             append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
                                              "reason": reason})
@@ -193,6 +200,11 @@ class Run:
             raise
         self.manifest.set_status("done")
         return self.manifest
+
+    def _end_stage(self, k: int, state: str, reason: str) -> None:
+        """Mark stage k failed/cancelled unless it had finished (e.g. the export failed)."""
+        if self.manifest.stage(k)["state"] != "done":
+            self.manifest.transition(k, state, reason)
 
     @contextmanager
     def _state(self, k: int, state: str):
@@ -343,6 +355,7 @@ class Run:
         if self.trainer.step == 0 and not self.paths.metrics.is_file():
             append_jsonl(self.paths.metrics, self.evaluate(0, 0, 0))
         self._stream_k = stream
+        self._trainer_at = None  # mid-stage until the end-of-stage checkpoint is written
         self.trainer.train(stream, self.stage_steps(k), [_EvalAndLog(self, k)], stage_step=start)
         self.save_checkpoint(k, self.stage_steps(k), complete=True)
         last = read_jsonl(self.paths.metrics)[-1]

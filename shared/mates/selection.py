@@ -64,6 +64,8 @@ def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
     """Scores aligned to `pool_ids` by document ID; every ID exactly once, no strangers."""
     by_id: dict[str, float] = {}
     for row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"score row must be a JSON object with `id` and `score`, got {row!r}")
         doc_id, score = row.get("id"), row.get("score")
         if not isinstance(doc_id, str):
             raise DataError(f"score row without a string `id`: {row!r}")
@@ -84,7 +86,7 @@ def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
 def select_ids(rows: list[dict], *, fraction: float, method: str, temperature: float,
                seed: int) -> list[str]:
     """Select from scored rows {id, score} (the `mates select` command)."""
-    ids = [r.get("id") for r in rows]
+    ids = [r.get("id") if isinstance(r, dict) else None for r in rows]
     scores = join_scores(ids, rows)  # validates IDs and values
     chosen = select_indices(scores, len(ids), ratio=fraction, method=method,
                             temperature=temperature, seed=seed)

@@ -138,9 +138,9 @@ class Trainer:
             self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)))
             opt_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
             rng = torch.load(path / "rng.pt", weights_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ArtifactError(f"checkpoint {path} is unreadable: {e}") from e
-        self.optimizer.load_state_dict(opt_state)
+            self.optimizer.load_state_dict(opt_state)
+        except Exception as e:  # safetensors, pickle and torch raise many unrelated types
+            raise ArtifactError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from mates.data import demo
 from mates.data.demo import DemoDataError, build_demo
 from mates.errors import DataError

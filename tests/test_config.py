@@ -1,0 +1,220 @@
+"""Config: every shipped preset validates; errors name the field to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import CONFIGS, REPO
+
+from mates.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
+from mates.errors import ConfigError
+
+DATA = {"pool": "pool.jsonl", "reference": "ref.jsonl", "heldout": "heldout.jsonl"}
+PRESETS = sorted(CONFIGS.glob("*.yaml"))
+
+
+def _raw(**sections) -> dict:
+    raw = {"data": dict(DATA)}
+    for name, value in sections.items():
+        raw[name] = value
+    return raw
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw)
+    return str(exc.value)
+
+
+# --------------------------------------------------------------------------- shipped presets
+
+
+def test_presets_are_found():
+    names = {p.name for p in PRESETS}
+    assert {"tiny.yaml", "demo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_shipped_config_loads_and_validates(path: Path):
+    cfg = load_config(path, base_dir=REPO)
+    assert isinstance(cfg, RunConfig)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for name in ("pool", "reference", "heldout"):
+        given = Path(raw["data"][name])
+        want = given if given.is_absolute() else (REPO / given).resolve()
+        assert getattr(cfg.data, name) == want, f"data.{name} did not resolve against base_dir"
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+    assert 0 < cfg.selection.ratio <= 1
+    assert cfg.probing.num_probes >= 4
+    # `Run.open` re-validates the dumped config; it must come back identical
+    again = config_from_dict(cfg.model_dump(mode="json"))
+    assert again.fingerprint() == cfg.fingerprint()
+    assert again == cfg
+
+
+def test_tiny_preset_is_tiny():
+    cfg = load_config(CONFIGS / "tiny.yaml", base_dir=REPO)
+    assert cfg.device == "cpu"
+    assert cfg.influence.encoder == "tiny"
+    assert cfg.model.hidden_size <= 64 and cfg.model.num_layers <= 2
+
+
+# --------------------------------------------------------------------------- field errors
+
+
+def test_ratio_out_of_range_names_field_and_value():
+    msg = _error(_raw(selection={"ratio": 1.5}))
+    assert "`selection.ratio`" in msg and "1.5" in msg
+    assert "`selection.ratio` must be in (0, 1], got 1.5" in msg
+
+
+@pytest.mark.parametrize("ratio", [0, -0.2])
+def test_ratio_zero_or_negative(ratio):
+    msg = _error(_raw(selection={"ratio": ratio}))
+    assert "`selection.ratio`" in msg and str(ratio) in msg
+
+
+def test_unknown_key_is_named():
+    msg = _error(_raw(selection={"ratoi": 0.2}))
+    assert "`selection.ratoi`" in msg and "not a known setting" in msg
+    msg = _error({**_raw(), "learning_rate": 1e-3})
+    assert "`learning_rate`" in msg and "not a known setting" in msg
+
+
+def test_missing_pool_is_named():
+    raw = _raw()
+    del raw["data"]["pool"]
+    msg = _error(raw)
+    assert "`data.pool` is required" in msg
+
+
+def test_missing_data_section_is_named():
+    assert "`data` is required" in _error({"seed": 1})
+
+
+def test_hidden_size_not_divisible_by_heads():
+    msg = _error(_raw(model={"hidden_size": 30, "num_heads": 4}))
+    assert "model.hidden_size" in msg and "30" in msg
+    assert "model.num_heads" in msg and "4" in msg
+
+
+def test_micro_batch_must_divide_batch():
+    msg = _error(_raw(train={"batch_sequences": 6, "micro_batch_sequences": 4}))
+    assert "train.micro_batch_sequences" in msg and "train.batch_sequences" in msg
+
+
+def test_betas_out_of_range():
+    msg = _error(_raw(train={"betas": [0.9, 1.5]}))
+    assert "`train.betas`" in msg and "1.5" in msg
+
+
+def test_wrong_type_names_field_and_value():
+    msg = _error(_raw(train={"lr": "fast"}))
+    assert "`train.lr`" in msg and "'fast'" in msg
+
+
+def test_bad_choice_names_field():
+    msg = _error(_raw(selection={"method": "best"}))
+    assert "`selection.method`" in msg and "best" in msg
+
+
+def test_several_errors_are_all_reported():
+    msg = _error(_raw(selection={"ratio": 2.0}, stages={"num_stages": 0}))
+    assert "`selection.ratio`" in msg and "`stages.num_stages`" in msg
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_parse_override_parses_yaml_values():
+    assert parse_override("selection.ratio=0.3") == (["selection", "ratio"], 0.3)
+    assert parse_override("train.betas=[0.9, 0.99]") == (["train", "betas"], [0.9, 0.99])
+    assert parse_override("name=abc") == (["name"], "abc")
+    assert parse_override("probing.lr=null") == (["probing", "lr"], None)
+
+
+@pytest.mark.parametrize("bad", ["selection.ratio", "=0.3", " =1"])
+def test_override_without_key_or_equals_is_rejected(bad):
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        parse_override(bad)
+
+
+def test_override_with_invalid_yaml_value():
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_override("train.betas=[0.9,")
+
+
+def test_override_into_a_scalar_is_rejected():
+    with pytest.raises(ConfigError, match="`seed` is not a section"):
+        apply_overrides({"seed": 0}, ["seed.value=1"])
+
+
+def test_overrides_apply_without_touching_the_input():
+    raw = _raw(selection={"ratio": 0.2})
+    out = apply_overrides(raw, ["selection.ratio=0.5", "model.hidden_size=64"])
+    assert raw["selection"]["ratio"] == 0.2 and "model" not in raw
+    assert out["selection"]["ratio"] == 0.5 and out["model"]["hidden_size"] == 64
+
+
+def test_load_config_applies_overrides_and_names_bad_ones(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", ["selection.method=random", "seed=3",
+                                              "train.betas=[0.8, 0.9]"], base_dir=tmp_path)
+    assert cfg.selection.method == "random" and cfg.seed == 3
+    assert cfg.train.betas == (0.8, 0.9)
+    with pytest.raises(ConfigError, match="`selection.ratio`.*1.5"):
+        load_config(CONFIGS / "tiny.yaml", ["selection.ratio=1.5"], base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="`model.hidden_sise`"):
+        load_config(CONFIGS / "tiny.yaml", ["model.hidden_sise=8"], base_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- files and paths
+
+
+def test_non_mapping_yaml_is_rejected(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_invalid_yaml_is_rejected(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data: {pool: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_missing_file_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_base_dir(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data:\n  pool: d/pool.jsonl\n  reference: /abs/ref.jsonl\n  heldout: h.jsonl\n"
+        "  tokenizer: tok\n", encoding="utf-8")
+    base = tmp_path / "base"
+    cfg = load_config(path, base_dir=base)
+    assert cfg.data.pool == (base / "d/pool.jsonl").resolve()
+    assert cfg.data.reference == Path("/abs/ref.jsonl")
+    assert cfg.data.heldout == (base / "h.jsonl").resolve()
+    assert cfg.data.tokenizer == str((base / "tok").resolve())
+    assert load_config(path, ["data.tokenizer=train-bpe"], base_dir=base).data.tokenizer == "train-bpe"
+
+
+def test_fingerprint_is_per_section():
+    a = config_from_dict(_raw())
+    b = config_from_dict(_raw(selection={"method": "random"}))
+    assert a.fingerprint() != b.fingerprint()
+    stage0 = ("seed", "data", "model", "train", "stages")
+    assert a.fingerprint(*stage0) == b.fingerprint(*stage0)
+    assert a.fingerprint() == config_from_dict(_raw()).fingerprint()
