@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors import SafetensorError
 
 from mates.config import InfluenceConfig
 from mates.errors import ArtifactError, DataError

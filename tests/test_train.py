@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 import torch
 from helpers import TINY_MODEL, FakeCorpus, random_docs, tiny_train_config
-from safetensors import SafetensorError
 
 from mates.data.packing import PackedStream
 from mates.errors import ArtifactError, StageFailed
