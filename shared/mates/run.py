@@ -20,9 +20,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mates.artifacts import RunPaths, append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from mates.artifacts import (
+    RunPaths,
+    append_jsonl,
+    atomic_path,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from mates.config import RunConfig, config_from_dict
-from mates.data.corpus import TokenizedCorpus, tokenize_corpus
+from mates.data.corpus import TokenizedCorpus, iter_corpus, tokenize_corpus
 from mates.data.packing import PackedStream
 from mates.data.reference import load_reference
 from mates.data.tokenizer import load_tokenizer, train_bpe
@@ -37,7 +45,7 @@ from mates.influence import (
 from mates.lm import build_lm, reference_loss
 from mates.manifest import Manifest
 from mates.probe import ExactOracle
-from mates.selection import select_indices
+from mates.selection import join_scores, select_indices
 from mates.train import Callback, StepInfo, Trainer
 
 log = logging.getLogger(__name__)
@@ -136,8 +144,6 @@ class Run:
             if (self.paths.tokenizer / "tokenizer.json").is_file():
                 self.tokenizer = load_tokenizer(self.paths.tokenizer)
             else:
-                from mates.data.corpus import iter_corpus
-
                 texts = (r.text for r in iter_corpus(
                     cfg.data.pool, id_field=cfg.data.id_field, text_field=cfg.data.text_field,
                     domain_field=None, on_bad_row=cfg.data.on_bad_row))
@@ -273,8 +279,6 @@ class Run:
 
     def _select(self, k: int, scores: list[dict] | None, method: str) -> None:
         """Write selection(k) from pool(k); scores are joined to the pool by document ID."""
-        from mates.selection import join_scores
-
         s = self.cfg.selection
         pool_ids = read_json(self.paths.pool(k))["ids"]
         arr = join_scores(pool_ids, scores) if scores is not None else None
@@ -498,8 +502,6 @@ class Run:
 
     def _export(self) -> None:
         """The final LM in `save_pretrained` form, loadable by AutoModelForCausalLM."""
-        from mates.artifacts import atomic_path
-
         last = self.cfg.stages.num_stages - 1
         self._load_end_of(last)
         assert self.trainer is not None

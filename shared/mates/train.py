@@ -127,7 +127,10 @@ class Trainer:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng.pt")
-            meta = {"step": self.step, "tokens": self.tokens, **extra}
+            # the lr schedule is a pure function of the step, so step + these settings are its state
+            schedule = {"kind": "linear-warmup-constant", "lr": self.cfg.lr,
+                        "warmup_steps": self.cfg.warmup_steps}
+            meta = {"step": self.step, "tokens": self.tokens, "lr_schedule": schedule, **extra}
             (tmp / "trainer.json").write_text(json.dumps(meta), encoding="utf-8")
 
     def load(self, path: Path) -> dict:
