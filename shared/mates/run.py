@@ -264,11 +264,7 @@ class Run:
 
     def _write_pool(self, k: int) -> None:
         n = self.cfg.stages.pool_docs
-        if self.cfg.stages.pool_mode == "disjoint":
-            if (k + 1) * n > len(self.corpus):
-                raise ConfigError(
-                    f"`stages.pool_docs` ({n}) x {k + 1} stages exceeds the corpus "
-                    f"({len(self.corpus)} documents); lower it or use pool_mode: resample")
+        if self.cfg.stages.pool_mode == "disjoint":  # sizes checked up front in _prepare
             idx = self._order[k * n : (k + 1) * n]
         else:
             used = self._selected_before(k)
