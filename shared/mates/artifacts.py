@@ -79,6 +79,12 @@ class RunPaths:
         """Scores of stage k+1's pool by stage k's influence model."""
         return self.stage(k) / "scores.jsonl"
 
+    def score_shard(self, k: int, shard: int) -> Path:
+        """One shard of `scores(k)`; shards are merged into it once all exist."""
+        if shard < 0:
+            raise ArtifactError(f"shard index must be >= 0, got {shard}")
+        return self.stage(k) / "scores" / f"shard-{shard:05d}.jsonl"
+
     def export(self) -> Path:
         """Final LM in `save_pretrained` form."""
         return self.root / "final-model"

@@ -136,6 +136,9 @@ class InfluenceConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Examples per step when fitting/scoring.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share for model selection.")
     warm_start: bool = Field(False, description="Start from the previous stage's model.")
+    score_shard_docs: int = Field(
+        1000, ge=1, description="Pool documents per scoring shard (the unit the workers fan out)."
+    )
 
 
 class SelectionConfig(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,15 @@ from mates.errors import RunStateError
 
 STAGE_STATES = ("pending", "training", "probing", "fitting", "scoring", "selecting", "done")
 END_STATES = ("done", "failed", "cancelled")
-RUN_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+RUN_STATUSES = ("pending", "queued", "running", "done", "failed", "cancelled")
 
 
 def now() -> float:
     return round(time.time(), 3)
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def _allowed(src: str, dst: str) -> bool:
@@ -40,12 +45,15 @@ class Manifest:
     def __init__(self, path: Path, data: dict[str, Any]):
         self.path = path
         self.data = data
+        # Called with the saved data after every save: the services mirror run.json
+        # into their run store through it.
+        self.on_save: Callable[[dict[str, Any]], None] | None = None
 
     @classmethod
     def create(cls, path: Path, config: dict, fingerprint: str, num_stages: int,
-               extra: dict | None = None) -> Manifest:
+               extra: dict | None = None, run_id: str | None = None) -> Manifest:
         data = {
-            "run_id": f"{config['name']}-{uuid.uuid4().hex[:8]}",
+            "run_id": run_id or new_run_id(config["name"]),
             "name": config["name"],
             "status": "pending",
             "created_at": now(),
@@ -72,6 +80,8 @@ class Manifest:
     def save(self) -> None:
         self.data["updated_at"] = now()
         write_json(self.path, self.data)
+        if self.on_save is not None:
+            self.on_save(self.data)
 
     @property
     def run_id(self) -> str:

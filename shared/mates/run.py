@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from mates.data.corpus import TokenizedCorpus, iter_corpus, tokenize_corpus
 from mates.data.packing import PackedStream
 from mates.data.reference import load_reference
 from mates.data.tokenizer import load_tokenizer, train_bpe
-from mates.errors import ConfigError, MatesError, RunStateError, StageFailed
+from mates.errors import ArtifactError, ConfigError, MatesError, RunStateError, StageFailed
 from mates.influence import (
     InfluenceModel,
     InfluenceScorer,
@@ -135,7 +136,8 @@ class Run:
         m = read_json(RunPaths(Path(run_dir)).manifest)
         return cls(config_from_dict(m["config"]), run_dir, progress=progress)
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Load the tokenizer, corpus and reference sets (built once, then read back)."""
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -172,40 +174,71 @@ class Run:
         if self.paths.cancel.exists():
             raise Cancelled("run cancelled by request")
 
-    # -- driving -------------------------------------------------------------
+    # -- driving (the embedded default) ---------------------------------------
 
     def execute(self, seed_stage0_from: Path | None = None) -> Manifest:
-        """Run (or resume) every stage to the end; returns the final manifest."""
+        """Run (or resume) every stage to the end in this process; returns the final manifest."""
         if self.manifest.data["status"] == "done":
             raise RunStateError(f"run {self.manifest.run_id} is already done")
         self.paths.cancel.unlink(missing_ok=True)
         self.manifest.set_status("running")
-        k = 0
-        try:
-            self._prepare()
+        n = self.cfg.stages.num_stages
+        with self.guard(0):
+            self.prepare()
             if seed_stage0_from is not None:
                 self._copy_stage0(Path(seed_stage0_from))
-            for k in range(self.cfg.stages.num_stages):
-                if self.manifest.stage(k)["state"] != "done":
+        for k in range(n):
+            if self.manifest.stage(k)["state"] != "done":
+                with self.guard(k):
                     self._run_stage(k)
-            self._export()
+        with self.guard(n - 1):
+            self.finish()
+        return self.manifest
+
+    def _run_stage(self, k: int) -> None:
+        """The same stage functions the services call, one after another."""
+        self.train_stage(k)
+        if self.after_training(k) == "fit":
+            self.fit_stage(k)
+            self.begin_scoring(k)
+            for shard in range(self.num_shards(k)):
+                self.score_shard(k, shard)
+                self.check_cancel()
+            self.select_stage(k)
+
+    # -- failure and cancellation ----------------------------------------------
+
+    @contextmanager
+    def guard(self, k: int, transient: tuple[type[BaseException], ...] = ()):
+        """Record a failure or cancellation inside the block on stage k and the run.
+
+        Exceptions of the `transient` types pass through unrecorded: the caller retries.
+        A library error is re-raised as StageFailed naming the stage. Guards do not nest.
+        """
+        try:
+            yield
+        except transient:
+            raise
         except Cancelled as e:
-            self._trainer_at = None  # memory may hold a half-trained stage
-            self._end_stage(k, "cancelled", str(e))
-            self.manifest.set_status("cancelled", str(e))
+            self.mark_cancelled(k, str(e))
             raise
         except Exception as e:
-            self._trainer_at = None
-            reason = f"{type(e).__name__}: {e}"
-            self._end_stage(k, "failed", reason)
-            self.manifest.set_status("failed", f"stage {k} failed: {reason}")
-            append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
-                                             "reason": reason})
+            self.mark_failed(k, f"{type(e).__name__}: {e}")
             if isinstance(e, MatesError):
                 raise StageFailed(f"stage {k} failed: {e}") from e
             raise
-        self.manifest.set_status("done")
-        return self.manifest
+
+    def mark_cancelled(self, k: int, reason: str = "run cancelled by request") -> None:
+        self._trainer_at = None  # memory may hold a half-trained stage
+        self._end_stage(k, "cancelled", reason)
+        self.manifest.set_status("cancelled", reason)
+
+    def mark_failed(self, k: int, reason: str) -> None:
+        self._trainer_at = None
+        self._end_stage(k, "failed", reason)
+        self.manifest.set_status("failed", f"stage {k} failed: {reason}")
+        append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
+                                         "reason": reason})
 
     def _end_stage(self, k: int, state: str, reason: str) -> None:
         """Mark stage k failed/cancelled unless it had finished (e.g. the export failed)."""
@@ -219,40 +252,107 @@ class Run:
         yield
         self.manifest.add_timing(k, state, time.perf_counter() - t0)
 
-    def _run_stage(self, k: int) -> None:
-        p = self.paths
-        if k == 0 and not p.selection(0).is_file():
+    # -- the stage functions ----------------------------------------------------
+    # Each is skipped where its artifact exists, so calling one twice does no work twice.
+    # `prepare()` must have run in this process first.
+
+    def train_stage(self, k: int) -> None:
+        """Train stage k on its selection (stage 0 first draws its pool and a random one)."""
+        self.check_cancel()
+        if self.manifest.data["status"] != "running":
+            self.manifest.set_status("running")
+        if k == 0 and not self.paths.selection(0).is_file():
             self._write_pool(0)
             self._select(0, scores=None, method="random")
         with self._state(k, "training"):
             self._train(k)
-        if k + 1 < self.cfg.stages.num_stages:
-            self._prepare_next(k)
-        self.manifest.transition(k, "done")
 
-    def _prepare_next(self, k: int) -> None:
-        """Probe checkpoint k, fit, score pool k+1 and write selection k+1."""
+    def after_training(self, k: int) -> str:
+        """What follows stage k's training: 'fit' once probes are written, else stage k is done.
+
+        The last stage ends here ('last'); the random arm, or a selection for stage k+1 that
+        already exists, ends it too ('next').
+        """
+        self.check_cancel()
         p = self.paths
+        if k + 1 == self.cfg.stages.num_stages:
+            self.manifest.transition(k, "done")
+            return "last"
         if not p.pool(k + 1).is_file():
             self._write_pool(k + 1)
-        if p.selection(k + 1).is_file():
-            return
-        if self.cfg.selection.method == "random":
+        if not p.selection(k + 1).is_file() and self.cfg.selection.method == "random":
             with self._state(k, "selecting"):
                 self._select(k + 1, scores=None, method="random")
-            return
+        if p.selection(k + 1).is_file():
+            self.manifest.transition(k, "done")
+            return "next"
         with self._state(k, "probing"):
             if not p.probes(k).is_file():
                 self._probe(k)
+        return "fit"
+
+    def fit_stage(self, k: int) -> Path:
+        """Fit the data influence model to stage k's probes; returns its directory."""
+        self.check_cancel()
         with self._state(k, "fitting"):
-            if not (p.influence_model(k) / "meta.json").is_file():
+            if not (self.paths.influence_model(k) / "meta.json").is_file():
                 self._fit(k)
-        with self._state(k, "scoring"):
+        return self.paths.influence_model(k)
+
+    def begin_scoring(self, k: int) -> None:
+        self.manifest.transition(k, "scoring")
+
+    def num_shards(self, k: int) -> int:
+        """Scoring shards of stage k+1's pool."""
+        n = len(read_json(self.paths.pool(k + 1))["ids"])
+        return -(-n // self.cfg.influence.score_shard_docs)
+
+    def shard_ids(self, k: int, shard: int) -> list[str]:
+        per = self.cfg.influence.score_shard_docs
+        ids = read_json(self.paths.pool(k + 1))["ids"][shard * per : (shard + 1) * per]
+        if not ids:
+            raise ArtifactError(f"stage {k}: shard {shard} is out of range ({self.num_shards(k)} shards)")
+        return ids
+
+    def score_shard(self, k: int, shard: int,
+                    score_texts: Callable[[list[str], list[str]], Sequence[float]] | None = None) -> Path:
+        """Score one shard of stage k+1's pool with stage k's influence model.
+
+        `score_texts(ids, texts)` scores elsewhere (the HTTP scorer); by default the model
+        is loaded here. Returns the shard's file.
+        """
+        out = self.paths.score_shard(k, shard)
+        if out.is_file():
+            return out
+        ids = self.shard_ids(k, shard)
+        if score_texts is not None:
+            scores = [float(x) for x in score_texts(ids, [self.corpus.text(self.corpus.index_of(d)) for d in ids])]
+            if len(scores) != len(ids):
+                raise ArtifactError(f"stage {k} shard {shard}: {len(scores)} scores for {len(ids)} documents")
+        else:
+            scores = self._score_locally(k, ids).tolist()
+        write_jsonl(out, ({"id": d, "score": s} for d, s in zip(ids, scores, strict=True)))
+        return out
+
+    def select_stage(self, k: int) -> None:
+        """Merge the shard scores, select stage k+1's documents and close stage k."""
+        p = self.paths
+        if not p.selection(k + 1).is_file():
+            st = self.manifest.stage(k)
+            if "scoring" not in st["timings"]:
+                started = [t["at"] for t in st["transitions"] if t["state"] == "scoring"]
+                if started:
+                    self.manifest.add_timing(k, "scoring", time.time() - started[-1])
             if not p.scores(k).is_file():
-                self._score(k)
-        with self._state(k, "selecting"):
-            rows = read_jsonl(p.scores(k))
-            self._select(k + 1, scores=rows, method=self.cfg.selection.method)
+                self._merge_scores(k)
+            with self._state(k, "selecting"):
+                self._select(k + 1, scores=read_jsonl(p.scores(k)), method=self.cfg.selection.method)
+        self.manifest.transition(k, "done")
+
+    def finish(self) -> None:
+        """Export the final model and mark the run done."""
+        self._export()
+        self.manifest.set_status("done")
 
     # -- pools and selections ------------------------------------------------
 
@@ -264,7 +364,7 @@ class Run:
 
     def _write_pool(self, k: int) -> None:
         n = self.cfg.stages.pool_docs
-        if self.cfg.stages.pool_mode == "disjoint":  # sizes checked up front in _prepare
+        if self.cfg.stages.pool_mode == "disjoint":  # sizes checked up front in prepare()
             idx = self._order[k * n : (k + 1) * n]
         else:
             used = self._selected_before(k)
@@ -447,24 +547,30 @@ class Run:
         self.manifest.update_metrics(k, influence_model=report_dict(report))
         self._scorer = (k, scorer)
 
-    def _score(self, k: int) -> None:
-        """Score every document of stage k+1's pool with stage k's influence model."""
+    def _score_locally(self, k: int, ids: list[str]) -> np.ndarray:
         if self._scorer is not None and self._scorer[0] == k:
             scorer = self._scorer[1]
         else:
             scorer = InfluenceScorer.load(self.paths.influence_model(k), self.device)
-        pool_ids = read_json(self.paths.pool(k + 1))["ids"]
-        idx = self.corpus.indices_of(pool_ids)
+            self._scorer = (k, scorer)
+        idx = self.corpus.indices_of(ids)
         bs = self.cfg.influence.batch_size * 4
-        bar = tqdm(total=len(idx), desc=f"stage {k} score", disable=not self.progress, leave=False)
         if self.cfg.influence.train_encoder:
-            scores = scorer.predict(scorer.tokenize([self.corpus.text(int(i)) for i in idx]), bs, bar.update)
-        else:
-            scores = scorer.predict_features(self._frozen_features(scorer, idx, bs, bar.update))
-        bar.close()
-        write_jsonl(self.paths.scores(k), ({"id": d, "score": float(s)} for d, s in zip(pool_ids, scores, strict=True)))
-        self.manifest.update_metrics(k, scores={"count": len(scores), "mean": float(np.mean(scores)),
-                                                "std": float(np.std(scores))})
+            return scorer.predict(scorer.tokenize([self.corpus.text(int(i)) for i in idx]), bs)
+        return scorer.predict_features(self._frozen_features(scorer, idx, bs, None))
+
+    def _merge_scores(self, k: int) -> None:
+        """Join the shard files into `scores(k)`, in pool order; every shard must exist."""
+        rows: list[dict] = []
+        for shard in range(self.num_shards(k)):
+            path = self.paths.score_shard(k, shard)
+            if not path.is_file():
+                raise ArtifactError(f"stage {k}: score shard {shard} is missing ({path})")
+            rows.extend(read_jsonl(path))
+        write_jsonl(self.paths.scores(k), rows)
+        vals = np.array([r["score"] for r in rows])
+        self.manifest.update_metrics(k, scores={"count": len(rows), "mean": float(vals.mean()),
+                                                "std": float(vals.std())})
 
     def _frozen_features(self, scorer: InfluenceScorer, idx: np.ndarray, bs: int, progress) -> torch.Tensor:
         """A frozen encoder's features never change: compute each document's once per process."""
