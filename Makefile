@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-data test lint clean
+.PHONY: install demo demo-data test lint clean compose-check
+
+compose-check: $(STAMP)
+	PY=$(PY) scripts/check-compose
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	$(PY) -m pip install -q -r requirements/cpu.txt
 	$(PY) -m pip install -q -c requirements/cpu.txt -e '.[dev,services]'
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
-	$(PY) -c "import torch, transformers, mates; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(PY) -c "import torch, transformers, mates, services, celery, fastapi, sqlalchemy; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +31,8 @@ demo: demo-data
 	$(VENV)/bin/mates compare configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check shared tests
+	$(VENV)/bin/ruff check shared services tests
+	PY=$(PY) scripts/check-compose
 	$(VENV)/bin/pytest -q
 
 clean:

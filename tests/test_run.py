@@ -379,3 +379,91 @@ def test_rejected_device_does_not_poison_the_out_dir(tiny_config_factory, tmp_pa
         Run(tiny_config_factory("device=cuda"), out, progress=False)
     run = Run(tiny_config_factory("device=cpu"), out, progress=False)  # raises with the bug
     assert run.manifest.data["config"]["device"] == "cpu"
+
+
+# --------------------------------------------------------------------------- stage functions
+
+
+@pytest.mark.slow
+def test_sharded_scoring_selects_the_same_documents(tiny_config_factory, tiny_run, tmp_path):
+    """Scoring in shards of 64 (the workers' unit) changes nothing the run selects."""
+    cfg = tiny_config_factory("influence.score_shard_docs=64")
+    Run(cfg, tmp_path / "sharded", progress=False).execute()
+    ours, theirs = RunPaths(tmp_path / "sharded"), RunPaths(tiny_run["dir"])
+    assert sorted(p.name for p in ours.score_shard(0, 0).parent.iterdir()) == [
+        f"shard-{i:05d}.jsonl" for i in range(math.ceil(cfg.stages.pool_docs / 64))]
+    for k in range(cfg.stages.num_stages):
+        assert read_json(ours.selection(k))["ids"] == read_json(theirs.selection(k))["ids"], k
+    merged = [r["id"] for r in read_jsonl(ours.scores(0))]
+    assert merged == read_json(ours.pool(1))["ids"]
+
+
+def _snapshot(paths: RunPaths, num_stages: int) -> dict:
+    files = [paths.selection(k) for k in range(num_stages)] + [paths.scores(0), paths.probes(0),
+                                                              paths.influence_model(0) / "meta.json"]
+    return {str(f): (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+
+
+def test_repeating_a_finished_stage_function_does_no_work(tiny_run, tmp_path):
+    """A re-delivered task calls a stage function again: nothing is redone or moved back."""
+    import shutil
+
+    shutil.copytree(tiny_run["dir"], tmp_path / "run")
+    run = Run.open(tmp_path / "run", progress=False)
+    n = run.cfg.stages.num_stages
+    before = _snapshot(run.paths, n)
+    transitions = [len(run.manifest.stage(k)["transitions"]) for k in range(n)]
+    run.prepare()
+    for k in range(n):
+        run.train_stage(k)
+        after = run.after_training(k)
+        assert after == ("last" if k == n - 1 else "next")
+    run.fit_stage(0)
+    run.begin_scoring(0)
+    run.score_shard(0, 0)
+    run.select_stage(0)
+    assert _snapshot(run.paths, n) == before
+    m = read_json(run.paths.manifest)
+    assert m["status"] == "done"
+    assert [st["state"] for st in m["stages"]] == ["done"] * n
+    assert [len(st["transitions"]) for st in m["stages"]] == transitions
+
+
+def test_score_shard_out_of_range_and_missing_shard_are_named(tiny_run, tmp_path):
+    import shutil
+
+    from mates.errors import ArtifactError
+
+    shutil.copytree(tiny_run["dir"], tmp_path / "run")
+    run = Run.open(tmp_path / "run", progress=False)
+    run.prepare()
+    with pytest.raises(ArtifactError, match="shard 7 is out of range"):
+        run.shard_ids(0, 7)
+    run.paths.scores(0).unlink()
+    run.paths.selection(1).unlink()
+    run.paths.score_shard(0, 0).unlink()
+    run.manifest.data["stages"][0]["state"] = "scoring"
+    with pytest.raises(ArtifactError, match="score shard 0 is missing"):
+        run.select_stage(0)
+
+
+def test_score_shard_with_an_outside_scorer(tiny_run, tmp_path):
+    """`score_texts` replaces the local model (how the workers call the HTTP scorer)."""
+    import shutil
+
+    shutil.copytree(tiny_run["dir"], tmp_path / "run")
+    run = Run.open(tmp_path / "run", progress=False)
+    run.prepare()
+    path = run.paths.score_shard(0, 0)
+    path.unlink()
+    seen = {}
+
+    def fake_scorer(ids, texts):
+        seen["n"] = len(ids)
+        assert all(isinstance(t, str) and t for t in texts)
+        return [float(len(t)) for t in texts]
+
+    run.score_shard(0, 0, fake_scorer)
+    rows = read_jsonl(path)
+    assert len(rows) == seen["n"] == run.cfg.stages.pool_docs
+    assert rows[0]["score"] == float(len(run.corpus.text(run.corpus.index_of(rows[0]["id"]))))

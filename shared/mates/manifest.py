@@ -90,6 +90,11 @@ class Manifest:
     def stage(self, k: int) -> dict[str, Any]:
         return self.data["stages"][k]
 
+    def next_stage(self) -> int:
+        """The first stage not done (the number of stages when all are)."""
+        states = [st["state"] for st in self.data["stages"]]
+        return next((k for k, state in enumerate(states) if state != "done"), len(states))
+
     def set_status(self, status: str, error: str | None = None) -> None:
         assert status in RUN_STATUSES, status
         self.data["status"] = status

@@ -44,7 +44,7 @@ from mates.influence import (
     report_dict,
 )
 from mates.lm import build_lm, reference_loss
-from mates.manifest import Manifest
+from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle
 from mates.selection import join_scores, select_indices
 from mates.train import Callback, StepInfo, Trainer
@@ -99,8 +99,17 @@ class _EvalAndLog(Callback):
         append_jsonl(self.run.paths.metrics, row)
 
 
+def init_run(cfg: RunConfig, root: Path) -> Manifest:
+    """Create `<root>/<run_id>/` holding only the run's manifest (how the services start a run)."""
+    run_id = new_run_id(cfg.name)
+    paths = RunPaths(Path(root) / run_id)
+    paths.root.mkdir(parents=True)
+    return Manifest.create(paths.manifest, cfg.model_dump(mode="json"), cfg.fingerprint(),
+                           cfg.stages.num_stages, run_id=run_id)
+
+
 class Run:
-    """Drives one run in one process (the embedded default)."""
+    """One run: the stage functions, and `execute()`, which drives them in one process."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, *, progress: bool = True):
         self.cfg = cfg
@@ -245,8 +254,16 @@ class Run:
         if self.manifest.stage(k)["state"] != "done":
             self.manifest.transition(k, state, reason)
 
+    def _moved_past(self, k: int, state: str) -> bool:
+        """Stage k is already beyond `state` (a re-delivered task repeating an earlier step)."""
+        now = self.manifest.stage(k)["state"]
+        return now in STAGE_STATES and STAGE_STATES.index(now) > STAGE_STATES.index(state)
+
     @contextmanager
     def _state(self, k: int, state: str):
+        if self._moved_past(k, state):
+            yield  # its artifact exists, so the step skips its work
+            return
         self.manifest.transition(k, state)
         t0 = time.perf_counter()
         yield
@@ -259,7 +276,7 @@ class Run:
     def train_stage(self, k: int) -> None:
         """Train stage k on its selection (stage 0 first draws its pool and a random one)."""
         self.check_cancel()
-        if self.manifest.data["status"] != "running":
+        if self.manifest.stage(k)["state"] != "done" and self.manifest.data["status"] != "running":
             self.manifest.set_status("running")
         if k == 0 and not self.paths.selection(0).is_file():
             self._write_pool(0)
@@ -300,7 +317,8 @@ class Run:
         return self.paths.influence_model(k)
 
     def begin_scoring(self, k: int) -> None:
-        self.manifest.transition(k, "scoring")
+        if not self._moved_past(k, "scoring"):
+            self.manifest.transition(k, "scoring")
 
     def num_shards(self, k: int) -> int:
         """Scoring shards of stage k+1's pool."""

@@ -1,0 +1,47 @@
+"""Bearer API-key checks as FastAPI dependencies; constant-time comparison."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.common.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="MATES_API_KEY as a bearer token")
+
+
+def key_matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _check(creds: HTTPAuthorizationCredentials | None, settings: Settings) -> None:
+    if creds is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not key_matches(creds.credentials, settings.api_key):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_key(get_settings):
+    """Dependency for mutating endpoints: the key is always required."""
+
+    def dep(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+            settings: Annotated[Settings, Depends(get_settings)]) -> None:
+        _check(creds, settings)
+
+    return dep
+
+
+def require_read_key(get_settings):
+    """Dependency for read endpoints: the key is required only with `read_auth`."""
+
+    def dep(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+            settings: Annotated[Settings, Depends(get_settings)]) -> None:
+        if settings.read_auth:
+            _check(creds, settings)
+
+    return dep

@@ -1,0 +1,1 @@
+"""Celery over Redis: the pipeline's tasks (fit, score shards, select) and run control."""

@@ -1,0 +1,78 @@
+"""The Celery application shared by every process that sends or runs pipeline tasks.
+
+Queues: `train` (the trainer, concurrency 1 per GPU), `fit` (influence-model fits
+and the select chord callback) and `score` (pool shards). Tasks acknowledge late,
+so a worker that dies mid-task has its task redelivered; every task is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from services.common.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TRAIN, FIT, SCORE = "train", "fit", "score"
+TASK_QUEUES = {
+    "mates.train_stage": TRAIN,
+    "mates.fit_influence_model": FIT,
+    "mates.score_shard": SCORE,
+    "mates.select": FIT,
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("mates", broker=settings.broker_url, backend=settings.backend_url,
+                 include=["services.worker.tasks", "services.trainer.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_routes={name: {"queue": q} for name, q in TASK_QUEUES.items()},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_expires=7 * 86_400,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery(get_settings())
+
+
+@worker_process_init.connect
+def _limit_threads(**_) -> None:
+    _apply_threads(get_settings())
+
+
+def _apply_threads(settings: Settings) -> None:
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+
+
+def _worker(queues: list[str], pool: str, concurrency: int, kind: str) -> None:
+    settings = get_settings()
+    name = settings.node_name or f"{kind}-{os.getpid()}"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _apply_threads(settings)
+    log.info("worker %s: queues %s, pool %s x%d, broker %s", name, queues, pool, concurrency,
+             settings.broker_url)
+    app.worker_main(["worker", "-Q", ",".join(queues), "--pool", pool, "-c", str(concurrency),
+                     "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
+
+
+def serve() -> None:
+    """`mates serve worker`: the fit and score queues."""
+    s = get_settings()
+    _worker([FIT, SCORE], s.worker_pool, s.worker_concurrency, "worker")

@@ -1,0 +1,197 @@
+"""Pipeline tasks. Each takes IDs, is idempotent, and never waits on another task.
+
+`fit_influence_model(run_id, stage, generation)` (queue `fit`) fits and registers
+the model, then fans `score_shard(run_id, stage, shard, generation)` out over the
+`score` queue as a chord whose callback `select(run_id, stage, generation)` writes
+stage k+1's selection manifest and enqueues its training. The work itself is the
+library's stage functions; a task only opens the run, checks that it is still
+wanted, calls them and hands on.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import httpx
+from celery import Task, chord
+from sqlalchemy.exc import OperationalError
+
+from mates.artifacts import read_json
+from mates.errors import ArtifactError
+from mates.run import Cancelled, Run
+from services.common.settings import Settings, get_settings
+from services.common.store import Store
+from services.worker.celery_app import app
+from services.worker.dispatch import enqueue
+
+log = logging.getLogger(__name__)
+
+
+class TransientError(Exception):
+    """A failure worth retrying: the scorer, broker or database was briefly unavailable."""
+
+
+try:  # redis-py's connection errors, when the broker/backend hiccups
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError:  # pragma: no cover - redis is a services dependency
+    RedisConnectionError = RedisTimeoutError = TransientError  # type: ignore[misc,assignment]
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    TransientError, httpx.TransportError, OperationalError, RedisConnectionError, RedisTimeoutError,
+    ConnectionError, TimeoutError)
+
+
+@lru_cache(maxsize=1)
+def get_store() -> Store:
+    return Store(get_settings().database_url)
+
+
+class StageTask(Task):
+    """Late acknowledgement, bounded retries with exponential backoff on transient errors;
+    a task that finally fails marks its stage and run failed."""
+
+    acks_late = True
+    autoretry_for = TRANSIENT
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = get_settings().task_max_retries
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D401 - Celery hook
+        run_id, stage, generation = args[0], args[1], args[-1]
+        try:
+            store = get_store()
+            if store.get_generation(run_id) != generation:
+                return
+            run = open_run(store, run_id)
+            if run.manifest.data["status"] not in ("failed", "cancelled", "done"):
+                run.mark_failed(stage, f"{self.name}: {type(exc).__name__}: {exc}")
+        except Exception:  # the original error is what Celery reports; do not mask it
+            log.exception("could not record the failure of %s for run %s", self.name, run_id)
+
+
+def open_run(store: Store, run_id: str) -> Run:
+    """The run's library object, mirroring every manifest change into the run store."""
+    row = store.get_run(run_id)
+    if row is None:
+        raise ArtifactError(f"run {run_id} is not in the run store")
+    run = Run.open(Path(row["artifacts_dir"]), progress=False)
+    run.manifest.on_save = store.sync_manifest
+    return run
+
+
+@contextmanager
+def wanted(run_id: str, stage: int, generation: int):
+    """Yield the run if this task should still work on it, else None.
+
+    A task from an older generation (the run was resumed since) is stale; a run with a
+    cancel request is marked cancelled here, so a queued task ends it cleanly.
+    """
+    store = get_store()
+    current = store.get_generation(run_id)
+    if current != generation:
+        log.info("run %s stage %d: generation %d is stale (now %d); skipping", run_id, stage,
+                 generation, current)
+        yield None
+        return
+    run = open_run(store, run_id)
+    if run.paths.cancel.exists():
+        if run.manifest.data["status"] != "cancelled":
+            run.mark_cancelled(stage)
+        yield None
+        return
+    try:
+        yield run
+    except Cancelled:
+        log.info("run %s stage %d cancelled", run_id, stage)
+
+
+def stage_done(run: Run, stage: int) -> bool:
+    return run.manifest.stage(stage)["state"] == "done"
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@app.task(name="mates.fit_influence_model", base=StageTask, bind=True)
+def fit_influence_model(self, run_id: str, stage: int, generation: int) -> str:
+    with wanted(run_id, stage, generation) as run:
+        if run is None:
+            return "skipped"
+        if stage_done(run, stage):
+            return "done already"
+        with run.guard(stage, transient=TRANSIENT):
+            run.prepare()
+            path = run.fit_stage(stage)
+            fit = read_json(path / "meta.json").get("fit", {})
+            get_store().register_model(run_id, stage, str(path.resolve()), fit)
+            run.begin_scoring(stage)
+            shards = run.num_shards(stage)
+        if get_store().claim_dispatch(run_id, generation, "score_shard", stage):
+            chord(score_shard.s(run_id, stage, s, generation) for s in range(shards))(
+                select.si(run_id, stage, generation))
+        return f"{shards} shards"
+    return "cancelled"
+
+
+# --------------------------------------------------------------------------- score
+
+
+def http_scorer(settings: Settings, version: str):
+    """`score_texts(ids, texts)` calling the scorer service in request-sized chunks."""
+
+    def score_texts(ids: list[str], texts: list[str]) -> list[float]:
+        per = min(settings.scorer_max_documents, 256)
+        out: list[float] = []
+        headers = {"Authorization": f"Bearer {settings.api_key}"}
+        with httpx.Client(base_url=settings.scorer_url, timeout=settings.http_timeout_s,
+                          headers=headers) as client:
+            for i in range(0, len(ids), per):
+                docs = [{"id": d, "text": t} for d, t in zip(ids[i:i + per], texts[i:i + per], strict=True)]
+                r = client.post("/v1/score", json={"model": version, "documents": docs})
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise TransientError(f"scorer answered {r.status_code}: {r.text[:200]}")
+                if r.status_code != 200:
+                    raise ArtifactError(f"scorer refused the shard ({r.status_code}): {r.text[:300]}")
+                got = {row["id"]: row["score"] for row in r.json()["scores"]}
+                out.extend(float(got[d["id"]]) for d in docs)
+        return out
+
+    return score_texts
+
+
+@app.task(name="mates.score_shard", base=StageTask, bind=True)
+def score_shard(self, run_id: str, stage: int, shard: int, generation: int) -> str:
+    with wanted(run_id, stage, generation) as run:
+        if run is None:
+            return "skipped"
+        if stage_done(run, stage) or run.paths.score_shard(stage, shard).is_file():
+            return "done already"
+        settings = get_settings()
+        fn = http_scorer(settings, f"{run_id}/{stage}") if settings.score_mode == "http" else None
+        with run.guard(stage, transient=TRANSIENT):
+            run.prepare()
+            run.score_shard(stage, shard, fn)
+        return "scored"
+    return "cancelled"
+
+
+# --------------------------------------------------------------------------- select
+
+
+@app.task(name="mates.select", base=StageTask, bind=True)
+def select(self, run_id: str, stage: int, generation: int) -> str:
+    with wanted(run_id, stage, generation) as run:
+        if run is None:
+            return "skipped"
+        with run.guard(stage, transient=TRANSIENT):
+            if not stage_done(run, stage):
+                run.prepare()
+                run.select_stage(stage)
+        enqueue(get_store(), run_id, "train_stage", stage + 1, generation)
+        return "selected"
+    return "cancelled"
