@@ -1,6 +1,8 @@
-"""Bearer API-key checks as FastAPI dependencies; constant-time comparison."""
+"""Bearer API-key checks as FastAPI dependencies; constant-time comparison.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI must see the `Depends(get_settings)`
+annotations as objects, and `get_settings` is a parameter, not a module global.
+"""
 
 import hmac
 from typing import Annotated
