@@ -31,6 +31,8 @@ class ScoringService:
         self.batcher = Batcher(settings.scorer_batch_docs, settings.scorer_batch_wait_ms / 1000)
 
     def start(self) -> None:
+        # An empty store is a ready store: the first run creates its directory in it.
+        self.registry.root.mkdir(parents=True, exist_ok=True)
         self.batcher.start()
         log.info("scorer ready: artifacts %s, device %s, %d docs per pass, %.1f ms batch wait",
                  self.registry.root, self.device, self.batcher.max_docs, self.batcher.wait_s * 1000)

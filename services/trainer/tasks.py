@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from services.common.settings import get_settings
 from services.worker.celery_app import app
 from services.worker.dispatch import enqueue
 from services.worker.tasks import TRANSIENT, StageTask, get_store, stage_done, wanted
@@ -32,9 +33,9 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
             if after == "last":
                 run.finish()
         if after == "fit":
-            enqueue(get_store(), run_id, "fit_influence_model", stage, generation)
+            enqueue(get_settings(), get_store(), run_id, "fit_influence_model", stage, generation)
         elif after == "next":
-            enqueue(get_store(), run_id, "train_stage", stage + 1, generation)
+            enqueue(get_settings(), get_store(), run_id, "train_stage", stage + 1, generation)
         log.info("run %s stage %d trained; next: %s", run_id, stage, after)
         return after
     return "cancelled"

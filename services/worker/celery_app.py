@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import lru_cache
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -46,7 +47,21 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-app = make_celery(get_settings())
+app = make_celery(get_settings())  # what `celery -A services.worker.celery_app` and the workers run
+
+
+@lru_cache(maxsize=8)
+def _app_for(broker_url: str, backend_url: str, visibility_timeout_s: int) -> Celery:
+    s = get_settings()
+    if (broker_url, backend_url, visibility_timeout_s) == (s.broker_url, s.backend_url, s.visibility_timeout_s):
+        return app
+    return make_celery(Settings(broker_url=broker_url, result_backend=backend_url,
+                                visibility_timeout_s=visibility_timeout_s))
+
+
+def app_for(settings: Settings) -> Celery:
+    """The Celery app that sends to `settings`' broker (the API may be given its own settings)."""
+    return _app_for(settings.broker_url, settings.backend_url, settings.visibility_timeout_s)
 
 
 @worker_process_init.connect

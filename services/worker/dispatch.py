@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mates.artifacts import RunPaths
 from mates.config import RunConfig
-from mates.errors import RunStateError
+from mates.errors import MatesError, RunStateError
 from mates.manifest import Manifest
 from mates.run import init_run
 from services.common.settings import Settings
@@ -25,31 +25,49 @@ ACTIVE = ("pending", "queued", "running")
 RESUMABLE = ("failed", "cancelled")
 
 
-def enqueue(store: Store, run_id: str, task: str, stage: int, generation: int,
+class BrokerUnavailable(MatesError):
+    """The broker did not take a task; the run is marked failed and can be resumed."""
+
+
+# Publishing fails fast when the broker is down: a caller (an HTTP request, a task) must
+# not hang; a run left without its next task is marked failed, so it can be resumed.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
+
+
+def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int, generation: int,
             *args: int) -> bool:
     """Send `mates.<task>` once per (run, generation, task, stage); False if already sent."""
-    from services.worker.celery_app import app
+    from services.worker.celery_app import app_for
 
     if not store.claim_dispatch(run_id, generation, task, stage):
         log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage, generation)
         return False
-    app.send_task(f"mates.{task}", args=(run_id, stage, *args, generation))
+    try:
+        app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
+                                    retry=True, retry_policy=PUBLISH_RETRY, ignore_result=True)
+    except Exception as e:  # kombu/redis raise many types for "broker unreachable"
+        raise BrokerUnavailable(
+            f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}") from e
     return True
 
 
-def _queue_from_next_stage(store: Store, manifest: Manifest) -> None:
+def _queue_from_next_stage(store: Store, settings: Settings, manifest: Manifest) -> None:
     run_id = manifest.run_id
     generation = store.bump_generation(run_id)
     manifest.on_save = store.sync_manifest
     manifest.set_status("queued")
-    enqueue(store, run_id, "train_stage", manifest.next_stage(), generation)
+    try:
+        enqueue(settings, store, run_id, "train_stage", manifest.next_stage(), generation)
+    except BrokerUnavailable as e:
+        manifest.set_status("failed", str(e))
+        raise
 
 
 def create_run(store: Store, settings: Settings, cfg: RunConfig) -> dict:
     """Make the run directory and store row, and enqueue stage 0's training."""
     manifest = init_run(cfg, settings.artifacts_dir)
     store.create_run(manifest.data, str(manifest.path.parent.resolve()))
-    _queue_from_next_stage(store, manifest)
+    _queue_from_next_stage(store, settings, manifest)
     return store.get_run(manifest.run_id)
 
 
@@ -73,7 +91,7 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
             f"run {run_id} is {row['status']}; only a failed or cancelled run can be resumed")
     paths = RunPaths(Path(row["artifacts_dir"]))
     paths.cancel.unlink(missing_ok=True)
-    _queue_from_next_stage(store, Manifest.load(paths.manifest))
+    _queue_from_next_stage(store, settings, Manifest.load(paths.manifest))
     return store.get_run(run_id)
 
 

@@ -192,6 +192,6 @@ def select(self, run_id: str, stage: int, generation: int) -> str:
             if not stage_done(run, stage):
                 run.prepare()
                 run.select_stage(stage)
-        enqueue(get_store(), run_id, "train_stage", stage + 1, generation)
+        enqueue(get_settings(), get_store(), run_id, "train_stage", stage + 1, generation)
         return "selected"
     return "cancelled"

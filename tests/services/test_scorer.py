@@ -275,13 +275,16 @@ def test_models_needs_the_key_with_read_auth(tiny_run):
 def test_health_and_readiness(client, tmp_path):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
-    app = scorer_app.create_app(make_settings(tmp_path / "missing"))
+    app = scorer_app.create_app(make_settings(tmp_path / "store"))
     with TestClient(app) as c:
+        assert (tmp_path / "store").is_dir()  # an empty store is created, and ready
+        assert c.get("/readyz").status_code == 200
+        (tmp_path / "store").rmdir()  # e.g. a volume that went away
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
         assert r.status_code == 503
         assert "does not exist" in r.json()["detail"]
-        (tmp_path / "missing").mkdir()
+        (tmp_path / "store").mkdir()
         assert c.get("/readyz").status_code == 200
         app.state.service.batcher.stop()
         r = c.get("/readyz")

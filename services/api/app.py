@@ -1,0 +1,94 @@
+"""The control plane: create, list, watch, cancel and resume runs; model versions,
+selections and on-demand scoring. It owns the run store.
+
+Errors from the library become HTTP codes here and only here: a bad config 422, an
+operation that does not fit the run's state 409, anything else the library raises 500
+with its message; a broker that cannot take a task 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+import mates
+from mates.errors import ConfigError, DataError, MatesError, RunStateError
+from services.api.routes import health, models, runs, scoring
+from services.common.settings import Settings, get_settings
+from services.common.store import Store
+from services.worker.dispatch import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+ERROR_STATUS: dict[type[MatesError], int] = {
+    BrokerUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
+    ConfigError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    DataError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    RunStateError: status.HTTP_409_CONFLICT,
+}
+
+TAGS = [
+    {"name": "runs", "description": "Submit MATES runs and follow, cancel or resume them."},
+    {"name": "models", "description": "Influence-model versions fitted by the runs."},
+    {"name": "scoring", "description": "Score documents with a model version (via the scorer)."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
+
+
+async def _library_error(request: Request, exc: Exception) -> JSONResponse:
+    code = next((c for t, c in ERROR_STATUS.items() if isinstance(exc, t)),
+                status.HTTP_500_INTERNAL_SERVER_ERROR)
+    if code >= 500:
+        log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return JSONResponse({"detail": str(exc)}, status_code=code)
+
+
+async def _broker_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: the broker is unavailable: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"the task broker is unavailable: {exc}"},
+                        status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    store = Store(app.state.settings.database_url)
+    app.state.store = store
+    try:
+        yield
+    finally:
+        store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The control-plane app; refuses the placeholder API key outside development mode."""
+    settings = settings or get_settings()
+    settings.check_key()
+    app = FastAPI(
+        title="MATES control plane",
+        version=mates.__version__,
+        summary="Model-aware pretraining data selection as a service.",
+        description="Runs train in stages; before each stage an influence model fitted to "
+        "the current checkpoint picks the data. Mutating endpoints take the bearer "
+        "`MATES_API_KEY`; read endpoints do too when `MATES_READ_AUTH` is set.",
+        openapi_tags=TAGS,
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    for router in (runs.router, models.router, scoring.router, health.router):
+        app.include_router(router)
+    app.add_exception_handler(MatesError, _library_error)
+    app.add_exception_handler(KombuOperationalError, _broker_error)
+    return app
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Run the control plane with uvicorn on `api_host:api_port` (127.0.0.1:8000 by default)."""
+    settings = settings or get_settings()
+    settings.check_key()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)

@@ -1,0 +1,18 @@
+"""Influence-model versions registered by the pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from services.api.deps import ReadKey, StoreDep
+from services.api.schemas import ModelVersion
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=list[ModelVersion])
+def list_models(store: StoreDep, _: ReadKey, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Model versions (`<run_id>/<stage>`) with their validation scores, newest first."""
+    return store.list_models(run_id)

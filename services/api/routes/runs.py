@@ -1,0 +1,139 @@
+"""Runs: submit, list, show, cancel, resume; metrics and selections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Query, status
+
+from mates.artifacts import RunPaths, read_json
+from mates.config import RunConfig, config_from_dict
+from mates.errors import ArtifactError, ConfigError
+from services.api.deps import KeyRequired, ReadKey, SettingsDep, StoreDep
+from services.api.schemas import Problem, Run, RunMetrics, RunStatus, RunSummary
+from services.common.store import Store, finite_json
+from services.worker import dispatch
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+DATA_FILES = ("pool", "reference", "heldout")
+
+EXAMPLE_CONFIG = {
+    "name": "tiny", "seed": 0, "device": "cpu",
+    "data": {"pool": "/data/demo/pool.jsonl", "reference": "/data/demo/reference.jsonl",
+             "heldout": "/data/demo/heldout.jsonl", "vocab_size": 1024},
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
+    "stages": {"num_stages": 3, "stage0_steps": 20, "stage_steps": 10, "pool_docs": 200},
+    "selection": {"method": "gumbel", "ratio": 0.2, "temperature": 0.5},
+}
+
+ConfigBody = Annotated[dict[str, Any], Body(
+    description="A run config with the sections of `configs/*.yaml`; data paths are paths on "
+    "the server (relative ones resolve against the API's working directory).",
+    examples=[EXAMPLE_CONFIG])]
+
+NOT_FOUND = {404: {"model": Problem, "description": "no run with that ID"}}
+AUTH = {401: {"model": Problem, "description": "missing or wrong API key"}}
+
+
+def validate_run_config(raw: dict[str, Any]) -> RunConfig:
+    """The config as the library validates it, plus: its data files exist on this server."""
+    cfg = config_from_dict(raw, base_dir=Path.cwd())
+    for name in DATA_FILES:
+        path = getattr(cfg.data, name)
+        if not path.is_file():
+            raise ConfigError(f"`data.{name}`: {path} does not exist on the server")
+    tok = cfg.data.tokenizer
+    if tok != "train-bpe" and not Path(tok).is_dir():
+        raise ConfigError(f"`data.tokenizer`: {tok} is not a directory on the server")
+    return cfg
+
+
+def run_or_404(store: Store, run_id: str) -> dict[str, Any]:
+    run = store.get_run(run_id)
+    if run is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run {run_id!r}")
+    return run
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of an append-only JSONL log; a last line still being written is left out."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        return [finite_json(json.loads(line)) for line in lines[:-1] if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSONL: {e}") from None
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=Run,
+             responses={**AUTH, 422: {"model": Problem, "description": "invalid config"}})
+def submit_run(config: ConfigBody, store: StoreDep, settings: SettingsDep,
+               _: KeyRequired) -> dict[str, Any]:
+    """Validate a run config, create the run and queue its stage 0."""
+    return dispatch.create_run(store, settings, validate_run_config(config))
+
+
+@router.get("", response_model=list[RunSummary])
+def list_runs(store: StoreDep, _: ReadKey,
+              status_: Annotated[RunStatus | None, Query(alias="status")] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+    """Runs, newest first."""
+    return store.list_runs(status=status_, limit=limit, offset=offset)
+
+
+@router.get("/{run_id}", response_model=Run, responses=NOT_FOUND)
+def get_run(run_id: str, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+    """A run with every stage's state, transitions, timings, metrics and error."""
+    return run_or_404(store, run_id)
+
+
+@router.post("/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
+             responses={**AUTH, **NOT_FOUND, 409: {"model": Problem, "description": "not active"}})
+def cancel_run(run_id: str, store: StoreDep, settings: SettingsDep,
+               _: KeyRequired) -> dict[str, Any]:
+    """Ask an active run to stop; its status is `cancelling` until the worker stops it."""
+    run_or_404(store, run_id)
+    return dispatch.cancel_run(store, settings, run_id)
+
+
+@router.post("/{run_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
+             responses={**AUTH, **NOT_FOUND,
+                        409: {"model": Problem, "description": "neither failed nor cancelled"}})
+def resume_run(run_id: str, store: StoreDep, settings: SettingsDep,
+               _: KeyRequired) -> dict[str, Any]:
+    """Queue a failed or cancelled run again from its last completed step."""
+    run_or_404(store, run_id)
+    return dispatch.resume_run(store, settings, run_id)
+
+
+@router.get("/{run_id}/metrics", response_model=RunMetrics, responses=NOT_FOUND)
+def run_metrics(run_id: str, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+    """The run's metrics log (held-out and reference losses over steps) and stage summaries."""
+    run = run_or_404(store, run_id)
+    rows = read_log(RunPaths(Path(run["artifacts_dir"])).metrics)
+    return {"run_id": run_id, "rows": rows,
+            "stages": [{"stage": s["stage"], "metrics": s["metrics"]} for s in run["stages"]]}
+
+
+@router.get("/{run_id}/stages/{stage}/selection", response_model=dict[str, Any],
+            responses={404: {"model": Problem,
+                             "description": "no such run or stage, or not selected yet"}})
+def stage_selection(run_id: str, stage: int, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+    """The selection manifest of the documents stage `stage` trains on."""
+    run = run_or_404(store, run_id)
+    if not 0 <= stage < run["num_stages"]:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"run {run_id!r} has no stage {stage} "
+                            f"(its stages are 0..{run['num_stages'] - 1})")
+    path = RunPaths(Path(run["artifacts_dir"])).selection(stage)
+    if not path.is_file():
+        state = next((s["state"] for s in run["stages"] if s["stage"] == stage), "unknown")
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"stage {stage} of run {run_id!r} has no selection yet "
+                            f"(stage state: {state})")
+    return read_json(path)

@@ -1,0 +1,42 @@
+"""On-demand scoring, relayed to the scorer service."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+
+from services.api.deps import KeyRequired, SettingsDep
+from services.api.schemas import Problem
+from services.scorer.schemas import ScoreRequest, ScoreResponse
+
+router = APIRouter(tags=["scoring"])
+
+
+@router.post("/v1/score", response_model=ScoreResponse,
+             responses={502: {"model": Problem, "description": "the scorer cannot be reached"},
+                        504: {"model": Problem, "description": "the scorer did not answer in time"}})
+async def score(payload: ScoreRequest, request: Request, settings: SettingsDep,
+                _: KeyRequired) -> JSONResponse:
+    """Score documents with an influence-model version; the scorer's answer is relayed as is."""
+    url = f"{settings.scorer_url.rstrip('/')}/v1/score"
+    headers = {"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"}
+    try:
+        async with httpx.AsyncClient(timeout=settings.http_timeout_s) as client:
+            # The body goes on byte for byte; `payload` only validates it and documents it.
+            r = await client.post(url, content=await request.body(), headers=headers)
+    except httpx.TimeoutException:
+        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
+                            f"the scorer at {settings.scorer_url} did not answer within "
+                            f"{settings.http_timeout_s:g} s") from None
+    except httpx.TransportError as e:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY,
+                            f"the scorer at {settings.scorer_url} cannot be reached "
+                            f"({type(e).__name__}: {e})") from None
+    try:
+        body = r.json()
+    except ValueError:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY,
+                            f"the scorer answered {r.status_code} with a body that is not JSON"
+                            ) from None
+    return JSONResponse(body, status_code=r.status_code)

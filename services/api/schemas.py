@@ -1,0 +1,93 @@
+"""Response bodies of the control plane (the scorer's request/response live in
+`services.scorer.schemas` and are shared, not copied)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+RunStatus = Literal["pending", "queued", "running", "cancelling", "cancelled", "failed", "done"]
+STATUS_DOC = "pending, queued, running, cancelling, cancelled, failed or done"
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="what went wrong, naming the field or resource")
+
+
+class Transition(BaseModel):
+    state: str = Field(description="the state entered")
+    at: float = Field(description="when, in seconds since the epoch")
+    reason: str | None = Field(None, description="why, for failures and cancellations")
+
+
+class Stage(BaseModel):
+    stage: int
+    state: str = Field(description="pending, training, probing, fitting, scoring, selecting, "
+                       "done, failed or cancelled")
+    error: str | None = None
+    timings: dict[str, float] = Field(description="seconds spent per step")
+    metrics: dict[str, Any] = Field(description="losses, probe and fit summaries, selection")
+    updated_at: float
+    transitions: list[Transition] = Field(description="every state change, oldest first")
+
+
+class RunSummary(BaseModel):
+    id: str
+    name: str
+    status: str = Field(description=STATUS_DOC)
+    error: str | None = None
+    current_stage: int
+    num_stages: int
+    generation: int = Field(description="bumped on every (re)queue; stale tasks check it")
+    stage_state: str | None = Field(None, description="state of the current stage")
+    artifacts_dir: str
+    created_at: float
+    updated_at: float
+
+
+class Run(BaseModel):
+    id: str
+    name: str
+    status: str = Field(description=STATUS_DOC)
+    error: str | None = None
+    current_stage: int
+    num_stages: int
+    generation: int
+    config: dict[str, Any] = Field(description="the resolved run config")
+    artifacts_dir: str = Field(description="the run's directory in the artifact store")
+    created_at: float
+    updated_at: float
+    stages: list[Stage]
+
+
+class StageMetrics(BaseModel):
+    stage: int
+    metrics: dict[str, Any]
+
+
+class RunMetrics(BaseModel):
+    run_id: str
+    rows: list[dict[str, Any]] = Field(description="the run's metrics log, one row per evaluation")
+    stages: list[StageMetrics] = Field(description="the per-stage summaries of run.json")
+
+
+class ModelVersion(BaseModel):
+    version: str = Field(description="`<run_id>/<stage>`")
+    run_id: str
+    stage: int
+    path: str = Field(description="the model directory in the artifact store")
+    val_spearman: float | None = None
+    val_pearson: float | None = None
+    num_probes: int | None = None
+    fit: dict[str, Any] = Field(description="the fit report")
+    created_at: float
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(description="`ok`, or why a dependency is unavailable")

@@ -1,0 +1,357 @@
+"""The run store: runs, stage states, transitions, model versions and task dispatches.
+
+SQLite by default, PostgreSQL by URL. Several processes (the API, workers, the
+trainer) share it, so every write that reads what it then changes takes the run's
+row lock first (an UPDATE before the reads), and uniqueness is left to primary
+keys: a second `claim_dispatch` or `register_model` of the same key loses cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from mates.errors import RunStateError
+
+FINAL_STATUSES = ("done", "failed", "cancelled")
+STATUSES = ("pending", "queued", "running", "cancelling", "cancelled", "failed", "done")
+
+metadata = MetaData()
+
+runs = Table(
+    "runs", metadata,
+    Column("id", String(128), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("error", Text),
+    Column("current_stage", Integer, nullable=False, default=0),
+    Column("num_stages", Integer, nullable=False),
+    Column("generation", Integer, nullable=False, default=0),
+    Column("config", JSON, nullable=False),
+    Column("artifacts_dir", String(1024), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_runs_status_created", "status", "created_at"),
+)
+
+stages = Table(
+    "stages", metadata,
+    Column("run_id", String(128), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("state", String(32), nullable=False),
+    Column("error", Text),
+    Column("timings", JSON, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+transitions = Table(
+    "transitions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("reason", Text),
+    Index("ix_transitions_run_stage", "run_id", "stage"),
+)
+
+model_versions = Table(
+    "model_versions", metadata,
+    Column("version", String(160), primary_key=True),
+    Column("run_id", String(128), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("val_spearman", Float),
+    Column("val_pearson", Float),
+    Column("num_probes", Integer),
+    Column("fit", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_model_versions_run", "run_id"),
+)
+
+dispatches = Table(
+    "dispatches", metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("generation", Integer, primary_key=True),
+    Column("task", String(64), primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("at", Float, nullable=False),
+)
+
+
+class RunExists(RunStateError):
+    """`create_run` was given an ID the store already holds."""
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL; plain `postgresql://` (or `postgres://`) uses psycopg 3."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def make_engine(url: str) -> Engine:
+    u = normalize_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, pool_pre_ping=True, future=True)
+    db = u.database
+    if not db or db == ":memory:":
+        # One shared connection, or each would see its own empty database.
+        return create_engine(u, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+    Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:  # several processes write the same file
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with NaN and infinities as None: PostgreSQL's JSON and strict JSON reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def _stage_row(run_id: str, st: dict[str, Any], at: float) -> dict[str, Any]:
+    return {"run_id": run_id, "stage": int(st["stage"]), "state": st["state"],
+            "error": st.get("error"), "timings": finite_json(st.get("timings") or {}),
+            "metrics": finite_json(st.get("metrics") or {}), "updated_at": at}
+
+
+def _transition_rows(run_id: str, st: dict[str, Any], already: int) -> list[dict[str, Any]]:
+    rows = []
+    items = st.get("transitions") or []
+    for i, t in enumerate(items[already:], start=already):
+        reason = t.get("reason")
+        if reason is None and i == len(items) - 1 and t["state"] in ("failed", "cancelled"):
+            reason = st.get("error")  # the stage's error explains its last failure
+        rows.append({"run_id": run_id, "stage": int(st["stage"]), "state": t["state"],
+                     "at": float(t["at"]), "reason": reason})
+    return rows
+
+
+def num_probes_of(fit: dict[str, Any]) -> int | None:
+    """Probes behind a fit: `num_probes` if recorded, else its train + validation sizes."""
+    if fit.get("num_probes") is not None:
+        return int(fit["num_probes"])
+    if fit.get("train_size") is not None and fit.get("val_size") is not None:
+        return int(fit["train_size"]) + int(fit["val_size"])
+    return None
+
+
+class Store:
+    """The run store behind one SQLAlchemy URL; tables are created on first use."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine, checkfirst=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(self, manifest: dict[str, Any], artifacts_dir: str) -> None:
+        run_id = manifest["run_id"]
+        created = float(manifest.get("created_at") or _now())
+        row = {
+            "id": run_id, "name": manifest["name"], "status": manifest.get("status", "pending"),
+            "error": manifest.get("error"), "current_stage": int(manifest.get("current_stage", 0)),
+            "num_stages": len(manifest["stages"]), "generation": 0,
+            "config": finite_json(manifest.get("config") or {}), "artifacts_dir": str(artifacts_dir),
+            "created_at": created, "updated_at": float(manifest.get("updated_at") or created),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(runs).values(**row))
+                self._sync_stages(conn, run_id, manifest["stages"], row["updated_at"], existing={})
+        except IntegrityError:
+            raise RunExists(f"run {run_id} already exists in the run store") from None
+
+    def sync_manifest(self, manifest: dict[str, Any]) -> None:
+        """Mirror run.json: run status, stage rows, and the transitions not yet stored."""
+        run_id = manifest["run_id"]
+        new = manifest["status"]
+        at = float(manifest.get("updated_at") or _now())
+        # A cancel request outlives progress reports until the run actually ends.
+        status = new if new in FINAL_STATUSES else case(
+            (runs.c.status == "cancelling", "cancelling"), else_=new)
+        with self.engine.begin() as conn:
+            # The UPDATE comes first: it takes the run's row (or SQLite's write) lock, so
+            # two processes syncing the same run count and insert transitions in turn.
+            done = conn.execute(
+                update(runs).where(runs.c.id == run_id).values(
+                    status=status, error=manifest.get("error"),
+                    current_stage=int(manifest.get("current_stage", 0)),
+                    num_stages=len(manifest["stages"]), updated_at=at))
+            if done.rowcount == 0:
+                raise RunStateError(f"run {run_id} is not in the run store")
+            existing = {r.stage: r.n for r in conn.execute(
+                select(transitions.c.stage, func.count().label("n"))
+                .where(transitions.c.run_id == run_id).group_by(transitions.c.stage))}
+            self._sync_stages(conn, run_id, manifest["stages"], at, existing)
+
+    def _sync_stages(self, conn: Connection, run_id: str, items: list[dict[str, Any]], at: float,
+                     existing: dict[int, int]) -> None:
+        have = set(conn.execute(select(stages.c.stage).where(stages.c.run_id == run_id)).scalars())
+        rows = [_stage_row(run_id, st, at) for st in items]
+        fresh = [r for r in rows if r["stage"] not in have]
+        if fresh:
+            conn.execute(insert(stages), fresh)
+        for r in rows:
+            if r["stage"] in have:
+                conn.execute(update(stages).where(and_(stages.c.run_id == run_id,
+                                                       stages.c.stage == r["stage"]))
+                             .values(state=r["state"], error=r["error"], timings=r["timings"],
+                                     metrics=r["metrics"], updated_at=at))
+        new_transitions = [t for st in items
+                           for t in _transition_rows(run_id, st, existing.get(int(st["stage"]), 0))]
+        if new_transitions:
+            conn.execute(insert(transitions), new_transitions)
+
+    def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self.engine.begin() as conn:
+            done = conn.execute(update(runs).where(runs.c.id == run_id)
+                                .values(status=status, error=error, updated_at=_now()))
+        if done.rowcount == 0:
+            raise RunStateError(f"run {run_id} is not in the run store")
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+            if row is None:
+                return None
+            stage_rows = conn.execute(select(stages).where(stages.c.run_id == run_id)
+                                      .order_by(stages.c.stage)).mappings().all()
+            trans = conn.execute(select(transitions).where(transitions.c.run_id == run_id)
+                                 .order_by(transitions.c.stage, transitions.c.id)).mappings().all()
+        by_stage: dict[int, list[dict[str, Any]]] = {}
+        for t in trans:
+            by_stage.setdefault(t["stage"], []).append(
+                {"state": t["state"], "at": t["at"], "reason": t["reason"]})
+        out = dict(row)
+        out["stages"] = [
+            {"stage": s["stage"], "state": s["state"], "error": s["error"],
+             "timings": s["timings"], "metrics": s["metrics"], "updated_at": s["updated_at"],
+             "transitions": by_stage.get(s["stage"], [])}
+            for s in stage_rows
+        ]
+        return out
+
+    def list_runs(self, status: str | None = None, limit: int = 50,
+                  offset: int = 0) -> list[dict[str, Any]]:
+        """Run summaries, newest first, each with its current stage's state."""
+        q = (select(runs.c.id, runs.c.name, runs.c.status, runs.c.error, runs.c.current_stage,
+                    runs.c.num_stages, runs.c.generation, runs.c.artifacts_dir, runs.c.created_at,
+                    runs.c.updated_at, stages.c.state.label("stage_state"))
+             .select_from(runs.outerjoin(stages, and_(stages.c.run_id == runs.c.id,
+                                                      stages.c.stage == runs.c.current_stage)))
+             .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+             .limit(limit).offset(offset))
+        if status is not None:
+            q = q.where(runs.c.status == status)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def bump_generation(self, run_id: str) -> int:
+        with self.engine.begin() as conn:
+            done = conn.execute(update(runs).where(runs.c.id == run_id)
+                                .values(generation=runs.c.generation + 1))
+            if done.rowcount == 0:
+                raise RunStateError(f"run {run_id} is not in the run store")
+            return int(conn.execute(select(runs.c.generation).where(runs.c.id == run_id)).scalar_one())
+
+    def get_generation(self, run_id: str) -> int:
+        with self.engine.connect() as conn:
+            gen = conn.execute(select(runs.c.generation).where(runs.c.id == run_id)).scalar()
+        if gen is None:
+            raise RunStateError(f"run {run_id} is not in the run store")
+        return int(gen)
+
+    # ------------------------------------------------------------------ dispatches
+
+    def claim_dispatch(self, run_id: str, generation: int, task: str, stage: int) -> bool:
+        """Record that `task` for (run, generation, stage) is being enqueued; False if it was."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(dispatches).values(run_id=run_id, generation=generation,
+                                                       task=task, stage=stage, at=_now()))
+        except IntegrityError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ model versions
+
+    def register_model(self, run_id: str, stage: int, path: str, fit: dict[str, Any]) -> bool:
+        """Record `<run_id>/<stage>`; False (and no second row) if it is registered already."""
+        fit = finite_json(fit)
+        row = {"version": f"{run_id}/{stage}", "run_id": run_id, "stage": int(stage),
+               "path": str(path), "val_spearman": fit.get("val_spearman"),
+               "val_pearson": fit.get("val_pearson"), "num_probes": num_probes_of(fit),
+               "fit": fit, "created_at": _now()}
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(model_versions).values(**row))
+        except IntegrityError:
+            self.get_generation(run_id)  # a foreign-key failure: raises for an unknown run
+            return False
+        return True
+
+    def list_models(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        q = select(model_versions).order_by(model_versions.c.created_at.desc(),
+                                            model_versions.c.stage.desc())
+        if run_id is not None:
+            q = q.where(model_versions.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]

@@ -1,0 +1,324 @@
+"""The control plane through FastAPI's TestClient, with a real Redis as the Celery broker.
+
+No worker consumes the queues here: a submitted run is checked by the Celery message
+it leaves on the `train` list in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from mates.artifacts import RunPaths, write_json
+from mates.manifest import Manifest
+from services.api.app import create_app
+from services.common.settings import PLACEHOLDER_KEY, Settings
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_settings(tmp_path: Path, redis_url: str, **over) -> Settings:
+    values = {"api_key": KEY, "dev": False, "database_url": f"sqlite:///{tmp_path}/db/runs.db",
+              "artifacts_dir": tmp_path / "artifacts", "broker_url": redis_url,
+              "scorer_url": f"http://127.0.0.1:{free_port()}", "http_timeout_s": 5.0}
+    return Settings(**{**values, **over})
+
+
+@pytest.fixture
+def broker(redis_url, monkeypatch):
+    """The test Redis, emptied; dispatch sends there through `celery_app.app_for(settings)`."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    yield r
+    r.close()
+
+
+def make_client(settings: Settings):
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def settings(tmp_path, redis_url):
+    return make_settings(tmp_path, redis_url)
+
+
+@pytest.fixture
+def client(settings, broker):
+    with make_client(settings) as c:
+        yield c
+
+
+@pytest.fixture
+def valid_config(tiny_config_factory):
+    return tiny_config_factory().model_dump(mode="json")
+
+
+def hand_made_run(client: TestClient, root: Path, status: str, run_id: str = "hand-0001") -> str:
+    """A run written to the store and artifact store directly, in the given status."""
+    m = Manifest.create(RunPaths(root / run_id).manifest, {"name": "hand"}, "fp", 2, run_id=run_id)
+    store = client.app.state.store
+    store.create_run(m.data, str(m.path.parent))
+    store.set_status(run_id, status)
+    return run_id
+
+
+def train_messages(broker) -> list[dict]:
+    return [json.loads(raw) for raw in broker.lrange("train", 0, -1)]
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def test_submit_creates_the_run_and_queues_stage_0(client, broker, valid_config):
+    r = client.post("/v1/runs", json=valid_config, headers=AUTH)
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["status"] == "queued" and run["name"] == "tiny" and run["num_stages"] == 3
+    assert run["generation"] == 1 and [s["state"] for s in run["stages"]] == ["pending"] * 3
+    assert Path(run["artifacts_dir"], "run.json").is_file()
+
+    assert broker.llen("train") == 1
+    msg = train_messages(broker)[0]
+    assert msg["headers"]["task"] == "mates.train_stage"
+    assert msg["headers"]["argsrepr"] == repr((run["id"], 0, 1))
+
+    shown = client.get(f"/v1/runs/{run['id']}").json()
+    assert shown["id"] == run["id"] and shown["config"]["selection"]["ratio"] == 0.2
+    listed = client.get("/v1/runs").json()
+    assert [x["id"] for x in listed] == [run["id"]] and listed[0]["stage_state"] == "pending"
+    assert client.get("/v1/runs", params={"status": "queued"}).json()[0]["id"] == run["id"]
+    assert client.get("/v1/runs", params={"status": "done"}).json() == []
+
+
+def test_bad_config_is_422_naming_the_field(client, broker, valid_config):
+    valid_config["selection"]["ratio"] = 1.5
+    r = client.post("/v1/runs", json=valid_config, headers=AUTH)
+    assert r.status_code == 422
+    assert "`selection.ratio`" in r.json()["detail"] and "1.5" in r.json()["detail"]
+
+    valid_config["selection"]["ratio"] = 0.2
+    valid_config["train"]["learning_rate"] = 0.1
+    r = client.post("/v1/runs", json=valid_config, headers=AUTH)
+    assert r.status_code == 422 and "`train.learning_rate`" in r.json()["detail"]
+    assert broker.llen("train") == 0 and client.get("/v1/runs").json() == []
+
+
+def test_missing_data_file_is_422_naming_field_and_path(client, broker, valid_config, tmp_path):
+    missing = tmp_path / "nowhere" / "heldout.jsonl"
+    valid_config["data"]["heldout"] = str(missing)
+    r = client.post("/v1/runs", json=valid_config, headers=AUTH)
+    assert r.status_code == 422
+    assert "`data.heldout`" in r.json()["detail"] and str(missing) in r.json()["detail"]
+    assert broker.llen("train") == 0
+
+
+def test_a_broker_failure_is_503_and_leaves_a_resumable_run(tmp_path, redis_url, valid_config):
+    """Nothing listens on the broker port: the submit fails fast with 503, and the run it
+    created is recorded failed (not stuck queued), so it can be resumed later."""
+    settings = make_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    with make_client(settings) as c:
+        r = c.post("/v1/runs", json=valid_config, headers=AUTH)
+        assert r.status_code == 503, r.text
+        assert "could not enqueue train_stage" in r.json()["detail"]
+        runs = c.get("/v1/runs").json()
+        assert [run["status"] for run in runs] == ["failed"]
+        assert "could not enqueue" in runs[0]["error"]
+        again = c.post(f"/v1/runs/{runs[0]['id']}/resume", headers=AUTH)
+        assert again.status_code == 503  # still down, still resumable
+        assert c.get(f"/v1/runs/{runs[0]['id']}").json()["status"] == "failed"
+
+
+def test_body_must_be_a_json_object(client, broker):
+    assert client.post("/v1/runs", json=[1, 2], headers=AUTH).status_code == 422
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_posts_need_the_key(client, broker, valid_config):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        assert client.post("/v1/runs", json=valid_config, headers=headers).status_code == 401
+        assert client.post("/v1/runs/x/cancel", headers=headers).status_code == 401
+        assert client.post("/v1/runs/x/resume", headers=headers).status_code == 401
+        r = client.post("/v1/score", json={"model": "x/0", "documents": [{"id": "a", "text": "b"}]},
+                        headers=headers)
+        assert r.status_code == 401
+    assert broker.llen("train") == 0
+
+
+def test_reads_are_open_by_default_and_keyed_with_read_auth(tmp_path, redis_url, broker):
+    with make_client(make_settings(tmp_path, redis_url)) as c:
+        assert c.get("/v1/runs").status_code == 200
+        assert c.get("/v1/models").status_code == 200
+    with make_client(make_settings(tmp_path, redis_url, read_auth=True)) as c:
+        for path in ("/v1/runs", "/v1/models", "/v1/runs/x", "/v1/runs/x/metrics"):
+            assert c.get(path).status_code == 401, path
+        assert c.get("/v1/runs", headers=AUTH).status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_placeholder_key_is_refused_unless_dev(tmp_path, redis_url):
+    with pytest.raises(SystemExit, match="placeholder"):
+        create_app(make_settings(tmp_path, redis_url, api_key=PLACEHOLDER_KEY))
+    with pytest.raises(SystemExit, match="empty"):
+        create_app(make_settings(tmp_path, redis_url, api_key=""))
+    create_app(make_settings(tmp_path, redis_url, api_key=PLACEHOLDER_KEY, dev=True))
+
+
+# --------------------------------------------------------------------------- run control
+
+
+def test_unknown_runs_are_404(client):
+    for method, path in (("get", "/v1/runs/nope"), ("post", "/v1/runs/nope/cancel"),
+                         ("post", "/v1/runs/nope/resume"), ("get", "/v1/runs/nope/metrics"),
+                         ("get", "/v1/runs/nope/stages/0/selection")):
+        r = getattr(client, method)(path, headers=AUTH)
+        assert r.status_code == 404, path
+        assert "nope" in r.json()["detail"]
+
+
+def test_cancel_and_resume_follow_the_run_state(client, broker, settings):
+    done = hand_made_run(client, settings.artifacts_dir, "done")
+    r = client.post(f"/v1/runs/{done}/cancel", headers=AUTH)
+    assert r.status_code == 409 and "done" in r.json()["detail"]
+    assert client.post(f"/v1/runs/{done}/resume", headers=AUTH).status_code == 409
+
+    active = hand_made_run(client, settings.artifacts_dir, "running", run_id="hand-0002")
+    r = client.post(f"/v1/runs/{active}/cancel", headers=AUTH)
+    assert r.status_code == 202 and r.json()["status"] == "cancelling"
+    assert RunPaths(settings.artifacts_dir / active).cancel.is_file()
+    assert client.post(f"/v1/runs/{active}/resume", headers=AUTH).status_code == 409
+
+    client.app.state.store.set_status(active, "cancelled")
+    r = client.post(f"/v1/runs/{active}/resume", headers=AUTH)
+    assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["generation"] == 1
+    assert not RunPaths(settings.artifacts_dir / active).cancel.exists()
+    assert [m["headers"]["argsrepr"] for m in train_messages(broker)] == [repr((active, 0, 1))]
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_metrics_rows_and_stage_summaries(client, settings):
+    run_id = hand_made_run(client, settings.artifacts_dir, "running")
+    assert client.get(f"/v1/runs/{run_id}/metrics").json() == {
+        "run_id": run_id, "rows": [], "stages": [{"stage": 0, "metrics": {}},
+                                                 {"stage": 1, "metrics": {}}]}
+    paths = RunPaths(settings.artifacts_dir / run_id)
+    # two complete rows and one still being appended
+    paths.metrics.write_text('{"step": 0, "heldout_loss": 7.0}\n{"step": 10, "heldout_loss": NaN}\n'
+                             '{"step": 20, "held', encoding="utf-8")
+    m = Manifest.load(paths.manifest)
+    m.on_save = client.app.state.store.sync_manifest
+    m.update_metrics(0, tokens=640)
+    body = client.get(f"/v1/runs/{run_id}/metrics").json()
+    assert body["rows"] == [{"step": 0, "heldout_loss": 7.0}, {"step": 10, "heldout_loss": None}]
+    assert body["stages"][0] == {"stage": 0, "metrics": {"tokens": 640}}
+
+
+def test_selection_of_a_stage(client, settings):
+    run_id = hand_made_run(client, settings.artifacts_dir, "running")
+    r = client.get(f"/v1/runs/{run_id}/stages/5/selection")
+    assert r.status_code == 404 and "no stage 5" in r.json()["detail"]
+    r = client.get(f"/v1/runs/{run_id}/stages/1/selection")
+    assert r.status_code == 404 and "no selection yet" in r.json()["detail"]
+    assert "pending" in r.json()["detail"]
+    selection = {"stage": 1, "method": "gumbel", "seed": 0, "ratio": 0.2, "ids": ["a", "b"]}
+    write_json(RunPaths(settings.artifacts_dir / run_id).selection(1), selection)
+    assert client.get(f"/v1/runs/{run_id}/stages/1/selection").json() == selection
+
+
+def test_models_list(client, settings):
+    run_id = hand_made_run(client, settings.artifacts_dir, "running")
+    assert client.get("/v1/models").json() == []
+    client.app.state.store.register_model(run_id, 0, "/m/0", {"val_spearman": 0.3, "val_pearson": 0.4,
+                                                              "train_size": 9, "val_size": 1})
+    models = client.get("/v1/models", params={"run_id": run_id}).json()
+    assert [(m["version"], m["val_spearman"], m["num_probes"]) for m in models] == [
+        (f"{run_id}/0", 0.3, 10)]
+    assert client.get("/v1/models", params={"run_id": "other"}).json() == []
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class _FakeScorer(BaseHTTPRequestHandler):
+    seen: list[tuple[str, bytes]] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's hook name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _FakeScorer.seen.append((self.headers["Authorization"], body))
+        out = json.dumps({"detail": "no run 'x'"}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_score_is_relayed_to_the_scorer(tmp_path, redis_url):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeScorer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with make_client(make_settings(tmp_path, redis_url, scorer_url=url)) as c:
+            raw = b'{"model": "x/0",  "documents": [{"id": "a", "text": "hello"}]}'
+            r = c.post("/v1/score", content=raw,
+                       headers={**AUTH, "Content-Type": "application/json"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.status_code == 404 and r.json() == {"detail": "no run 'x'"}
+    assert _FakeScorer.seen == [(f"Bearer {KEY}", raw)]
+
+
+def test_score_is_502_when_no_scorer_listens(client, settings):
+    r = client.post("/v1/score", json={"model": "x/0", "documents": [{"id": "a", "text": "b"}]},
+                    headers=AUTH)
+    assert r.status_code == 502
+    assert "cannot be reached" in r.json()["detail"] and settings.scorer_url in r.json()["detail"]
+    r = client.post("/v1/score", json={"model": "x/0", "documents": []}, headers=AUTH)
+    assert r.status_code == 422
+
+
+# --------------------------------------------------------------------------- health and docs
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"store": "ok", "broker": "ok"}
+
+
+def test_readiness_names_the_broker_when_it_is_down(tmp_path, redis_url):
+    bad = f"redis://127.0.0.1:{free_port()}/0"
+    with make_client(make_settings(tmp_path, redis_url, broker_url=bad)) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503
+    assert "broker" in r.json()["detail"] and r.json()["checks"]["store"] == "ok"
+
+
+def test_openapi_docs(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert spec["info"]["title"] == "MATES control plane" and spec["info"]["version"]
+    assert {t["name"] for t in spec["tags"]} == {"runs", "models", "scoring", "health"}
+    assert "/v1/runs/{run_id}/stages/{stage}/selection" in spec["paths"]
