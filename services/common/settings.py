@@ -54,6 +54,8 @@ class Settings(BaseSettings):
         "exceed the longest stage")
     node_name: str | None = Field(
         None, description="Celery node name of `mates serve worker|trainer` (default: kind-pid)")
+    trainer_nproc: int = Field(
+        1, ge=1, description="processes per stage job: >1 runs the training under torchrun (DDP)")
     task_max_retries: int = Field(3, ge=0, description="retries of a task on a transient error")
 
     # -- compute

@@ -8,8 +8,16 @@ here and enqueues the next stage; the last stage exports the final model.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
-from services.common.settings import get_settings
+from mates.artifacts import read_json
+from mates.errors import StageFailed
+from mates.run import Cancelled, Run
+from services.common.settings import Settings, get_settings
+from services.common.store import Store
 from services.worker.celery_app import app
 from services.worker.dispatch import enqueue
 from services.worker.tasks import TRANSIENT, StageTask, get_store, stage_done, wanted
@@ -28,7 +36,10 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
             if stage_done(run, stage):
                 after = "last" if last else "next"
             else:
-                run.train_stage(stage)
+                if get_settings().trainer_nproc > 1:
+                    run = train_with_torchrun(run, stage, get_settings(), get_store())
+                else:
+                    run.train_stage(stage)
                 after = run.after_training(stage)
             if after == "last":
                 run.finish()
@@ -39,3 +50,39 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
         log.info("run %s stage %d trained; next: %s", run_id, stage, after)
         return after
     return "cancelled"
+
+
+def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) -> Run:
+    """Train the stage in `torchrun --nproc-per-node N` (DDP), mirroring its manifest into
+    the run store while it runs; returns the run re-opened from what it wrote."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={settings.trainer_nproc}", "-m", "mates.cli", "train-stage",
+            str(run.paths.root), str(stage)]
+    log.info("run %s stage %d: %s", run.manifest.run_id, stage, " ".join(argv))
+    done = threading.Event()
+
+    def mirror() -> None:
+        while not done.wait(2.0):
+            try:
+                store.sync_manifest(read_json(run.paths.manifest))
+            except Exception:  # a torn read or a busy store: the next tick catches up
+                log.debug("manifest mirror tick failed", exc_info=True)
+
+    watcher = threading.Thread(target=mirror, daemon=True)
+    watcher.start()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    finally:
+        done.set()
+        watcher.join()
+    fresh = Run.open(Path(run.paths.root), progress=False)
+    fresh.manifest.on_save = store.sync_manifest
+    run.manifest.data = fresh.manifest.data  # the caller's guard records on what the ranks wrote
+    store.sync_manifest(fresh.manifest.data)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        if fresh.manifest.data["status"] == "cancelled":
+            raise Cancelled("run cancelled by request")
+        raise StageFailed(f"torchrun training of stage {stage} exited {proc.returncode}: {tail}")
+    fresh.prepare()
+    return fresh

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
 
+    ts = sub.add_parser("train-stage", help="train one stage of a run dir; under `torchrun "
+                        "--nproc-per-node N` with DDP (what the trainer service runs on N GPUs)")
+    ts.add_argument("run_dir", type=Path)
+    ts.add_argument("stage", type=int)
+
     res = sub.add_parser("resume", help="resume a failed or cancelled run from its directory")
     res.add_argument("run_dir", type=Path)
     res.add_argument("--no-progress", action="store_true")
@@ -90,6 +95,13 @@ def cmd_run(args) -> int:
     m = Run(cfg, out, progress=not args.no_progress).execute()
     _print_stages(m.data)
     print(f"run {m.run_id} done: {out}")
+    return 0
+
+
+def cmd_train_stage(args) -> int:
+    from mates.run import train_stage_process
+
+    train_stage_process(args.run_dir, args.stage)
     return 0
 
 
@@ -323,7 +335,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "compare": cmd_compare,
+COMMANDS = {"run": cmd_run, "train-stage": cmd_train_stage, "resume": cmd_resume, "compare": cmd_compare,
             "score": cmd_score, "select": cmd_select, "runs": cmd_runs, "serve": cmd_serve}
 
 

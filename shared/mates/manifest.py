@@ -48,6 +48,7 @@ class Manifest:
         # Called with the saved data after every save: the services mirror run.json
         # into their run store through it.
         self.on_save: Callable[[dict[str, Any]], None] | None = None
+        self.readonly = False  # DDP ranks other than 0 keep a copy but never write it
 
     @classmethod
     def create(cls, path: Path, config: dict, fingerprint: str, num_stages: int,
@@ -79,6 +80,8 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated_at"] = now()
+        if self.readonly:
+            return
         write_json(self.path, self.data)
         if self.on_save is not None:
             self.on_save(self.data)

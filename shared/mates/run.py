@@ -10,6 +10,7 @@ selection; the random arm selects at random throughout.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mates.artifacts import (
@@ -47,7 +49,7 @@ from mates.lm import build_lm, reference_loss
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle
 from mates.selection import join_scores, select_indices
-from mates.train import Callback, StepInfo, Trainer
+from mates.train import Callback, StepInfo, Trainer, world
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ class _EvalAndLog(Callback):
             self._log(trainer, info)
 
     def _log(self, trainer: Trainer, info: StepInfo) -> None:
+        if not self.run.primary:
+            self.losses.clear()
+            return
         row = self.run.evaluate(self.stage, info.step, info.tokens)
         row.update(train_loss=round(float(np.mean(self.losses)), 5), lr=info.lr)
         self.losses.clear()
@@ -108,6 +113,27 @@ def init_run(cfg: RunConfig, root: Path) -> Manifest:
                            cfg.stages.num_stages, run_id=run_id)
 
 
+def train_stage_process(run_dir: Path, k: int) -> None:
+    """Train stage k of an existing run in this process: alone, or as one rank under
+    `torchrun --nproc-per-node N` (DDP: gloo on CPU, NCCL on CUDA; rank 0 writes)."""
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        started = True
+    try:
+        run = Run.open(Path(run_dir), progress=False)
+        if run.manifest.stage(k)["state"] == "done":
+            return
+        with run.guard(k):
+            run.prepare()
+            run.train_stage(k)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 class Run:
     """One run: the stage functions, and `execute()`, which drives them in one process."""
 
@@ -116,7 +142,10 @@ class Run:
         self.paths = RunPaths(Path(out_dir))
         self.progress = progress
         self.device = resolve_device(cfg.device)  # before the run dir is touched
+        self.rank, self.world_size = world()
+        self.primary = self.rank == 0  # under torchrun only rank 0 writes artifacts
         self.manifest = self._open_manifest()
+        self.manifest.readonly = not self.primary
         self.trainer: Trainer | None = None
         self._trainer_at: tuple[int, int] | None = None  # (stage, stage_step) held in memory
         self._features: dict[int, torch.Tensor] = {}  # frozen-encoder feature cache, by doc index
@@ -146,7 +175,17 @@ class Run:
         return cls(config_from_dict(m["config"]), run_dir, progress=progress)
 
     def prepare(self) -> None:
-        """Load the tokenizer, corpus and reference sets (built once, then read back)."""
+        """Load the tokenizer, corpus and reference sets (built once, then read back).
+
+        Under torchrun rank 0 builds the shared files first; the other ranks then read them.
+        """
+        if not self.primary:
+            self._barrier()
+        self._prepare_files()
+        if self.primary:
+            self._barrier()
+
+    def _prepare_files(self) -> None:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -180,8 +219,17 @@ class Run:
         return self.cfg.stages.stage0_steps if k == 0 else self.cfg.stages.stage_steps
 
     def check_cancel(self) -> None:
-        if self.paths.cancel.exists():
+        asked = self.paths.cancel.exists()
+        if self.world_size > 1:  # every rank must stop at the same step
+            flag = torch.tensor([int(asked)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item())
+        if asked:
             raise Cancelled("run cancelled by request")
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     # -- driving (the embedded default) ---------------------------------------
 
@@ -246,7 +294,8 @@ class Run:
         self._trainer_at = None
         self._end_stage(k, "failed", reason)
         self.manifest.set_status("failed", f"stage {k} failed: {reason}")
-        append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
+        if self.primary:
+            append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
                                          "reason": reason})
 
     def _end_stage(self, k: int, state: str, reason: str) -> None:
@@ -279,8 +328,10 @@ class Run:
         if self.manifest.stage(k)["state"] != "done" and self.manifest.data["status"] != "running":
             self.manifest.set_status("running")
         if k == 0 and not self.paths.selection(0).is_file():
-            self._write_pool(0)
-            self._select(0, scores=None, method="random")
+            if self.primary:
+                self._write_pool(0)
+                self._select(0, scores=None, method="random")
+            self._barrier()
         with self._state(k, "training"):
             self._train(k)
 
@@ -456,7 +507,7 @@ class Run:
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows logged after the state being resumed from."""
         path = self.paths.metrics
-        if path.is_file():
+        if path.is_file() and self.primary:
             rows = [r for r in read_jsonl(path) if r["step"] <= step]
             write_jsonl(path, rows)
 
@@ -470,12 +521,15 @@ class Run:
             stream.load_state_dict(meta["stream"])
             start = meta["stage_step"]
         assert self.trainer is not None
-        if self.trainer.step == 0 and not self.paths.metrics.is_file():
+        if self.trainer.step == 0 and not self.paths.metrics.is_file() and self.primary:
             append_jsonl(self.paths.metrics, self.evaluate(0, 0, 0))
         self._stream_k = stream
         self._trainer_at = None  # mid-stage until the end-of-stage checkpoint is written
         self.trainer.train(stream, self.stage_steps(k), [_EvalAndLog(self, k)], stage_step=start)
         self.save_checkpoint(k, self.stage_steps(k), complete=True)
+        self._barrier()
+        if not self.primary:
+            return
         last = read_jsonl(self.paths.metrics)[-1]
         self.manifest.update_metrics(
             k, steps=self.trainer.step, tokens=self.trainer.tokens,
@@ -484,10 +538,11 @@ class Run:
 
     def save_checkpoint(self, k: int, stage_step: int, complete: bool) -> None:
         assert self.trainer is not None and self._stream_k is not None
-        self.trainer.save(self.paths.checkpoint(k), {
-            "stage": k, "stage_step": stage_step, "complete": complete,
-            "stream": self._stream_k.state_dict(),
-        })
+        if self.primary:
+            self.trainer.save(self.paths.checkpoint(k), {
+                "stage": k, "stage_step": stage_step, "complete": complete,
+                "stream": self._stream_k.state_dict(),
+            })
         self._trainer_at = (k, stage_step)
 
     def evaluate(self, k: int, step: int, tokens: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from mates.artifacts import atomic_path
 from mates.config import TrainConfig
 from mates.data.packing import PackedStream
-from mates.errors import ArtifactError, StageFailed
+from mates.errors import ArtifactError, ConfigError, StageFailed
 from mates.lm import autocast, lm_loss
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LossModule(torch.nn.Module):
+    """The LM's training loss as a module, so DDP sees the forward it synchronizes."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.lm, x, y)
+
+
 class Trainer:
-    """Owns the model, the optimizer and the step/token counters across stages."""
+    """Owns the model, the optimizer and the step/token counters across stages.
+
+    Under `torchrun` (an initialized process group of N ranks) the step runs with DDP:
+    every rank draws the same micro-batch from the same seeded stream and trains on
+    its 1/N of the rows; gradients are averaged, so the step equals the single-process
+    step on the whole batch, and every rank's stream, model and optimizer stay identical.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
         self.model = model.to(device)
@@ -67,6 +94,17 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.step = 0
         self.tokens = 0
+        self.rank, self.world_size = world()
+        self._loss: torch.nn.Module = _LossModule(self.model)
+        if self.world_size > 1:
+            micro = cfg.micro_batch_sequences or cfg.batch_sequences
+            if micro % self.world_size:
+                raise ConfigError(
+                    f"`train.micro_batch_sequences` (or `train.batch_sequences`) = {micro} must be "
+                    f"divisible by the {self.world_size} DDP processes")
+            ids = [torch.cuda.current_device() if device.index is None else device.index] \
+                if device.type == "cuda" else None
+            self._loss = DistributedDataParallel(self._loss, device_ids=ids)
 
     @property
     def current_lr(self) -> float:
@@ -85,11 +123,19 @@ class Trainer:
             group["lr"] = self.current_lr
         n_micro = self.cfg.batch_sequences // (self.cfg.micro_batch_sequences or self.cfg.batch_sequences)
         total = torch.zeros((), device=self.device)
-        for x, y in self._micro_batches(stream):
-            with autocast(self.device, self.cfg.precision):
-                loss = lm_loss(self.model, x, y) / n_micro
-            loss.backward()
+        for i, (x, y) in enumerate(self._micro_batches(stream)):
+            if self.world_size > 1:  # this rank's share of the rows
+                x, y = x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+            sync = self.world_size == 1 or i == n_micro - 1
+            ctx = self._loss.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:  # forward and backward both inside: DDP reduces on the last micro-batch
+                with autocast(self.device, self.cfg.precision):
+                    loss = self._loss(x, y) / n_micro
+                loss.backward()
             total += loss.detach()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+            total /= self.world_size
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
