@@ -99,6 +99,7 @@ class ApiClient:
     def models(self, run_id: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/models", params={"run_id": run_id} if run_id else None)
 
-    def score(self, model: str, documents: list[dict[str, str]]) -> dict[str, Any]:
-        """Scores of `documents` ({id, text}) by `model` (`<run_id>/<stage>` or `/latest`)."""
+    def score(self, model: str, documents: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """Scores of `documents` ({id, text}) by `model` (`<run_id>/<stage>` or `/latest`):
+        `[{id, score}]` in the order of `documents`."""
         return self._call("POST", "/v1/score", json={"model": model, "documents": documents})

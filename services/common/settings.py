@@ -47,7 +47,8 @@ class Settings(BaseSettings):
 
     # -- Celery workers
     worker_pool: Literal["threads", "solo", "prefork"] = Field(
-        "threads", description="pool of `mates serve worker` (fit + score queues)")
+        "prefork", description="pool of `mates serve worker` (fit + score queues); processes, "
+        "because torch's RNG and thread settings are per process")
     worker_concurrency: int = Field(2, ge=1, description="tasks at once in `mates serve worker`")
     visibility_timeout_s: int = Field(
         86_400, ge=60, description="unacknowledged tasks are redelivered after this long; must "
@@ -56,7 +57,10 @@ class Settings(BaseSettings):
         None, description="Celery node name of `mates serve worker|trainer` (default: kind-pid)")
     trainer_nproc: int = Field(
         1, ge=1, description="processes per stage job: >1 runs the training under torchrun (DDP)")
-    task_max_retries: int = Field(3, ge=0, description="retries of a task on a transient error")
+    task_max_retries: int = Field(5, ge=0, description="retries of a task on a transient error")
+    soft_shutdown_s: float = Field(
+        20.0, ge=0, description="on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) "
+        "running tasks get this long, then go back to the queue")
 
     # -- compute
     device: Literal["auto", "cpu", "cuda"] = "auto"

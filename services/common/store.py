@@ -104,6 +104,7 @@ dispatches = Table(
     Column("task", String(64), primary_key=True),
     Column("stage", Integer, primary_key=True),
     Column("at", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),  # null: claimed, not yet known to be published
 )
 
 
@@ -267,6 +268,16 @@ class Store:
         if done.rowcount == 0:
             raise RunStateError(f"run {run_id} is not in the run store")
 
+    def set_status_if(self, run_id: str, status: str, allowed: tuple[str, ...],
+                      error: str | None = None) -> bool:
+        """Set the status only if it is one of `allowed` (atomically); False otherwise."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self.engine.begin() as conn:
+            done = conn.execute(update(runs).where(and_(runs.c.id == run_id, runs.c.status.in_(allowed)))
+                                .values(status=status, error=error, updated_at=_now()))
+        return done.rowcount == 1
+
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
@@ -321,15 +332,45 @@ class Store:
 
     # ------------------------------------------------------------------ dispatches
 
-    def claim_dispatch(self, run_id: str, generation: int, task: str, stage: int) -> bool:
-        """Record that `task` for (run, generation, stage) is being enqueued; False if it was."""
+    def claim_dispatch(self, run_id: str, generation: int, task: str, stage: int,
+                       stale_after: float = 30.0) -> bool:
+        """Claim the enqueue of `task` for (run, generation, stage); True: publish it.
+
+        Exactly one concurrent caller wins. A claim whose publishing was never confirmed
+        (`mark_sent`) within `stale_after` seconds can be taken over: its claimer most likely
+        died between claiming and sending, and sending twice is safe (tasks are idempotent)
+        where losing the task would strand the run.
+        """
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(dispatches).values(run_id=run_id, generation=generation,
                                                        task=task, stage=stage, at=_now()))
+            return True
         except IntegrityError:
-            return False
-        return True
+            pass
+        now = _now()
+        with self.engine.begin() as conn:
+            taken = conn.execute(update(dispatches).where(and_(
+                self._dispatch_key(run_id, generation, task, stage),
+                dispatches.c.sent_at.is_(None), dispatches.c.at < now - stale_after)).values(at=now))
+        return taken.rowcount == 1
+
+    def dispatch_sent(self, run_id: str, generation: int, task: str, stage: int) -> bool:
+        with self.engine.connect() as conn:
+            sent = conn.execute(select(dispatches.c.sent_at).where(
+                self._dispatch_key(run_id, generation, task, stage))).scalar()
+        return sent is not None
+
+    @staticmethod
+    def _dispatch_key(run_id: str, generation: int, task: str, stage: int):
+        return and_(dispatches.c.run_id == run_id, dispatches.c.generation == generation,
+                    dispatches.c.task == task, dispatches.c.stage == stage)
+
+    def mark_sent(self, run_id: str, generation: int, task: str, stage: int) -> None:
+        """Confirm that a claimed task was published."""
+        with self.engine.begin() as conn:
+            conn.execute(update(dispatches).where(self._dispatch_key(run_id, generation, task, stage))
+                         .values(sent_at=_now()))
 
     # ------------------------------------------------------------------ model versions
 

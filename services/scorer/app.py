@@ -1,6 +1,7 @@
 """The scorer's HTTP app: score documents with an influence-model version of a run.
 
     POST /v1/score    {"model": "<run_id>/<stage>|<run_id>/latest", "documents": [{id, text}]}
+                      -> [{id, score}] in request order; header X-Model-Version: <run_id>/<stage>
     GET  /v1/models   every model version in the artifact store, with its fit report
     GET  /healthz     the process is alive
     GET  /readyz      the artifact store is readable and the model thread runs (503 if not)
@@ -15,7 +16,7 @@ from typing import Annotated
 
 import torch
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from mates.errors import MatesError
@@ -29,7 +30,13 @@ from services.scorer.errors import (
     ShuttingDown,
     TooLarge,
 )
-from services.scorer.schemas import ModelInfo, ScoreRequest, ScoreResponse
+from services.scorer.schemas import (
+    MODEL_VERSION_HEADER,
+    SCORE_RESPONSES,
+    DocumentScore,
+    ModelInfo,
+    ScoreRequest,
+)
 from services.scorer.service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -58,9 +65,15 @@ Service = Annotated[ScoringService, Depends(scoring_service)]
 router = APIRouter()
 
 
-@router.post("/v1/score", response_model=ScoreResponse)
-async def score(req: ScoreRequest, service: Service, _: KeyRequired) -> ScoreResponse:
-    return await service.score(req)
+@router.post("/v1/score", response_model=list[DocumentScore], responses=SCORE_RESPONSES)
+async def score(req: ScoreRequest, response: Response, service: Service,
+                _: KeyRequired) -> list[DocumentScore]:
+    """Score documents with an influence-model version: a list of `{id, score}`, one per
+    document in request order. The resolved version (`<run_id>/<stage>`, `latest` resolved)
+    is in the `X-Model-Version` response header."""
+    scored = await service.score(req)
+    response.headers[MODEL_VERSION_HEADER] = scored.version
+    return scored.scores
 
 
 @router.get("/v1/models", response_model=list[ModelInfo])

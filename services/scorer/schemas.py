@@ -40,9 +40,18 @@ class DocumentScore(BaseModel):
     score: float = Field(description="influence-model output in z-units; lower is more helpful")
 
 
-class ScoreResponse(BaseModel):
-    model: str = Field(description="the resolved model version, `<run_id>/<stage>`")
-    scores: list[DocumentScore] = Field(description="one score per document, in request order")
+MODEL_VERSION_HEADER = "X-Model-Version"
+"""The response header of `POST /v1/score` naming the resolved version, `<run_id>/<stage>`."""
+
+SCORE_RESPONSES: dict[int | str, dict] = {200: {
+    "description": "one `{id, score}` per document, in request order; the resolved model "
+                   f"version is in the `{MODEL_VERSION_HEADER}` header",
+    "headers": {MODEL_VERSION_HEADER: {
+        "description": "the model version that scored the documents, `<run_id>/<stage>` "
+                       "(`latest` resolved)",
+        "schema": {"type": "string", "examples": ["tiny-1a2b3c4d/1"]}}},
+}}
+"""OpenAPI `responses` entry of `POST /v1/score`, shared by the scorer and the API."""
 
 
 class ModelInfo(BaseModel):

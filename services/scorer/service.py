@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import NamedTuple
 
 from starlette.concurrency import run_in_threadpool
 
@@ -15,9 +16,16 @@ from services.scorer.batcher import Batcher
 from services.scorer.cache import ModelCache
 from services.scorer.errors import TooLarge
 from services.scorer.registry import ModelRegistry
-from services.scorer.schemas import DocumentScore, ModelInfo, ScoreRequest, ScoreResponse
+from services.scorer.schemas import DocumentScore, ModelInfo, ScoreRequest
 
 log = logging.getLogger(__name__)
+
+
+class Scored(NamedTuple):
+    """The resolved model version (`<run_id>/<stage>`) and one score per document, in order."""
+
+    version: str
+    scores: list[DocumentScore]
 
 
 class ScoringService:
@@ -50,15 +58,14 @@ class ScoringService:
                 raise TooLarge(f"document {doc.id!r} has {len(doc.text)} characters; the limit is "
                                f"{s.scorer_max_chars} (MATES_SCORER_MAX_CHARS)")
 
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
+    async def score(self, req: ScoreRequest) -> Scored:
         self.check_limits(req)
         version = await run_in_threadpool(self.registry.resolve, req.model)
         model = await run_in_threadpool(self.cache.get, version)
         tokens = await run_in_threadpool(model.tokenize, [d.text for d in req.documents])
         scores = await asyncio.wrap_future(self.batcher.submit(model.scorer, tokens))
-        return ScoreResponse(model=version.name, scores=[
-            DocumentScore(id=doc.id, score=float(s))
-            for doc, s in zip(req.documents, scores, strict=True)])
+        return Scored(version.name, [DocumentScore(id=doc.id, score=float(s))
+                                     for doc, s in zip(req.documents, scores, strict=True)])
 
     def models(self) -> list[ModelInfo]:
         out = []

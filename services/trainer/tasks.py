@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
+
+import torch
 
 from mates.artifacts import read_json
 from mates.errors import StageFailed
@@ -41,7 +44,8 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
                 else:
                     run.train_stage(stage)
                 after = run.after_training(stage)
-            if after == "last":
+            if after == "last" and not (run.manifest.data["status"] == "done"
+                                        and run.paths.export().is_dir()):
                 run.finish()
         if after == "fit":
             enqueue(get_settings(), get_store(), run_id, "fit_influence_model", stage, generation)
@@ -68,21 +72,33 @@ def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) 
             except Exception:  # a torn read or a busy store: the next tick catches up
                 log.debug("manifest mirror tick failed", exc_info=True)
 
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the GPUs' memory to the ranks
     watcher = threading.Thread(target=mirror, daemon=True)
     watcher.start()
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True)
-    finally:
-        done.set()
-        watcher.join()
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            child.wait()
+        finally:
+            if child.poll() is None:  # this task is being torn down: do not orphan the ranks
+                child.terminate()
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            done.set()
+            watcher.join()
+        out.seek(0)
+        output = out.read()[-4000:]
     fresh = Run.open(Path(run.paths.root), progress=False)
     fresh.manifest.on_save = store.sync_manifest
     run.manifest.data = fresh.manifest.data  # the caller's guard records on what the ranks wrote
     store.sync_manifest(fresh.manifest.data)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
+    if child.returncode != 0:
+        tail = output[-2000:]
         if fresh.manifest.data["status"] == "cancelled":
             raise Cancelled("run cancelled by request")
-        raise StageFailed(f"torchrun training of stage {stage} exited {proc.returncode}: {tail}")
+        raise StageFailed(f"torchrun training of stage {stage} exited {child.returncode}: {tail}")
     fresh.prepare()
     return fresh

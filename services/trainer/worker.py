@@ -1,7 +1,8 @@
 """`mates serve trainer`: a Celery worker on the `train` queue, one job at a time.
 
-It uses the GPU when one is present (`MATES_DEVICE=auto`), the CPU otherwise.
-Run one trainer per GPU (`CUDA_VISIBLE_DEVICES` picks it).
+The device comes from the run's config (`device: auto` takes the GPU when one is
+present). Run one trainer per GPU (`CUDA_VISIBLE_DEVICES` picks it), or one per
+machine with `MATES_TRAINER_NPROC=N` to train each stage with DDP on N GPUs.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ def make_celery(settings: Settings) -> Celery:
         result_expires=7 * 86_400,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        worker_soft_shutdown_timeout=settings.soft_shutdown_s,
+        worker_enable_soft_shutdown_on_idle=True,
     )
     return app
 

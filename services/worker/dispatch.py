@@ -29,6 +29,10 @@ class BrokerUnavailable(MatesError):
     """The broker did not take a task; the run is marked failed and can be resumed."""
 
 
+class PublishPending(MatesError):
+    """Another process claimed this enqueue and has not confirmed it yet."""
+
+
 # Publishing fails fast when the broker is down: a caller (an HTTP request, a task) must
 # not hang; a run left without its next task is marked failed, so it can be resumed.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
@@ -36,38 +40,50 @@ PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, 
 
 def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int, generation: int,
             *args: int) -> bool:
-    """Send `mates.<task>` once per (run, generation, task, stage); False if already sent."""
+    """Send `mates.<task>` once per (run, generation, task, stage); False if already sent.
+
+    Raises BrokerUnavailable when publishing fails, and PublishPending when another
+    claimer of the same task has not confirmed publishing yet (retry later: if it died,
+    its claim goes stale and this caller takes over).
+    """
     from services.worker.celery_app import app_for
 
     if not store.claim_dispatch(run_id, generation, task, stage):
-        log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage, generation)
-        return False
+        if store.dispatch_sent(run_id, generation, task, stage):
+            log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage,
+                     generation)
+            return False
+        raise PublishPending(f"{task} of run {run_id} stage {stage} is claimed but not yet sent")
     try:
         app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
                                     retry=True, retry_policy=PUBLISH_RETRY, ignore_result=True)
     except Exception as e:  # kombu/redis raise many types for "broker unreachable"
         raise BrokerUnavailable(
             f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}") from e
+    store.mark_sent(run_id, generation, task, stage)
     return True
 
 
-def _queue_from_next_stage(store: Store, settings: Settings, manifest: Manifest) -> None:
+def _queue_from_next_stage(store: Store, settings: Settings, manifest: Manifest,
+                           generation: int) -> None:
     run_id = manifest.run_id
-    generation = store.bump_generation(run_id)
     manifest.on_save = store.sync_manifest
     manifest.set_status("queued")
+    # all stages done but the run is not (its export failed): the last stage's job finishes it
+    stage = min(manifest.next_stage(), len(manifest.data["stages"]) - 1)
     try:
-        enqueue(settings, store, run_id, "train_stage", manifest.next_stage(), generation)
+        enqueue(settings, store, run_id, "train_stage", stage, generation)
     except BrokerUnavailable as e:
         manifest.set_status("failed", str(e))
-        raise
+        raise BrokerUnavailable(f"{e}; run {run_id} is recorded failed: resume it "
+                                f"(POST /v1/runs/{run_id}/resume) once the broker is back") from e
 
 
 def create_run(store: Store, settings: Settings, cfg: RunConfig) -> dict:
     """Make the run directory and store row, and enqueue stage 0's training."""
     manifest = init_run(cfg, settings.artifacts_dir)
     store.create_run(manifest.data, str(manifest.path.parent.resolve()))
-    _queue_from_next_stage(store, settings, manifest)
+    _queue_from_next_stage(store, settings, manifest, store.bump_generation(manifest.run_id))
     return store.get_run(manifest.run_id)
 
 
@@ -75,23 +91,25 @@ def cancel_run(store: Store, settings: Settings, run_id: str) -> dict:
     """Ask a run to stop: the worker holding it stops at its next step (or a queued task
     finds the request when it starts) and records the cancellation."""
     row = _get(store, run_id)
-    if row["status"] not in ACTIVE:
-        raise RunStateError(f"run {run_id} is {row['status']}; only an active run can be cancelled")
-    paths = RunPaths(Path(row["artifacts_dir"]))
-    paths.cancel.write_text("cancel requested through the API\n", encoding="utf-8")
-    store.set_status(run_id, "cancelling")
+    if not store.set_status_if(run_id, "cancelling", ACTIVE):  # atomic: no race with a worker
+        status = _get(store, run_id)["status"]
+        raise RunStateError(f"run {run_id} is {status}; only an active run can be cancelled")
+    RunPaths(Path(row["artifacts_dir"])).cancel.write_text("cancel requested through the API\n",
+                                                          encoding="utf-8")
     return store.get_run(run_id)
 
 
 def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     """Continue a failed or cancelled run from its last completed step."""
     row = _get(store, run_id)
-    if row["status"] not in RESUMABLE:
+    if not store.set_status_if(run_id, "queued", RESUMABLE):  # one resume wins
+        status = _get(store, run_id)["status"]
         raise RunStateError(
-            f"run {run_id} is {row['status']}; only a failed or cancelled run can be resumed")
+            f"run {run_id} is {status}; only a failed or cancelled run can be resumed")
+    generation = store.bump_generation(run_id)  # first: tasks of the old generation now stop
     paths = RunPaths(Path(row["artifacts_dir"]))
     paths.cancel.unlink(missing_ok=True)
-    _queue_from_next_stage(store, settings, Manifest.load(paths.manifest))
+    _queue_from_next_stage(store, settings, Manifest.load(paths.manifest), generation)
     return store.get_run(run_id)
 
 

@@ -19,13 +19,14 @@ import httpx
 from celery import Task, chord
 from sqlalchemy.exc import OperationalError
 
-from mates.artifacts import read_json
+from mates.artifacts import RunPaths, read_json
 from mates.errors import ArtifactError
+from mates.manifest import Manifest
 from mates.run import Cancelled, Run
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
 from services.worker.celery_app import app
-from services.worker.dispatch import enqueue
+from services.worker.dispatch import BrokerUnavailable, PublishPending, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - redis is a services dependency
 
 TRANSIENT: tuple[type[BaseException], ...] = (
     TransientError, httpx.TransportError, OperationalError, RedisConnectionError, RedisTimeoutError,
-    ConnectionError, TimeoutError)
+    ConnectionError, TimeoutError, BrokerUnavailable, PublishPending)
 
 
 @lru_cache(maxsize=1)
@@ -57,30 +58,48 @@ class StageTask(Task):
     acks_late = True
     autoretry_for = TRANSIENT
     retry_backoff = 2
-    retry_backoff_max = 60
+    retry_backoff_max = 120
     retry_jitter = True
     max_retries = get_settings().task_max_retries
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D401 - Celery hook
         run_id, stage, generation = args[0], args[1], args[-1]
         try:
-            store = get_store()
-            if store.get_generation(run_id) != generation:
-                return
-            run = open_run(store, run_id)
-            if run.manifest.data["status"] not in ("failed", "cancelled", "done"):
-                run.mark_failed(stage, f"{self.name}: {type(exc).__name__}: {exc}")
+            record_failure(get_store(), run_id, stage, generation,
+                           f"{self.name}: {type(exc).__name__}: {exc}")
         except Exception:  # the original error is what Celery reports; do not mask it
             log.exception("could not record the failure of %s for run %s", self.name, run_id)
 
 
-def open_run(store: Store, run_id: str) -> Run:
-    """The run's library object, mirroring every manifest change into the run store."""
+def record_failure(store: Store, run_id: str, stage: int, generation: int, reason: str) -> None:
+    """Mark the run failed unless it moved on; works even where the run cannot be opened
+    (e.g. its config asks for a device this worker lacks)."""
+    if store.get_run(run_id) is None or store.get_generation(run_id) != generation:
+        return
+    row = store.get_run(run_id)
+    try:
+        manifest = Manifest.load(RunPaths(Path(row["artifacts_dir"])).manifest)
+    except Exception as e:  # run.json itself is unreadable: the store still records it
+        store.set_status(run_id, "failed", f"{reason}; run.json unreadable: {e}")
+        return
+    if manifest.data["status"] in ("failed", "cancelled", "done"):
+        return
+    manifest.on_save = store.sync_manifest
+    stage = min(max(stage, 0), len(manifest.data["stages"]) - 1)
+    if manifest.stage(stage)["state"] != "done":
+        manifest.transition(stage, "failed", reason)
+    manifest.set_status("failed", f"stage {stage} failed: {reason}")
+
+
+def open_run(store: Store, run_id: str, generation: int) -> Run:
+    """The run's library object, mirroring every manifest change into the run store; its
+    manifest refuses to write once the run has moved to a newer generation."""
     row = store.get_run(run_id)
     if row is None:
         raise ArtifactError(f"run {run_id} is not in the run store")
     run = Run.open(Path(row["artifacts_dir"]), progress=False)
     run.manifest.on_save = store.sync_manifest
+    run.manifest.still_current = lambda: store.get_generation(run_id) == generation
     return run
 
 
@@ -98,7 +117,7 @@ def wanted(run_id: str, stage: int, generation: int):
                  generation, current)
         yield None
         return
-    run = open_run(store, run_id)
+    run = open_run(store, run_id, generation)
     if run.paths.cancel.exists():
         if run.manifest.data["status"] != "cancelled":
             run.mark_cancelled(stage)
@@ -131,11 +150,24 @@ def fit_influence_model(self, run_id: str, stage: int, generation: int) -> str:
             get_store().register_model(run_id, stage, str(path.resolve()), fit)
             run.begin_scoring(stage)
             shards = run.num_shards(stage)
-        if get_store().claim_dispatch(run_id, generation, "score_shard", stage):
-            chord(score_shard.s(run_id, stage, s, generation) for s in range(shards))(
-                select.si(run_id, stage, generation))
+        fan_out(get_store(), run_id, stage, shards, generation)
         return f"{shards} shards"
     return "cancelled"
+
+
+def fan_out(store: Store, run_id: str, stage: int, shards: int, generation: int) -> None:
+    """One chord per (run, generation, stage): score every shard, then `select`."""
+    if not store.claim_dispatch(run_id, generation, "score_shard", stage):
+        if store.dispatch_sent(run_id, generation, "score_shard", stage):
+            return
+        raise PublishPending(f"the shards of run {run_id} stage {stage} are claimed, not yet sent")
+    try:
+        chord(score_shard.s(run_id, stage, s, generation) for s in range(shards))(
+            select.si(run_id, stage, generation))
+    except Exception as e:  # the broker or the result backend refused the chord
+        raise BrokerUnavailable(f"could not enqueue the shards of run {run_id} stage {stage}: "
+                                f"{type(e).__name__}: {e}") from e
+    store.mark_sent(run_id, generation, "score_shard", stage)
 
 
 # --------------------------------------------------------------------------- score
@@ -145,6 +177,9 @@ def http_scorer(settings: Settings, version: str):
     """`score_texts(ids, texts)` calling the scorer service in request-sized chunks."""
 
     def score_texts(ids: list[str], texts: list[str]) -> list[float]:
+        # The model reads only its first `max_tokens` tokens; cutting what is sent to the
+        # scorer's character limit changes no score, and a huge document fails nothing.
+        texts = [t[: settings.scorer_max_chars] for t in texts]
         per = min(settings.scorer_max_documents, 256)
         out: list[float] = []
         headers = {"Authorization": f"Bearer {settings.api_key}"}
@@ -157,7 +192,7 @@ def http_scorer(settings: Settings, version: str):
                     raise TransientError(f"scorer answered {r.status_code}: {r.text[:200]}")
                 if r.status_code != 200:
                     raise ArtifactError(f"scorer refused the shard ({r.status_code}): {r.text[:300]}")
-                got = {row["id"]: row["score"] for row in r.json()["scores"]}
+                got = {row["id"]: row["score"] for row in r.json()}
                 out.extend(float(got[d["id"]]) for d in docs)
         return out
 

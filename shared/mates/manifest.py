@@ -49,6 +49,9 @@ class Manifest:
         # into their run store through it.
         self.on_save: Callable[[dict[str, Any]], None] | None = None
         self.readonly = False  # DDP ranks other than 0 keep a copy but never write it
+        # The services' tasks set this: False means the run moved on without this process
+        # (it was resumed since), whose copy must then not overwrite run.json.
+        self.still_current: Callable[[], bool] | None = None
 
     @classmethod
     def create(cls, path: Path, config: dict, fingerprint: str, num_stages: int,
@@ -82,6 +85,9 @@ class Manifest:
         self.data["updated_at"] = now()
         if self.readonly:
             return
+        if self.still_current is not None and not self.still_current():
+            raise RunStateError(f"run {self.run_id} was resumed since this process opened it; "
+                                "its stale copy of the manifest is not written")
         write_json(self.path, self.data)
         if self.on_save is not None:
             self.on_save(self.data)

@@ -257,37 +257,55 @@ def test_models_list(client, settings):
 
 
 class _FakeScorer(BaseHTTPRequestHandler):
+    """Knows run `r` only: scores its documents by text length, as version `r/1`."""
+
     seen: list[tuple[str, bytes]] = []
 
     def do_POST(self):  # noqa: N802 - http.server's hook name
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _FakeScorer.seen.append((self.headers["Authorization"], body))
-        out = json.dumps({"detail": "no run 'x'"}).encode()
-        self.send_response(404)
+        req = json.loads(body)
+        if req["model"].startswith("r/"):
+            code, headers = 200, {"X-Model-Version": "r/1"}
+            out = [{"id": d["id"], "score": float(len(d["text"]))} for d in req["documents"]]
+        else:
+            code, headers, out = 404, {}, {"detail": f"no run {req['model'].split('/')[0]!r}"}
+        raw = json.dumps(out).encode()
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
+        self.send_header("Content-Length", str(len(raw)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(out)
+        self.wfile.write(raw)
 
     def log_message(self, *args):
         pass
 
 
 def test_score_is_relayed_to_the_scorer(tmp_path, redis_url):
+    _FakeScorer.seen = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeScorer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         with make_client(make_settings(tmp_path, redis_url, scorer_url=url)) as c:
-            raw = b'{"model": "x/0",  "documents": [{"id": "a", "text": "hello"}]}'
-            r = c.post("/v1/score", content=raw,
-                       headers={**AUTH, "Content-Type": "application/json"})
+            missing = b'{"model": "x/0",  "documents": [{"id": "a", "text": "hello"}]}'
+            r_missing = c.post("/v1/score", content=missing,
+                               headers={**AUTH, "Content-Type": "application/json"})
+            found = b'{"model": "r/latest", "documents": [{"id": "b", "text": "hi"}, {"id": "a", "text": "abc"}]}'
+            r_found = c.post("/v1/score", content=found,
+                             headers={**AUTH, "Content-Type": "application/json"})
     finally:
         server.shutdown()
         server.server_close()
-    assert r.status_code == 404 and r.json() == {"detail": "no run 'x'"}
-    assert _FakeScorer.seen == [(f"Bearer {KEY}", raw)]
+    assert r_missing.status_code == 404 and r_missing.json() == {"detail": "no run 'x'"}
+    assert "X-Model-Version" not in r_missing.headers
+    assert r_found.status_code == 200, r_found.text
+    assert r_found.json() == [{"id": "b", "score": 2.0}, {"id": "a", "score": 3.0}]
+    assert r_found.headers["X-Model-Version"] == "r/1"
+    assert _FakeScorer.seen == [(f"Bearer {KEY}", missing), (f"Bearer {KEY}", found)]
 
 
 def test_score_is_502_when_no_scorer_listens(client, settings):
@@ -322,3 +340,7 @@ def test_openapi_docs(client):
     assert spec["info"]["title"] == "MATES control plane" and spec["info"]["version"]
     assert {t["name"] for t in spec["tags"]} == {"runs", "models", "scoring", "health"}
     assert "/v1/runs/{run_id}/stages/{stage}/selection" in spec["paths"]
+    ok = spec["paths"]["/v1/score"]["post"]["responses"]["200"]
+    schema = ok["content"]["application/json"]["schema"]
+    assert schema["type"] == "array" and schema["items"]["$ref"].endswith("/DocumentScore")
+    assert "X-Model-Version" in ok["headers"]

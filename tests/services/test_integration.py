@@ -153,10 +153,10 @@ def test_tiny_run_through_the_services_matches_the_embedded_run(stack, tiny_conf
             {"id": "c", "text": "zq xv 1234 lorem ipsum ### !!"}]
     s = client.post("/v1/score", json={"model": f"{run_id}/latest", "documents": docs})
     assert s.status_code == 200, s.text
-    scores = s.json()["scores"]
+    scores = s.json()
     assert [d["id"] for d in scores] == ["a", "b", "c"]
     assert all(isinstance(d["score"], float) for d in scores)
-    assert s.json()["model"] == f"{run_id}/{n - 2}"
+    assert s.headers["X-Model-Version"] == f"{run_id}/{n - 2}"
 
     # a re-delivered fit or select does no duplicate work and registers no second version
     gen = _generation(stack, run_id)
@@ -166,9 +166,29 @@ def test_tiny_run_through_the_services_matches_the_embedded_run(stack, tiny_conf
         assert res.get(timeout=60) in ("done already", "selected")
     assert read_json(RunPaths(stack["base"] / "artifacts" / run_id).selection(1)) == before
     assert len(client.get("/v1/models", params={"run_id": run_id}).json()) == n - 1
+    paths = RunPaths(stack["base"] / "artifacts" / run_id)
+    exported = (paths.export() / "config.json").stat().st_mtime_ns
+    res = stack["celery"].send_task("mates.train_stage", args=(run_id, n - 1, gen))
+    assert res.get(timeout=60) == "last"
+    assert (paths.export() / "config.json").stat().st_mtime_ns == exported  # not exported twice
     again = client.get(f"/v1/runs/{run_id}").json()
     assert again["status"] == "done"
     assert [len(st["transitions"]) for st in again["stages"]] == [len(st["transitions"]) for st in stages]
+
+    # every stage done but the export failed (say, a full disk): a resume finishes the run
+    import shutil
+
+    from mates.manifest import Manifest
+    from services.common.store import Store
+
+    shutil.rmtree(paths.export())
+    m = Manifest.load(paths.manifest)
+    m.on_save = Store(f"sqlite:///{stack['base'] / 'runs.db'}").sync_manifest
+    m.set_status("failed", "stage 2 failed: OSError: No space left on device")
+    r = client.post(f"/v1/runs/{run_id}/resume")
+    assert r.status_code == 202, r.text
+    assert _watch(stack, run_id, timeout=120)["status"] == "done"
+    assert (paths.export() / "config.json").is_file()
 
 
 def _generation(stack, run_id: str) -> int:

@@ -72,7 +72,11 @@ def client(tiny_run):
 
 
 def scores_of(resp) -> np.ndarray:
-    return np.array([s["score"] for s in resp.json()["scores"]])
+    return np.array([s["score"] for s in resp.json()])
+
+
+def version_of(resp) -> str:
+    return resp.headers["X-Model-Version"]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -82,8 +86,9 @@ def test_scores_equal_library_predict(client, run_id, expected):
     r = client.post("/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": docs(TEXTS)})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == f"{run_id}/0"
-    assert [s["id"] for s in body["scores"]] == [f"d{i}" for i in range(len(TEXTS))]
+    assert version_of(r) == f"{run_id}/0"
+    assert isinstance(body, list) and all(set(row) == {"id", "score"} for row in body)
+    assert [s["id"] for s in body] == [f"d{i}" for i in range(len(TEXTS))]
     np.testing.assert_allclose(scores_of(r), expected[0], atol=1e-5, rtol=0)
 
 
@@ -91,7 +96,7 @@ def test_latest_resolves_to_the_highest_stage(client, run_id, expected):
     r = client.post("/v1/score", headers=AUTH,
                     json={"model": f"{run_id}/latest", "documents": docs(TEXTS)})
     assert r.status_code == 200, r.text
-    assert r.json()["model"] == f"{run_id}/1"
+    assert version_of(r) == f"{run_id}/1"
     np.testing.assert_allclose(scores_of(r), expected[1], atol=1e-5, rtol=0)
 
 
@@ -121,8 +126,8 @@ def test_concurrent_requests_get_their_own_results(tiny_run, run_id, expected):
     assert len(results) == n_requests
     for i, (stage, rows, r) in results.items():
         assert r.status_code == 200, r.text
-        assert r.json()["model"] == f"{run_id}/{stage}"
-        assert [s["id"] for s in r.json()["scores"]] == [f"r{i}-{j}" for j in rows]
+        assert version_of(r) == f"{run_id}/{stage}"
+        assert [s["id"] for s in r.json()] == [f"r{i}-{j}" for j in rows]
         np.testing.assert_allclose(scores_of(r), expected[stage][rows], atol=1e-5, rtol=0)
     assert batches < n_requests  # some requests shared a forward pass
 
@@ -134,6 +139,7 @@ def test_unknown_run_is_404(client):
     r = client.post("/v1/score", headers=AUTH, json={"model": "no-such-run/0", "documents": docs(["x"])})
     assert r.status_code == 404
     assert "no-such-run" in r.json()["detail"]
+    assert "X-Model-Version" not in r.headers
 
 
 @pytest.mark.parametrize("stage", [2, 7])
@@ -172,7 +178,7 @@ def test_run_without_a_model_yet_is_409_and_found_by_rescan(tiny_run, run_id, tm
         shutil.copytree(RunPaths(tiny_run["dir"]).influence_model(0), RunPaths(run_dir).influence_model(0))
         r = c.post("/v1/score", headers=AUTH, json=body)
         assert r.status_code == 200, r.text
-        assert r.json()["model"] == f"{run_id}/0"
+        assert version_of(r) == f"{run_id}/0"
 
 
 # --------------------------------------------------------------------------- limits and validation
@@ -270,6 +276,13 @@ def test_models_needs_the_key_with_read_auth(tiny_run):
     with TestClient(app) as c:
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_openapi_documents_the_score_list_and_header(client):
+    ok = client.get("/openapi.json").json()["paths"]["/v1/score"]["post"]["responses"]["200"]
+    schema = ok["content"]["application/json"]["schema"]
+    assert schema["type"] == "array" and schema["items"]["$ref"].endswith("/DocumentScore")
+    assert "<run_id>/<stage>" in ok["headers"]["X-Model-Version"]["description"]
 
 
 def test_health_and_readiness(client, tmp_path):

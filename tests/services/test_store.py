@@ -139,6 +139,26 @@ def test_claim_dispatch_once(store, manifest):
     assert store.claim_dispatch("t-0001", 1, "fit_influence_model", 0) is True
 
 
+def test_an_unconfirmed_claim_is_taken_over_once_stale(store, manifest):
+    """A claimer that died between claiming and publishing does not strand the run."""
+    _add(store, manifest)
+    assert store.claim_dispatch("t-0001", 1, "select", 0) is True
+    assert store.dispatch_sent("t-0001", 1, "select", 0) is False
+    assert store.claim_dispatch("t-0001", 1, "select", 0) is False  # young: its owner may send
+    assert store.claim_dispatch("t-0001", 1, "select", 0, stale_after=-1) is True  # taken over
+    store.mark_sent("t-0001", 1, "select", 0)
+    assert store.dispatch_sent("t-0001", 1, "select", 0) is True
+    assert store.claim_dispatch("t-0001", 1, "select", 0, stale_after=-1) is False  # sent: never again
+
+
+def test_set_status_if_is_conditional(store, manifest):
+    _add(store, manifest)
+    store.set_status("t-0001", "running")
+    assert store.set_status_if("t-0001", "cancelling", ("queued", "running")) is True
+    assert store.set_status_if("t-0001", "cancelling", ("queued", "running")) is False
+    assert store.get_run("t-0001")["status"] == "cancelling"
+
+
 def test_concurrent_claims_yield_exactly_one_winner(store, manifest):
     _add(store, manifest)
     n = 8

@@ -8,17 +8,25 @@ from fastapi.responses import JSONResponse
 
 from services.api.deps import KeyRequired, SettingsDep
 from services.api.schemas import Problem
-from services.scorer.schemas import ScoreRequest, ScoreResponse
+from services.scorer.schemas import (
+    MODEL_VERSION_HEADER,
+    SCORE_RESPONSES,
+    DocumentScore,
+    ScoreRequest,
+)
 
 router = APIRouter(tags=["scoring"])
 
 
-@router.post("/v1/score", response_model=ScoreResponse,
-             responses={502: {"model": Problem, "description": "the scorer cannot be reached"},
+@router.post("/v1/score", response_model=list[DocumentScore],
+             responses={**SCORE_RESPONSES,
+                        502: {"model": Problem, "description": "the scorer cannot be reached"},
                         504: {"model": Problem, "description": "the scorer did not answer in time"}})
 async def score(payload: ScoreRequest, request: Request, settings: SettingsDep,
                 _: KeyRequired) -> JSONResponse:
-    """Score documents with an influence-model version; the scorer's answer is relayed as is."""
+    """Score documents with an influence-model version: a list of `{id, score}`, one per
+    document in request order, with the resolved version (`<run_id>/<stage>`) in the
+    `X-Model-Version` header. The scorer's status, body and that header are relayed as is."""
     url = f"{settings.scorer_url.rstrip('/')}/v1/score"
     headers = {"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"}
     try:
@@ -39,4 +47,6 @@ async def score(payload: ScoreRequest, request: Request, settings: SettingsDep,
         raise HTTPException(status.HTTP_502_BAD_GATEWAY,
                             f"the scorer answered {r.status_code} with a body that is not JSON"
                             ) from None
-    return JSONResponse(body, status_code=r.status_code)
+    version = r.headers.get(MODEL_VERSION_HEADER)
+    return JSONResponse(body, status_code=r.status_code,
+                        headers={MODEL_VERSION_HEADER: version} if version else None)
