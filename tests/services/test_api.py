@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from mates.artifacts import RunPaths, write_json
+from mates.artifacts import RunPaths, read_json, write_json
 from mates.manifest import Manifest
 from services.api.app import create_app
 from services.common.settings import PLACEHOLDER_KEY, Settings
@@ -39,7 +38,7 @@ def make_settings(tmp_path: Path, redis_url: str, **over) -> Settings:
 
 
 @pytest.fixture
-def broker(redis_url, monkeypatch):
+def broker(redis_url):
     """The test Redis, emptied; dispatch sends there through `celery_app.app_for(settings)`."""
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
@@ -256,56 +255,49 @@ def test_models_list(client, settings):
 # --------------------------------------------------------------------------- scoring
 
 
-class _FakeScorer(BaseHTTPRequestHandler):
-    """Knows run `r` only: scores its documents by text length, as version `r/1`."""
+@pytest.fixture
+def real_scorer(tiny_run):
+    """The scorer service itself (uvicorn in a thread) over the tiny run's artifacts."""
+    import time
 
-    seen: list[tuple[str, bytes]] = []
+    import uvicorn
 
-    def do_POST(self):  # noqa: N802 - http.server's hook name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _FakeScorer.seen.append((self.headers["Authorization"], body))
-        req = json.loads(body)
-        if req["model"].startswith("r/"):
-            code, headers = 200, {"X-Model-Version": "r/1"}
-            out = [{"id": d["id"], "score": float(len(d["text"]))} for d in req["documents"]]
-        else:
-            code, headers, out = 404, {}, {"detail": f"no run {req['model'].split('/')[0]!r}"}
-        raw = json.dumps(out).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(raw)
+    from services.scorer.app import create_app as create_scorer
 
-    def log_message(self, *args):
-        pass
-
-
-def test_score_is_relayed_to_the_scorer(tmp_path, redis_url):
-    _FakeScorer.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeScorer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    port = free_port()
+    root = tiny_run["dir"].parent
+    app = create_scorer(Settings(api_key=KEY, artifacts_dir=root, scorer_port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        with make_client(make_settings(tmp_path, redis_url, scorer_url=url)) as c:
-            missing = b'{"model": "x/0",  "documents": [{"id": "a", "text": "hello"}]}'
-            r_missing = c.post("/v1/score", content=missing,
-                               headers={**AUTH, "Content-Type": "application/json"})
-            found = b'{"model": "r/latest", "documents": [{"id": "b", "text": "hi"}, {"id": "a", "text": "abc"}]}'
-            r_found = c.post("/v1/score", content=found,
-                             headers={**AUTH, "Content-Type": "application/json"})
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert r_missing.status_code == 404 and r_missing.json() == {"detail": "no run 'x'"}
-    assert "X-Model-Version" not in r_missing.headers
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "scorer did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", read_json(RunPaths(tiny_run["dir"]).manifest)["run_id"]
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_score_is_relayed_to_the_scorer(tmp_path, redis_url, real_scorer):
+    import httpx
+
+    url, run_id = real_scorer
+    body = {"model": f"{run_id}/latest", "documents": [{"id": "b", "text": "Shares rose."},
+                                                      {"id": "a", "text": "To be or not."}]}
+    direct = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=30)
+    assert direct.status_code == 200, direct.text
+    with make_client(make_settings(tmp_path, redis_url, scorer_url=url)) as c:
+        r_found = c.post("/v1/score", json=body, headers=AUTH)
+        r_missing = c.post("/v1/score", json={**body, "model": "nope/0"}, headers=AUTH)
+        r_badkey = c.post("/v1/score", json=body, headers={"Authorization": "Bearer wrong"})
     assert r_found.status_code == 200, r_found.text
-    assert r_found.json() == [{"id": "b", "score": 2.0}, {"id": "a", "score": 3.0}]
-    assert r_found.headers["X-Model-Version"] == "r/1"
-    assert _FakeScorer.seen == [(f"Bearer {KEY}", missing), (f"Bearer {KEY}", found)]
+    assert r_found.json() == direct.json()
+    assert [d["id"] for d in r_found.json()] == ["b", "a"]
+    assert r_found.headers["X-Model-Version"] == direct.headers["X-Model-Version"] == f"{run_id}/1"
+    assert r_missing.status_code == 404 and "nope" in r_missing.json()["detail"]
+    assert "X-Model-Version" not in r_missing.headers
+    assert r_badkey.status_code == 401
 
 
 def test_score_is_502_when_no_scorer_listens(client, settings):
