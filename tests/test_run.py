@@ -467,3 +467,29 @@ def test_score_shard_with_an_outside_scorer(tiny_run, tmp_path):
     rows = read_jsonl(path)
     assert len(rows) == seen["n"] == run.cfg.stages.pool_docs
     assert rows[0]["score"] == float(len(run.corpus.text(run.corpus.index_of(rows[0]["id"]))))
+
+
+@pytest.mark.slow
+def test_hybrid_probing_records_agreement_and_warns_below_the_floor(tiny_config_factory, tmp_path):
+    cfg = tiny_config_factory("probing.method=hybrid", "probing.exact_subset=8",
+                              "probing.min_spearman=1.0", "stages.num_stages=2")
+    m = Run(cfg, tmp_path / "hybrid", progress=False).execute().data
+    probes = m["stages"][0]["metrics"]["probes"]
+    assert probes["method"] == "hybrid" and probes["exact_subset"] == 8
+    assert -1.0 <= probes["first_order_spearman"] <= 1.0 and probes["probes_per_s"] > 0
+    rows = read_jsonl(RunPaths(tmp_path / "hybrid").probes(0))
+    assert len(rows) == cfg.probing.num_probes
+    assert sum("exact" in r for r in rows) == 8
+    events = RunPaths(tmp_path / "hybrid").events
+    warned = events.is_file() and any(e["event"] == "first_order_disagrees" for e in read_jsonl(events))
+    assert warned == (probes["first_order_spearman"] < 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["first_order", "first_order_shift"])
+def test_first_order_runs_end_to_end(tiny_config_factory, tmp_path, method):
+    cfg = tiny_config_factory(f"probing.method={method}", "stages.num_stages=2")
+    m = Run(cfg, tmp_path / method, progress=False).execute().data
+    assert m["status"] == "done"
+    assert m["stages"][0]["metrics"]["probes"]["method"] == method
+    assert "exact" not in read_jsonl(RunPaths(tmp_path / method).probes(0))[0]

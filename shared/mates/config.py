@@ -80,6 +80,15 @@ class TrainConfig(_Section):
         0, ge=0, description="Mid-stage checkpoint interval (0: only at stage end)."
     )
     eval_batch_sequences: int = Field(64, ge=1, description="Sequences per eval forward.")
+    log_every_steps: int = Field(
+        10, ge=1,
+        description="Steps between read-backs of the training loss from the device (each one a "
+        "host-device sync; also at eval and checkpoint steps and at stage end). A non-finite "
+        "loss fails the stage at the next read-back.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the training forward (the first steps pay the compile)."
+    )
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:
@@ -112,8 +121,21 @@ class StagesConfig(_Section):
 
 
 class ProbingConfig(_Section):
-    method: Literal["exact"] = Field("exact", description="Oracle: one AdamW step per example.")
+    method: Literal["exact", "first_order", "first_order_shift", "hybrid"] = Field(
+        "exact",
+        description="Oracle: 'exact' (one AdamW step per document, reference loss before and "
+        "after), 'first_order' (<grad L_ref, AdamW update of the document>), "
+        "'first_order_shift' (linearised after the step's document-independent part), 'hybrid' "
+        "(first-order for every probe, exact on `exact_subset` of them; agreement recorded).",
+    )
     num_probes: int = Field(128, ge=4, description="Probe documents per stage.")
+    exact_subset: int = Field(
+        32, ge=4, description="'hybrid': probes also measured exactly, to check the approximation."
+    )
+    min_spearman: float = Field(
+        0.7, ge=-1, le=1,
+        description="'hybrid': warn (log + run event) when Spearman(first-order, exact) falls below.",
+    )
     lr: float | None = Field(None, gt=0, description="Probe step lr (default: current train lr).")
     max_reference_examples: int | None = Field(
         None, ge=1, description="Cap on reference examples used by the oracle."

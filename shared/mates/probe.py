@@ -1,9 +1,12 @@
-"""Exact oracle data influence: one AdamW step on one example, reference loss after minus before.
+"""Oracle data influence: one AdamW step on one example, reference loss after minus before.
 
 `I(x) = L(D_ref | θ after one step on x) − L(D_ref | θ)`; lower is more helpful.
-The weights and AdamW state are snapshotted in memory once per checkpoint and
-restored bit-exactly after every probe (the reference code reloads the
-checkpoint from disk for every probe; we never do).
+
+`ExactOracle` takes the step: the weights and AdamW state are snapshotted in
+memory once per checkpoint and restored bit-exactly after every probe (the
+reference code reloads the checkpoint from disk for every probe; we never do).
+`FirstOrderOracle` approximates it by `⟨∇L_ref, Δθ(x)⟩`, with AdamW's update
+Δθ(x) computed elementwise and ∇L_ref once per checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mates.data.reference import ReferenceSet
@@ -98,3 +102,212 @@ class ExactOracle:
             return self._ref_loss() - self.base_loss
         finally:
             restore_snapshot(self.model, self.optimizer, self.snapshot)
+
+
+# --------------------------------------------------------------------------- first-order probes
+
+
+@dataclass
+class _AdamBucket:
+    """Parameters that share AdamW scalars (their group's settings and their step count)."""
+
+    index: list[int]  # positions in `model.parameters()`
+    params: list[torch.Tensor]  # detached views of the model's own parameters
+    exp_avg: list[torch.Tensor]  # the optimizer's own m (read only; zeros where it has no state)
+    exp_avg_sq: list[torch.Tensor]  # the optimizer's own v
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int  # the step count this update would use (the state's step + 1, as in torch)
+
+
+def _adam_buckets(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[_AdamBucket]:
+    """Read AdamW's hyper-parameters and state per parameter, grouped by shared scalars."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    buckets: dict[tuple[int, int], _AdamBucket] = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("first-order probes support plain AdamW (no amsgrad, no maximize)")
+        if group.get("weight_decay") and not group.get("decoupled_weight_decay", True):
+            raise ValueError("first-order probes need decoupled weight decay (AdamW, not Adam)")
+        beta1, beta2 = (float(b) for b in group["betas"])
+        for p in group["params"]:
+            if id(p) not in position:
+                raise ValueError("the optimizer holds a parameter that is not the model's")
+            st = optimizer.state.get(p, {})
+            step = int(float(st["step"])) if "step" in st else 0  # a tensor in torch's layout
+            m = st["exp_avg"] if st else torch.zeros_like(p)
+            v = st["exp_avg_sq"] if st else torch.zeros_like(p)
+            key = (gi, step)
+            if key not in buckets:
+                buckets[key] = _AdamBucket([], [], [], [], beta1, beta2, float(group["eps"]),
+                                           float(group["weight_decay"]), step + 1)
+            b = buckets[key]
+            b.index.append(position[id(p)])
+            b.params.append(p.detach())
+            b.exp_avg.append(m.detach())
+            b.exp_avg_sq.append(v.detach())
+    return list(buckets.values())
+
+
+def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-parameter views into one flat buffer (so a dot product over all of them is one op)."""
+    out, start = [], 0
+    for p in params:
+        out.append(flat[start : start + p.numel()].view(p.shape))
+        start += p.numel()
+    return out
+
+
+class FirstOrderOracle:
+    """First-order one-step influences: `I(x) ≈ ⟨∇L_ref(θ), Δθ(x)⟩`.
+
+    Δθ(x) is the AdamW update one step on x alone would make from the current
+    optimizer state (clipped gradient, moments, bias corrections, decoupled weight
+    decay, the probe lr), computed elementwise without touching the model or the
+    optimizer. ∇L_ref is computed once, so a probe costs one forward/backward on x
+    plus a few elementwise passes over the parameters, instead of a step, a full
+    reference evaluation and a restore.
+
+    `shift=True` linearises at θ_s = θ + Δ_c instead, where Δ_c is the part of the
+    step that is the same for every x (weight decay and the β1·m momentum with
+    v' ≈ β2·v): `I(x) ≈ [L_ref(θ_s) − L_ref(θ)] + ⟨∇L_ref(θ_s), Δθ(x) − Δ_c⟩`.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
+                 eval_batch_sequences: int, shift: bool = False):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.reference = reference.to(self.device)
+        self.lr = lr
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.eval_batch = eval_batch_sequences
+        self.shift = shift
+        self.clipped = 0  # probes whose gradient norm exceeded the clip
+        self._params = list(model.parameters())
+        self._buckets = _adam_buckets(model, optimizer)
+        n = sum(p.numel() for p in self._params)
+        # fp32 work buffers, reused by every probe: the update, its denominator, ∇L_ref
+        self._delta = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self._denom = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self._grad_ref = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self._delta_views = _views(self._delta, self._params)
+        self._denom_views = _views(self._denom, self._params)
+        self.base_loss = self._ref_loss()
+        self._offset = 0.0  # the influence of x is `_offset + ⟨∇L_ref, Δθ(x)⟩`
+        if shift:
+            self._offset = self._linearise_at_shift()
+        else:
+            self._reference_grad()
+
+    def _ref_loss(self) -> float:
+        return reference_loss(self.model, self.reference, self.eval_batch, self.precision)
+
+    def _reference_grad(self) -> None:
+        """∇ of the mean reference loss into `_grad_ref`, batched as in `reference_loss`."""
+        ref, views = self.reference, _views(self._grad_ref, self._params)
+        self._grad_ref.zero_()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(ref), self.eval_batch):
+                end = min(start + self.eval_batch, len(ref))
+                width = int(ref.lengths[start:end].max())
+                with autocast(self.device, self.precision):
+                    loss = lm_loss(self.model, ref.input_ids[start:end, :width],
+                                   ref.labels[start:end, :width], reduction="sum")
+                grads = torch.autograd.grad(loss / ref.scored_tokens, self._params,
+                                            allow_unused=True)
+                used = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
+                torch._foreach_add_([v for v, _ in used], [g.float() for _, g in used])
+        finally:
+            self.model.train(was_training)
+
+    def _linearise_at_shift(self) -> float:
+        """∇L_ref at θ_s = θ + Δ_c into `_grad_ref`; returns the constant part of the influence."""
+        delta_c = self._adam_delta(None)
+        saved = self._denom_views  # free until the next probe: holds θ while the model is shifted
+        with torch.no_grad():
+            torch._foreach_copy_(saved, self._params)
+        try:
+            with torch.no_grad():
+                torch._foreach_add_(self._params, delta_c)
+            shifted_loss = self._ref_loss()
+            self._reference_grad()
+        finally:
+            with torch.no_grad():  # bit-exact: a copy back, not a subtraction
+                torch._foreach_copy_(self._params, saved)
+        return shifted_loss - self.base_loss - float(self._grad_ref.dot(self._delta))
+
+    @torch.no_grad()
+    def _adam_delta(self, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """AdamW's update for these (clipped) gradients into `_delta`, op for op as torch's foreach path.
+
+        `grads=None` gives Δ_c, the update with the gradient terms left out (m' = β1·m, v' = β2·v).
+        """
+        for b in self._buckets:
+            num = [self._delta_views[i] for i in b.index]
+            den = [self._denom_views[i] for i in b.index]
+            torch._foreach_copy_(den, b.exp_avg_sq)
+            torch._foreach_mul_(den, b.beta2)
+            torch._foreach_copy_(num, b.exp_avg)
+            if grads is None:
+                torch._foreach_mul_(num, b.beta1)
+            else:
+                g = [grads[i] for i in b.index]
+                torch._foreach_addcmul_(den, g, g, value=1 - b.beta2)
+                torch._foreach_lerp_(num, g, 1 - b.beta1)
+            torch._foreach_sqrt_(den)
+            torch._foreach_div_(den, (1 - b.beta2**b.step) ** 0.5)
+            torch._foreach_add_(den, b.eps)
+            torch._foreach_div_(num, den)
+            torch._foreach_mul_(num, -self.lr / (1 - b.beta1**b.step))
+            if b.weight_decay:
+                torch._foreach_add_(num, b.params, alpha=-self.lr * b.weight_decay)
+        return self._delta_views
+
+    def _clipped_grads(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+        """The training loss's gradient on one example, clipped by global norm as the trainer does.
+
+        Returns the gradients (zeros where a parameter got none) and those parameters' positions.
+        """
+        was_training = self.model.training
+        self.model.train()
+        try:
+            x = tokens[None, :-1].to(self.device)  # (1, T)
+            y = tokens[None, 1:].to(self.device)
+            with autocast(self.device, self.precision):
+                loss = lm_loss(self.model, x, y)
+            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+        finally:
+            self.model.train(was_training)
+        missing = [i for i, g in enumerate(grads) if g is None]
+        # contiguous: autograd may hand back a broadcast view, which cannot be scaled in place
+        grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().contiguous()
+                 for p, g in zip(self._params, grads, strict=True)]
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.clipped += int(norm > self.grad_clip)
+        torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
+        return grads, missing
+
+    def step_delta(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Δθ(x) per parameter (views into a buffer the next probe overwrites; clone to keep)."""
+        if tokens.numel() < 2:
+            raise ValueError("a probe example needs at least 2 tokens")
+        grads, missing = self._clipped_grads(tokens)
+        delta = self._adam_delta(grads)
+        for i in missing:  # AdamW leaves a parameter without a gradient alone
+            delta[i].zero_()
+        return delta
+
+    def influence(self, tokens: torch.Tensor) -> float:
+        """First-order influence of one example (its token IDs, EOS-terminated, at most seq+1 long)."""
+        self.step_delta(tokens)
+        return self._offset + float(self._grad_ref.dot(self._delta))
+
+    def influences(self, token_lists) -> np.ndarray:
+        """Influences of many examples, in order (one forward/backward each)."""
+        return np.array([self.influence(torch.as_tensor(t)) for t in token_lists], dtype=np.float64)

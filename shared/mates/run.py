@@ -47,8 +47,9 @@ from mates.influence import (
 )
 from mates.lm import build_lm, reference_loss
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
-from mates.probe import ExactOracle
+from mates.probe import ExactOracle, FirstOrderOracle
 from mates.selection import join_scores, select_indices
+from mates.stats import spearman
 from mates.train import Callback, StepInfo, Trainer, world
 
 log = logging.getLogger(__name__)
@@ -558,28 +559,73 @@ class Run:
     # -- probing, fitting, scoring -------------------------------------------
 
     def _probe(self, k: int) -> None:
-        """Exact oracle influences of probe documents drawn from stage k+1's pool."""
+        """Oracle influences of probe documents drawn from stage k+1's pool (`probing.method`)."""
         self._load_end_of(k)
         assert self.trainer is not None
+        pc, tc = self.cfg.probing, self.cfg.train
         pool_ids = read_json(self.paths.pool(k + 1))["ids"]
-        n = min(self.cfg.probing.num_probes, len(pool_ids))
+        n = min(pc.num_probes, len(pool_ids))
         rng = np.random.default_rng([self.cfg.seed, k, 13])
         chosen = sorted(rng.choice(len(pool_ids), size=n, replace=False).tolist())
-        tc = self.cfg.train
-        oracle = ExactOracle(self.trainer.model, self.trainer.optimizer, self.reference,
-                             lr=self.cfg.probing.lr or self.trainer.current_lr, grad_clip=tc.grad_clip,
-                             precision=tc.precision, eval_batch_sequences=tc.eval_batch_sequences)
+        ids = [pool_ids[j] for j in chosen]
+        docs = [self.corpus.index_of(d) for d in ids]
+        tokens = [torch.from_numpy(np.append(self.corpus.token_ids(i)[: tc.seq_tokens], self.eos)
+                                   .astype(np.int64)) for i in docs]
+        kw = dict(lr=pc.lr or self.trainer.current_lr, grad_clip=tc.grad_clip,
+                  precision=tc.precision, eval_batch_sequences=tc.eval_batch_sequences)
+        model, opt = self.trainer.model, self.trainer.optimizer
+        t0 = time.perf_counter()
+        exact_idx: list[int] = []
+        if pc.method == "exact":
+            oracle = ExactOracle(model, opt, self.reference, **kw)
+            values = self._each(oracle, tokens, f"stage {k} probe")
+            exact_idx = list(range(n))
+            exact_vals = values
+        else:
+            oracle = FirstOrderOracle(model, opt, self.reference, shift=pc.method == "first_order_shift", **kw)
+            values = self._each(oracle, tokens, f"stage {k} probe (first-order)")
+            if pc.method == "hybrid":
+                m = min(pc.exact_subset, n)
+                exact_idx = sorted(np.random.default_rng([self.cfg.seed, k, 17])
+                                   .choice(n, size=m, replace=False).tolist())
+                exact = ExactOracle(model, opt, self.reference, **kw)
+                exact_vals = self._each(exact, [tokens[j] for j in exact_idx], f"stage {k} probe (exact)")
+        seconds = time.perf_counter() - t0
         rows = []
-        for j in tqdm(chosen, desc=f"stage {k} probe", disable=not self.progress, leave=False):
-            i = self.corpus.index_of(pool_ids[j])
-            toks = np.append(self.corpus.token_ids(i)[: tc.seq_tokens], self.eos)
-            rows.append({"id": pool_ids[j], "influence": oracle.influence(torch.from_numpy(toks.astype(np.int64))),
-                         "domain": self.corpus.domain(i)})
-            self.check_cancel()
+        exact_of = dict(zip(exact_idx, exact_vals, strict=True)) if exact_idx else {}
+        for j, (d, i, v) in enumerate(zip(ids, docs, values, strict=True)):
+            row = {"id": d, "influence": float(v), "domain": self.corpus.domain(i)}
+            if pc.method == "hybrid" and j in exact_of:
+                row["exact"] = float(exact_of[j])
+            rows.append(row)
         write_jsonl(self.paths.probes(k), rows)
-        self.manifest.update_metrics(k, probes=self._probe_summary(rows, oracle))
+        summary = self._probe_summary(rows, oracle)
+        summary.update(method=pc.method, seconds=round(seconds, 3),
+                       probes_per_s=round(n / seconds, 3) if seconds > 0 else None)
+        if pc.method == "hybrid":
+            fo = np.array([values[j] for j in exact_idx])
+            rho = spearman(fo, np.array(exact_vals))
+            summary.update(exact_subset=len(exact_idx), first_order_spearman=round(float(rho), 4),
+                           min_spearman=pc.min_spearman)
+            if not rho >= pc.min_spearman:  # also catches NaN
+                msg = (f"stage {k}: Spearman(first-order, exact) = {rho:.3f} on {len(exact_idx)} "
+                       f"probes is below probing.min_spearman = {pc.min_spearman}: the first-order "
+                       "approximation does not hold here (try a lower probing.lr or method exact)")
+                log.warning(msg)
+                if self.primary:
+                    append_jsonl(self.paths.events, {"at": time.time(), "stage": k,
+                                                     "event": "first_order_disagrees", "message": msg,
+                                                     "spearman": float(rho)})
+        self.manifest.update_metrics(k, probes=summary)
 
-    def _probe_summary(self, rows: list[dict], oracle: ExactOracle) -> dict:
+    def _each(self, oracle, tokens: list[torch.Tensor], desc: str) -> list[float]:
+        out = []
+        for t in tqdm(tokens, desc=desc, disable=not self.progress, leave=False):
+            out.append(float(oracle.influence(t)))
+            self.check_cancel()
+        return out
+
+    def _probe_summary(self, rows: list[dict], oracle) -> dict:
         vals = np.array([r["influence"] for r in rows])
         by_domain: dict[str, list[float]] = {}
         for r in rows:
