@@ -158,6 +158,10 @@ class InfluenceConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Examples per step when fitting/scoring.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share for model selection.")
     warm_start: bool = Field(False, description="Start from the previous stage's model.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Scoring and frozen features: 'auto' is bf16 on CUDA and on CPUs with "
+        "native bf16 (AVX512-BF16/AMX), else fp32; 'fp32' for scores that repeat across machines.",
+    )
     score_shard_docs: int = Field(
         1000, ge=1, description="Pool documents per scoring shard (the unit the workers fan out)."
     )

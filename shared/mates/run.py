@@ -647,10 +647,11 @@ class Run:
     def _new_scorer(self, k: int) -> InfluenceScorer:
         ic = self.cfg.influence
         if ic.warm_start and k > 0 and (self.paths.influence_model(k - 1) / "meta.json").is_file():
-            return InfluenceScorer.load(self.paths.influence_model(k - 1), self.device)
+            return InfluenceScorer.load(self.paths.influence_model(k - 1), self.device, ic.precision)
         encoder, tok = load_encoder(ic.encoder, seed=self.cfg.seed)
         torch.manual_seed(self.cfg.seed + k)
-        return InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, self.device)
+        return InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, self.device,
+                               precision=ic.precision)
 
     def _fit(self, k: int) -> None:
         rows = read_jsonl(self.paths.probes(k))
@@ -670,7 +671,8 @@ class Run:
         if self._scorer is not None and self._scorer[0] == k:
             scorer = self._scorer[1]
         else:
-            scorer = InfluenceScorer.load(self.paths.influence_model(k), self.device)
+            scorer = InfluenceScorer.load(self.paths.influence_model(k), self.device,
+                                          self.cfg.influence.precision)
             self._scorer = (k, scorer)
         idx = self.corpus.indices_of(ids)
         bs = self.cfg.influence.batch_size * 4
