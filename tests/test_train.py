@@ -88,7 +88,7 @@ def test_weight_decay_only_on_matrices():
 def test_gradient_accumulation_matches_the_full_batch():
     full, accum = _trainer(), _trainer(micro_batch_sequences=2)
     for _ in range(2):
-        a, b = full.train_step(_stream()), accum.train_step(_stream())
+        a, b = float(full.train_step(_stream())), float(accum.train_step(_stream()))
         assert a == pytest.approx(b, abs=1e-5)
     for p, q in zip(full.model.parameters(), accum.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5)

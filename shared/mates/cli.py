@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
 
+    bench = sub.add_parser("bench", help="each optimized path against the straightforward way")
+    bench.add_argument("--quick", action="store_true", help="smaller inputs (about 5 min on 2 CPU cores)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    bench.add_argument("--only", default="probe,scorer,trainer,overhead",
+                       help="comma-separated sections (default: all)")
+
     ts = sub.add_parser("train-stage", help="train one stage of a run dir; under `torchrun "
                         "--nproc-per-node N` with DDP (what the trainer service runs on N GPUs)")
     ts.add_argument("run_dir", type=Path)
@@ -95,6 +102,24 @@ def cmd_run(args) -> int:
     m = Run(cfg, out, progress=not args.no_progress).execute()
     _print_stages(m.data)
     print(f"run {m.run_id} done: {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mates.artifacts import write_json
+    from mates.bench import flat, run_bench, table
+
+    sections = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = set(sections) - {"probe", "scorer", "trainer", "overhead"}
+    if unknown:
+        raise MatesError(f"--only: unknown section(s) {sorted(unknown)}; "
+                         "choose from probe, scorer, trainer, overhead")
+    logging.getLogger("mates").setLevel(logging.INFO)
+    result = run_bench(args.quick, args.device, progress=False, sections=sections)
+    print(table(result))
+    if args.json:
+        write_json(args.json, {**flat(result), "nested": result})
+        print(f"figures written to {args.json}")
     return 0
 
 
@@ -335,7 +360,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train-stage": cmd_train_stage, "resume": cmd_resume, "compare": cmd_compare,
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train-stage": cmd_train_stage, "resume": cmd_resume, "compare": cmd_compare,
             "score": cmd_score, "select": cmd_select, "runs": cmd_runs, "serve": cmd_serve}
 
 

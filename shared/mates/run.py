@@ -9,6 +9,7 @@ selection; the random arm selects at random throughout.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -79,9 +80,10 @@ class _EvalAndLog(Callback):
                         disable=not run.progress, leave=False)
 
     def step_end(self, trainer: Trainer, info: StepInfo) -> None:
-        self.losses.append(info.loss)
+        self.losses.extend(info.losses)  # read back at log, eval and checkpoint steps only
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{info.loss:.3f}")
+        if info.losses:
+            self.bar.set_postfix(loss=f"{info.losses[-1]:.3f}")
         every = self.run.cfg.train.eval_every_steps
         if info.stage_step % every == 0 and info.stage_step < self.run.stage_steps(self.stage):
             self._log(trainer, info)
@@ -125,13 +127,17 @@ def train_stage_process(run_dir: Path, k: int) -> None:
         started = True
     try:
         run = Run.open(Path(run_dir), progress=False)
-        if run.manifest.stage(k)["state"] == "done":
-            return
-        with run.guard(k):
-            run.prepare()
-            run.train_stage(k)
+        if run.manifest.stage(k)["state"] != "done":
+            with run.guard(k):
+                run.prepare()
+                run.train_stage(k)
     finally:
         if started:
+            # Drop the DDP reducer before the process group: tearing both down together at
+            # exit deadlocked gloo's threads on the GIL now and then.
+            run = None
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
 

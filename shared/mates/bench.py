@@ -1,0 +1,362 @@
+"""`mates bench`: each optimized hot path against the straightforward way, same process,
+same inputs, timed alternately so that machine noise hits both arms alike.
+
+- probe: exact influence with a checkpoint reload from disk and a Python loop over the
+  reference examples per probe (how the reference code works), exact with the in-memory
+  snapshot and one batched reference pass, and first-order; Spearman(first-order, exact).
+- scorer: arrival order, padding to the global maximum, fp32, tokenizing in the loop,
+  against length-bucketed, pre-tokenized, inference-mode scoring.
+- trainer: fp32, plain AdamW, eager attention, full-vocabulary logits and a host sync
+  per step, against the Trainer (bf16 where asked, fused AdamW, SDPA, output layer only
+  where needed, no per-step sync).
+- overhead: from a tiny embedded run, (probe + fit + score + select) / training time.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mates.config import load_config
+from mates.data.packing import PackedStream
+from mates.lm import autocast, lm_loss
+from mates.probe import ExactOracle, FirstOrderOracle
+from mates.run import Run, resolve_device
+from mates.stats import spearman
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Sizes:
+    probes: int
+    reference: int
+    scorer_docs: int
+    trainer_steps: int
+    rounds: int
+
+
+QUICK = Sizes(probes=16, reference=256, scorer_docs=600, trainer_steps=6, rounds=3)
+FULL = Sizes(probes=48, reference=256, scorer_docs=2000, trainer_steps=16, rounds=4)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _demo_run(work: Path, sizes: Sizes, device: str, progress: bool) -> Run:
+    """The demo preset on freshly built demo data (reference set of `sizes.reference`)."""
+    from mates.data.demo import build_demo
+
+    data = work / "data" / "demo"
+    build_demo(data, seed=0, reference_examples=sizes.reference, progress=False)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"device={device}"], base_dir=work)
+    run = Run(cfg, work / "run", progress=progress)
+    run.prepare()
+    return run
+
+
+def _trained(run: Run, steps: int) -> tuple[Any, PackedStream]:
+    """A demo-size LM a few steps into training, so AdamW has moments (the probes' state)."""
+    trainer = run._build_trainer()
+    ids = np.random.default_rng([run.cfg.seed, 5]).permutation(len(run.corpus))[:2000]
+    stream = PackedStream(run.corpus, ids, run.cfg.train.seq_tokens, run.eos, seed=run.cfg.seed)
+    for _ in range(steps):
+        trainer.train_step(stream)
+    return trainer, stream
+
+
+def _probe_docs(run: Run, n: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng([run.cfg.seed, 9])
+    idx = rng.choice(len(run.corpus), size=n, replace=False)
+    T = run.cfg.train.seq_tokens
+    return [torch.from_numpy(np.append(run.corpus.token_ids(int(i))[:T], run.eos).astype(np.int64))
+            for i in idx]
+
+
+# --------------------------------------------------------------------------- probes
+
+
+class ReloadingExactOracle:
+    """The straightforward exact probe: reload the checkpoint from disk, take the step,
+    then evaluate the reference set one example at a time."""
+
+    def __init__(self, trainer, checkpoint: Path, reference, lr: float, precision: str):
+        self.trainer, self.checkpoint, self.lr, self.precision = trainer, checkpoint, lr, precision
+        self.reference = reference.to(trainer.device)
+        self.base_loss = self._ref_loss()
+
+    @torch.no_grad()
+    def _ref_loss(self) -> float:
+        model = self.trainer.model
+        model.eval()
+        ref, total = self.reference, 0.0
+        for r in range(len(ref)):
+            n = int(ref.lengths[r])
+            with autocast(self.trainer.device, self.precision):
+                total += float(lm_loss(model, ref.input_ids[r:r + 1, :n], ref.labels[r:r + 1, :n],
+                                       reduction="sum"))
+        return total / ref.scored_tokens
+
+    def influence(self, tokens: torch.Tensor) -> float:
+        tr = self.trainer
+        tr.load(self.checkpoint)
+        model = tr.model
+        model.train()
+        x, y = tokens[None, :-1].to(tr.device), tokens[None, 1:].to(tr.device)
+        with autocast(tr.device, self.precision):
+            loss = lm_loss(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.cfg.grad_clip)
+        for g in tr.optimizer.param_groups:
+            g["lr"] = self.lr
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        return self._ref_loss() - self.base_loss
+
+
+def bench_probes(run: Run, sizes: Sizes, work: Path) -> dict[str, Any]:
+    tc = run.cfg.train
+    trainer, stream = _trained(run, steps=8)
+    ck = work / "probe-checkpoint"
+    trainer.save(ck, {"stage": 0, "stage_step": trainer.step, "complete": True,
+                      "stream": stream.state_dict()})
+    lr = run.cfg.probing.lr or trainer.current_lr
+    kw = dict(lr=lr, grad_clip=tc.grad_clip, precision=tc.precision,
+              eval_batch_sequences=tc.eval_batch_sequences)
+    docs = _probe_docs(run, sizes.probes)
+    reload_oracle = ReloadingExactOracle(trainer, ck, run.reference, lr, tc.precision)
+    trainer.load(ck)
+    exact = ExactOracle(trainer.model, trainer.optimizer, run.reference, **kw)
+    first = FirstOrderOracle(trainer.model, trainer.optimizer, run.reference, **kw)
+    t = {"reload": 0.0, "exact": 0.0, "first": 0.0}
+    n_reload = max(4, sizes.probes // 4)  # the slow arm on a subset: its rate is what matters
+    vals: dict[str, list[float]] = {"exact": [], "first": []}
+    for i, doc in enumerate(docs):  # alternate the arms probe by probe
+        if i < n_reload:
+            _, s = _timed(lambda d=doc: reload_oracle.influence(d))
+            t["reload"] += s
+            trainer.load(ck)  # the in-memory arms need the original state back
+            exact = ExactOracle(trainer.model, trainer.optimizer, run.reference, **kw)
+            first = FirstOrderOracle(trainer.model, trainer.optimizer, run.reference, **kw)
+        v, s = _timed(lambda d=doc, o=exact: o.influence(d))
+        vals["exact"].append(v)
+        t["exact"] += s
+        v, s = _timed(lambda d=doc, o=first: o.influence(d))
+        vals["first"].append(v)
+        t["first"] += s
+    n = len(docs)
+    out = {
+        "reference_size": len(run.reference),
+        "probes": n,
+        "lr": lr,
+        "exact_reload_per_s": n_reload / t["reload"],
+        "exact_per_s": n / t["exact"],
+        "first_order_per_s": n / t["first"],
+        "first_order_spearman": float(spearman(np.array(vals["first"]), np.array(vals["exact"]))),
+    }
+    out["first_order_speedup"] = out["first_order_per_s"] / out["exact_per_s"]
+    out["exact_speedup_over_reload"] = out["exact_per_s"] / out["exact_reload_per_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- scorer
+
+
+def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
+    from mates.influence import (
+        InfluenceModel,
+        InfluenceScorer,
+        fast_predict,
+        load_encoder,
+        naive_predict,
+    )
+
+    ic = run.cfg.influence
+    encoder, tok = load_encoder(ic.encoder, seed=run.cfg.seed)
+    torch.manual_seed(run.cfg.seed)
+    scorer = InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, run.device)
+    rng = np.random.default_rng([run.cfg.seed, 3])
+    idx = rng.choice(len(run.corpus), size=min(sizes.scorer_docs, len(run.corpus)), replace=False)
+    texts = [run.corpus.text(int(i)) for i in idx]
+    chunks = np.array_split(np.arange(len(texts)), sizes.rounds)
+    bs = 64
+    t_naive = t_fast = 0.0
+    naive_out, fast_out = np.empty(len(texts)), np.empty(len(texts))
+    naive_predict(scorer, texts[:8], bs)  # warm-up of both arms
+    fast_predict(scorer, texts[:8], bs)
+    for chunk in chunks:
+        part = [texts[i] for i in chunk]
+        v, s = _timed(lambda p=part: naive_predict(scorer, p, bs))
+        naive_out[chunk], t_naive = v, t_naive + s
+        v, s = _timed(lambda p=part: fast_predict(scorer, p, bs))
+        fast_out[chunk], t_fast = v, t_fast + s
+    lengths = [len(t) for t in texts]
+    return {
+        "docs": len(texts), "encoder": ic.encoder, "max_tokens": ic.max_tokens, "batch_size": bs,
+        "precision": getattr(scorer, "resolved_precision", lambda: "fp32")(),
+        "chars_min_median_max": [int(min(lengths)), int(np.median(lengths)), int(max(lengths))],
+        "naive_docs_per_s": len(texts) / t_naive,
+        "docs_per_s": len(texts) / t_fast,
+        "speedup": t_naive / t_fast,
+        "max_abs_diff": float(np.max(np.abs(naive_out - fast_out))),
+    }
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
+    from mates.train import NaiveTrainer
+
+    cfg = run.cfg
+    tc = cfg.train
+    ids = np.random.default_rng([cfg.seed, 6]).permutation(len(run.corpus))[:2000]
+    fast, _ = _trained(run, steps=0)
+    naive = NaiveTrainer.for_run(run)
+    s_fast = PackedStream(run.corpus, ids, tc.seq_tokens, run.eos, seed=1)
+    s_naive = PackedStream(run.corpus, ids, tc.seq_tokens, run.eos, seed=1)
+    for tr, st in ((fast, s_fast), (naive, s_naive)):  # warm-up
+        tr.train_step(st)
+    _sync(run.device)
+    t_fast = t_naive = 0.0
+    per = max(1, sizes.trainer_steps // sizes.rounds)
+    steps = 0
+    for _ in range(sizes.rounds):
+        t0 = time.perf_counter()
+        for _ in range(per):
+            naive.train_step(s_naive)
+        _sync(run.device)
+        t_naive += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(per):
+            loss = fast.train_step(s_fast)  # a device tensor: no sync inside the step
+        float(loss)  # the host waits for the last step, as a read-back would
+        _sync(run.device)
+        t_fast += time.perf_counter() - t0
+        steps += per
+    tokens = steps * tc.batch_sequences * tc.seq_tokens
+    return {
+        "precision": tc.precision, "batch": f"{tc.batch_sequences}x{tc.seq_tokens}",
+        "parameters": sum(p.numel() for p in fast.model.parameters()),
+        "steps": steps,
+        "naive_tokens_per_s": tokens / t_naive,
+        "tokens_per_s": tokens / t_fast,
+        "speedup": t_naive / t_fast,
+    }
+
+
+# --------------------------------------------------------------------------- overhead
+
+
+def bench_overhead(work: Path, device: str, progress: bool) -> dict[str, Any]:
+    from mates.data.demo import build_demo
+
+    base = work / "tiny"
+    build_demo(base / "data" / "demo", seed=0, pool_news_articles=100, progress=False)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"device={device}"], base_dir=base)
+    m = Run(cfg, base / "run", progress=progress).execute().data
+    keys = ("probing", "fitting", "scoring", "selecting")
+    train = sum(st["timings"].get("training", 0.0) for st in m["stages"])
+    parts = {k: sum(st["timings"].get(k, 0.0) for st in m["stages"]) for k in keys}
+    return {"config": "configs/tiny.yaml", "probing_method": cfg.probing.method,
+            "training_s": train, **{f"{k}_s": v for k, v in parts.items()},
+            "selection_fraction": sum(parts.values()) / train}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_bench(quick: bool, device: str = "cpu", progress: bool = False,
+              sections: tuple[str, ...] = ("probe", "scorer", "trainer", "overhead")) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    dev = resolve_device(device)
+    out: dict[str, Any] = {
+        "device": str(dev), "quick": quick,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None},
+    }
+    work = Path(tempfile.mkdtemp(prefix="mates-bench-"))
+    try:
+        run = _demo_run(work, sizes, device, progress) if set(sections) - {"overhead"} else None
+        for name, fn in (("probe", lambda: bench_probes(run, sizes, work)),
+                         ("scorer", lambda: bench_scorer(run, sizes)),
+                         ("trainer", lambda: bench_trainer(run, sizes)),
+                         ("overhead", lambda: bench_overhead(work, device, progress))):
+            if name in sections:
+                t0 = time.perf_counter()
+                out[name] = fn()
+                out[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+                log.info("bench %s done in %.0fs", name, out[name]["bench_seconds"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def flat(result: dict[str, Any]) -> dict[str, Any]:
+    """`probe.exact_per_s`-style keys (what `--json` writes, besides the nested form)."""
+    keys: dict[str, Any] = {"device": result["device"]}
+    for section in ("probe", "scorer", "trainer", "overhead"):
+        for k, v in result.get(section, {}).items():
+            keys[f"{section}.{k}"] = v
+    return keys
+
+
+def table(result: dict[str, Any]) -> str:
+    """The printed table."""
+    rows = []
+    p = result.get("probe")
+    if p:
+        rows += [
+            ("probe", f"exact, reload per probe (ref {p['reference_size']})", f"{p['exact_reload_per_s']:.2f} probes/s", "baseline"),
+            ("probe", "exact, in-memory snapshot", f"{p['exact_per_s']:.2f} probes/s", f"{p['exact_speedup_over_reload']:.1f}x reload"),
+            ("probe", "first-order", f"{p['first_order_per_s']:.2f} probes/s",
+             f"{p['first_order_speedup']:.1f}x exact; Spearman {p['first_order_spearman']:.3f}"),
+        ]
+    s = result.get("scorer")
+    if s:
+        rows += [
+            ("scorer", f"naive ({s['docs']} docs, {s['encoder']})", f"{s['naive_docs_per_s']:.1f} docs/s", "baseline"),
+            ("scorer", f"bucketed, pre-tokenized ({s['precision']})", f"{s['docs_per_s']:.1f} docs/s",
+             f"{s['speedup']:.1f}x; max |diff| {s['max_abs_diff']:.2e}"),
+        ]
+    t = result.get("trainer")
+    if t:
+        rows += [
+            ("trainer", f"naive ({t['batch']}, fp32)", f"{t['naive_tokens_per_s']:.0f} tokens/s", "baseline"),
+            ("trainer", f"Trainer ({t['precision']})", f"{t['tokens_per_s']:.0f} tokens/s", f"{t['speedup']:.1f}x"),
+        ]
+    o = result.get("overhead")
+    if o:
+        rows.append(("overhead", f"tiny run ({o['probing_method']} probes)",
+                     f"{o['selection_fraction']:.1%} of training time",
+                     f"train {o['training_s']:.1f}s, select {o['training_s'] * o['selection_fraction']:.1f}s"))
+    w = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
+    head = f"device {result['device']}, {result['machine']['threads']} threads, {result['date']}"
+    lines = [head] + ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""`mates bench` plumbing: the figures' keys, the table, bad arguments. (Speed is measured by
+running the bench, never asserted in a test.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from mates.bench import flat, run_bench, table
+from mates.cli import main
+
+REQUIRED = ["probe.exact_reload_per_s", "probe.exact_per_s", "probe.first_order_per_s",
+            "probe.first_order_speedup", "probe.first_order_spearman", "probe.reference_size",
+            "scorer.naive_docs_per_s", "scorer.docs_per_s", "scorer.speedup", "scorer.max_abs_diff",
+            "trainer.naive_tokens_per_s", "trainer.tokens_per_s", "trainer.speedup",
+            "overhead.selection_fraction", "device"]
+
+
+def _result() -> dict:
+    return {
+        "device": "cpu", "quick": True, "date": "2026-11-24 00:00 UTC",
+        "machine": {"cpu": "x86_64", "threads": 2, "torch": "2.13.0", "gpu": None},
+        "probe": {"reference_size": 256, "probes": 16, "lr": 1e-4, "exact_reload_per_s": 0.2,
+                  "exact_per_s": 0.8, "first_order_per_s": 12.0, "first_order_spearman": 0.95,
+                  "first_order_speedup": 15.0, "exact_speedup_over_reload": 4.0},
+        "scorer": {"docs": 600, "encoder": "minilm", "max_tokens": 128, "batch_size": 64,
+                   "precision": "bf16", "chars_min_median_max": [10, 900, 5000],
+                   "naive_docs_per_s": 70.0, "docs_per_s": 220.0, "speedup": 3.1, "max_abs_diff": 1e-3},
+        "trainer": {"precision": "bf16", "batch": "16x256", "parameters": 7_350_000, "steps": 6,
+                    "naive_tokens_per_s": 2000.0, "tokens_per_s": 5000.0, "speedup": 2.5},
+        "overhead": {"config": "configs/tiny.yaml", "probing_method": "exact", "training_s": 2.0,
+                     "probing_s": 0.5, "fitting_s": 0.3, "scoring_s": 0.1, "selecting_s": 0.01,
+                     "selection_fraction": 0.455},
+    }
+
+
+def test_flat_has_every_key_the_issue_names():
+    keys = flat(_result())
+    assert set(REQUIRED) <= set(keys)
+    assert keys["probe.first_order_speedup"] == 15.0
+
+
+def test_table_names_every_arm():
+    text = table(_result())
+    for needle in ("reload per probe", "in-memory", "first-order", "Spearman 0.950", "naive",
+                   "3.1x", "tokens/s", "45.5% of training time"):
+        assert needle in text, needle
+
+
+def test_only_accepts_known_sections(capsys):
+    assert main(["bench", "--only", "probe,warp"]) == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_overhead_section_runs_a_tiny_run():
+    out = run_bench(quick=True, sections=("overhead",))
+    o = out["overhead"]
+    assert o["training_s"] > 0 and o["probing_s"] > 0 and o["fitting_s"] > 0
+    assert o["selection_fraction"] == pytest.approx(
+        (o["probing_s"] + o["fitting_s"] + o["scoring_s"] + o["selecting_s"]) / o["training_s"])
+    assert "probe" not in out and out["device"] == "cpu"
