@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-data test lint clean compose-check
+.PHONY: install demo demo-data test lint clean compose-check bench-quick
 
 compose-check: $(STAMP)
 	PY=$(PY) scripts/check-compose
@@ -34,6 +34,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check shared services tests
 	PY=$(PY) scripts/check-compose
 	$(VENV)/bin/pytest -q
+
+# Not a timed test: it shows the bench runs end to end; figures go to runs/bench-quick.json.
+bench-quick: $(STAMP)
+	mkdir -p runs
+	$(VENV)/bin/mates bench --quick --json runs/bench-quick.json
 
 clean:
 	rm -rf runs data/demo
