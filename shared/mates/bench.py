@@ -67,15 +67,30 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- set-up
 
 
-def _demo_run(work: Path, sizes: Sizes, device: str, progress: bool) -> Run:
-    """The demo preset on freshly built demo data (reference set of `sizes.reference`)."""
+def _demo_run(work: Path, sizes: Sizes, device: str, progress: bool, reference: str) -> Run:
+    """The demo preset on freshly built demo data, with a reference set of `sizes.reference`
+    examples: the demo's own (LAMBADA-style: short contexts, continuation-only loss), or
+    'text': that many full-length sequences of news text, loss on every token."""
     from mates.data.demo import build_demo
+    from mates.data.reference import load_reference
 
     data = work / "data" / "demo"
     build_demo(data, seed=0, reference_examples=sizes.reference, progress=False)
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"device={device}"], base_dir=work)
     run = Run(cfg, work / "run", progress=progress)
     run.prepare()
+    if reference == "text":
+        T = cfg.train.seq_tokens
+        news = [i for i in range(len(run.corpus)) if (run.corpus.domain(i) or "").startswith("news")]
+        text, tokens = [], 0
+        for i in news:
+            if tokens > (T + 1) * sizes.reference:
+                break
+            text.append(run.corpus.text(i))
+            tokens += int(run.corpus.num_tokens(np.array([i]))[0])
+        path = work / "reference-text.txt"
+        path.write_text("\n\n".join(text), encoding="utf-8")
+        run.reference = load_reference(path, run.tokenizer, T, sizes.reference)
     return run
 
 
@@ -171,6 +186,7 @@ def bench_probes(run: Run, sizes: Sizes, work: Path) -> dict[str, Any]:
     n = len(docs)
     out = {
         "reference_size": len(run.reference),
+        "reference_scored_tokens": run.reference.scored_tokens,
         "probes": n,
         "lr": lr,
         "exact_reload_per_s": n_reload / t["reload"],
@@ -291,7 +307,8 @@ def bench_overhead(work: Path, device: str, progress: bool) -> dict[str, Any]:
 
 
 def run_bench(quick: bool, device: str = "cpu", progress: bool = False,
-              sections: tuple[str, ...] = ("probe", "scorer", "trainer", "overhead")) -> dict[str, Any]:
+              sections: tuple[str, ...] = ("probe", "scorer", "trainer", "overhead"),
+              reference: str = "demo") -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     dev = resolve_device(device)
     out: dict[str, Any] = {
@@ -303,7 +320,8 @@ def run_bench(quick: bool, device: str = "cpu", progress: bool = False,
     }
     work = Path(tempfile.mkdtemp(prefix="mates-bench-"))
     try:
-        run = _demo_run(work, sizes, device, progress) if set(sections) - {"overhead"} else None
+        run = (_demo_run(work, sizes, device, progress, reference)
+               if set(sections) - {"overhead"} else None)
         for name, fn in (("probe", lambda: bench_probes(run, sizes, work)),
                          ("scorer", lambda: bench_scorer(run, sizes)),
                          ("trainer", lambda: bench_trainer(run, sizes)),

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller inputs (about 5 min on 2 CPU cores)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    bench.add_argument("--reference", choices=("demo", "text"), default="demo",
+                       help="probe reference: the demo's LAMBADA-style set, or 256 full-length "
+                       "sequences of news text (loss on every token)")
     bench.add_argument("--only", default="probe,scorer,trainer,overhead",
                        help="comma-separated sections (default: all)")
 
@@ -115,7 +118,8 @@ def cmd_bench(args) -> int:
         raise MatesError(f"--only: unknown section(s) {sorted(unknown)}; "
                          "choose from probe, scorer, trainer, overhead")
     logging.getLogger("mates").setLevel(logging.INFO)
-    result = run_bench(args.quick, args.device, progress=False, sections=sections)
+    result = run_bench(args.quick, args.device, progress=False, sections=sections,
+                       reference=args.reference)
     print(table(result))
     if args.json:
         write_json(args.json, {**flat(result), "nested": result})
