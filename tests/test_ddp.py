@@ -62,7 +62,7 @@ def test_the_trainer_service_trains_a_stage_under_torchrun(tiny_config_factory, 
     run = Run.open(manifest.path.parent, progress=False)
     run.manifest.on_save = store.sync_manifest
     run.prepare()
-    fresh = train_with_torchrun(run, 0, Settings(trainer_nproc=2, api_key="x" * 16), store)
+    fresh = train_with_torchrun(run, 0, Settings(trainer_nproc=2, trainer_timeout_s=300, api_key="x" * 16), store)
     row = store.get_run(manifest.run_id)
     assert row["status"] == "running"
     assert [t["state"] for t in row["stages"][0]["transitions"]] == ["pending", "training"]

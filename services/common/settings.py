@@ -57,6 +57,8 @@ class Settings(BaseSettings):
         None, description="Celery node name of `mates serve worker|trainer` (default: kind-pid)")
     trainer_nproc: int = Field(
         1, ge=1, description="processes per stage job: >1 runs the training under torchrun (DDP)")
+    trainer_timeout_s: float | None = Field(
+        None, gt=0, description="fail a torchrun stage job that runs longer than this (default: none)")
     task_max_retries: int = Field(5, ge=0, description="retries of a task on a transient error")
     soft_shutdown_s: float = Field(
         20.0, ge=0, description="on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) "

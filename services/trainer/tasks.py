@@ -79,7 +79,10 @@ def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) 
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            child.wait()
+            child.wait(settings.trainer_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StageFailed(f"torchrun training of stage {stage} ran past "
+                              f"MATES_TRAINER_TIMEOUT_S = {settings.trainer_timeout_s:.0f}s") from None
         finally:
             if child.poll() is None:  # this task is being torn down: do not orphan the ranks
                 child.terminate()
