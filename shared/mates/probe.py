@@ -58,26 +58,40 @@ def restore_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
         g.update(saved)
 
 
-class ExactOracle:
-    """Measures exact one-step influences on the reference set at a fixed checkpoint."""
+class _Oracle:
+    """What every oracle holds: the model at a checkpoint, the reference set and the probe step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
-                 eval_batch_sequences: int):
+    def __init__(self, model: torch.nn.Module, reference: ReferenceSet, *, lr: float,
+                 grad_clip: float, precision: str, eval_batch_sequences: int):
         self.model = model
-        self.optimizer = optimizer
         self.device = next(model.parameters()).device
         self.reference = reference.to(self.device)
         self.lr = lr
         self.grad_clip = grad_clip
         self.precision = precision
         self.eval_batch = eval_batch_sequences
-        self.snapshot = take_snapshot(model, optimizer)
-        self.base_loss = self._ref_loss()
         self.clipped = 0  # probes whose gradient norm exceeded the clip
 
     def _ref_loss(self) -> float:
         return reference_loss(self.model, self.reference, self.eval_batch, self.precision)
+
+    @staticmethod
+    def _check_probe(tokens: torch.Tensor) -> None:
+        if tokens.numel() < 2:
+            raise ValueError("a probe example needs at least 2 tokens")
+
+
+class ExactOracle(_Oracle):
+    """Measures exact one-step influences on the reference set at a fixed checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
+                 eval_batch_sequences: int):
+        super().__init__(model, reference, lr=lr, grad_clip=grad_clip, precision=precision,
+                         eval_batch_sequences=eval_batch_sequences)
+        self.optimizer = optimizer
+        self.snapshot = take_snapshot(model, optimizer)
+        self.base_loss = self._ref_loss()
 
     def _one_step(self, tokens: torch.Tensor) -> None:
         self.model.train()
@@ -95,8 +109,7 @@ class ExactOracle:
 
     def influence(self, tokens: torch.Tensor) -> float:
         """Influence of one example (its token IDs, EOS-terminated, at most seq+1 long)."""
-        if tokens.numel() < 2:
-            raise ValueError("a probe example needs at least 2 tokens")
+        self._check_probe(tokens)
         try:
             self._one_step(tokens)
             return self._ref_loss() - self.base_loss
@@ -160,7 +173,7 @@ def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]
     return out
 
 
-class FirstOrderOracle:
+class FirstOrderOracle(_Oracle):
     """First-order one-step influences: `I(x) ≈ ⟨∇L_ref(θ), Δθ(x)⟩`.
 
     Δθ(x) is the AdamW update one step on x alone would make from the current
@@ -178,15 +191,9 @@ class FirstOrderOracle:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
                  eval_batch_sequences: int, shift: bool = False):
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.reference = reference.to(self.device)
-        self.lr = lr
-        self.grad_clip = grad_clip
-        self.precision = precision
-        self.eval_batch = eval_batch_sequences
+        super().__init__(model, reference, lr=lr, grad_clip=grad_clip, precision=precision,
+                         eval_batch_sequences=eval_batch_sequences)
         self.shift = shift
-        self.clipped = 0  # probes whose gradient norm exceeded the clip
         self._params = list(model.parameters())
         self._buckets = _adam_buckets(model, optimizer)
         n = sum(p.numel() for p in self._params)
@@ -202,9 +209,6 @@ class FirstOrderOracle:
             self._offset = self._linearise_at_shift()
         else:
             self._reference_grad()
-
-    def _ref_loss(self) -> float:
-        return reference_loss(self.model, self.reference, self.eval_batch, self.precision)
 
     def _reference_grad(self) -> None:
         """∇ of the mean reference loss into `_grad_ref`, batched as in `reference_loss`."""
@@ -295,8 +299,7 @@ class FirstOrderOracle:
 
     def step_delta(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Δθ(x) per parameter (views into a buffer the next probe overwrites; clone to keep)."""
-        if tokens.numel() < 2:
-            raise ValueError("a probe example needs at least 2 tokens")
+        self._check_probe(tokens)
         grads, missing = self._clipped_grads(tokens)
         delta = self._adam_delta(grads)
         for i in missing:  # AdamW leaves a parameter without a gradient alone
