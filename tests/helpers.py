@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mates.config import ModelConfig, TrainConfig
+from mates.data.reference import IGNORE, ReferenceSet
+from mates.lm import build_lm, lm_loss
+from mates.train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -43,6 +47,38 @@ def tiny_train_config(**kw) -> TrainConfig:
                 eval_batch_sequences=8)
     base.update(kw)
     return TrainConfig(**base)
+
+
+TINY_VOCAB, TINY_SEQ = 64, 16  # the probe tests' tiny LM: vocabulary and sequence length
+
+
+def synthetic_reference(n: int, scored: int, seed: int = 0) -> ReferenceSet:
+    """`n` random rows of TINY_SEQ tokens whose last `scored` targets count (LAMBADA-style)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, TINY_VOCAB, (n, TINY_SEQ), generator=g)
+    labels = torch.full((n, TINY_SEQ), IGNORE, dtype=torch.long)
+    labels[:, TINY_SEQ - scored - 1 : TINY_SEQ - 1] = ids[:, TINY_SEQ - scored :]
+    return ReferenceSet(ids, labels, torch.full((n,), TINY_SEQ), "synthetic")
+
+
+def warm_tiny_lm(steps: int = 3, device: str = "cpu"):
+    """A tiny GPT-NeoX whose AdamW already has moments and step counts (a real checkpoint)."""
+    torch.manual_seed(0)
+    model = build_lm(TINY_MODEL, TINY_VOCAB, TINY_SEQ, eos_id=0).to(device)
+    opt = make_optimizer(model, tiny_train_config(), torch.device(device))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        block = torch.randint(1, TINY_VOCAB, (4, TINY_SEQ + 1), generator=g).to(device)
+        lm_loss(model, block[:, :-1], block[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for group in opt.param_groups:
+        group["lr"] = 7e-4  # the train lr at this checkpoint; the probe uses its own
+    return model, opt
+
+
+def random_tokens(seed: int, length: int = TINY_SEQ + 1) -> torch.Tensor:
+    return torch.randint(1, TINY_VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
 
 
 class FakeCorpus:

@@ -7,53 +7,40 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL, tiny_train_config
+from helpers import TINY_SEQ, TINY_VOCAB, random_tokens, synthetic_reference, warm_tiny_lm
 
-from mates.data.reference import IGNORE, ReferenceSet
-from mates.lm import build_lm, lm_loss, reference_loss
+from mates.data.reference import ReferenceSet
+from mates.lm import lm_loss, reference_loss
 from mates.probe import ExactOracle, FirstOrderOracle
 from mates.stats import spearman
-from mates.train import make_optimizer
 
-VOCAB, T = 64, 16
+VOCAB, T = TINY_VOCAB, TINY_SEQ
 CLIP = 1.0
 FP32_EPS = 2.0**-23
 
 
-def _reference(n: int = 8, scored: int = 8, seed: int = 0) -> ReferenceSet:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (n, T), generator=g)
-    labels = torch.full((n, T), IGNORE, dtype=torch.long)
-    labels[:, T - scored - 1 : T - 1] = ids[:, T - scored :]
-    return ReferenceSet(ids, labels, torch.full((n,), T), "synthetic")
 
 
-def _model_and_warm_optimizer(steps: int = 3, device: str = "cpu"):
-    """A tiny GPT-NeoX whose AdamW already has moments and step counts (a real checkpoint)."""
-    torch.manual_seed(0)
-    model = build_lm(TINY_MODEL, VOCAB, T, eos_id=0).to(device)
-    opt = make_optimizer(model, tiny_train_config(weight_decay=0.1), torch.device(device))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        block = torch.randint(1, VOCAB, (4, T + 1), generator=g).to(device)
-        lm_loss(model, block[:, :-1], block[:, 1:]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for group in opt.param_groups:
-        group["lr"] = 7e-4  # the train lr at this checkpoint; the probe uses its own
-    return model, opt
 
 
-def _tokens(seed: int, length: int = T + 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
 
 
 def _mixed_documents(ref: ReferenceSet) -> list[torch.Tensor]:
     """Twelve probes of different kinds: random, copies of reference rows, degenerate, short."""
-    docs = [_tokens(seed) for seed in range(6)]
+    docs = [random_tokens(seed) for seed in range(6)]
     docs += [torch.cat([ref.input_ids[i], ref.input_ids[i][:1]]) for i in range(3)]  # helpful
-    docs += [torch.full((T + 1,), 7), torch.tensor([3, 4, 5] * 3), _tokens(9, length=6)]
+    docs += [torch.full((T + 1,), 7), torch.tensor([3, 4, 5] * 3), random_tokens(9, length=6)]
     return docs
+
+
+def _exact_on_mixed_documents(lr: float):
+    """A warm tiny LM, the reference, the twelve mixed probes and their exact influences."""
+    model, opt = warm_tiny_lm()
+    ref = synthetic_reference(8, 8)
+    docs = _mixed_documents(ref)
+    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
+                        eval_batch_sequences=3)
+    return model, opt, ref, docs, np.array([exact.influence(x) for x in docs])
 
 
 def _first_order(model, opt, ref, lr: float, clip: float = CLIP, **kw) -> FirstOrderOracle:
@@ -92,14 +79,14 @@ DEVICES = [
 @pytest.mark.parametrize("steps", [3, 0], ids=["warm-state", "no-state"])
 @pytest.mark.parametrize("clip", [CLIP, 1e3], ids=["clipped", "unclipped"])
 def test_elementwise_update_equals_a_real_adamw_step(device, steps, clip):
-    model, opt = _model_and_warm_optimizer(steps=steps, device=device)
-    x, lr = _tokens(5).to(device), 2e-3
-    oracle = _first_order(model, opt, _reference().to(torch.device(device)), lr, clip=clip)
+    model, opt = warm_tiny_lm(steps=steps, device=device)
+    x, lr = random_tokens(5).to(device), 2e-3
+    oracle = _first_order(model, opt, synthetic_reference(8, 8).to(torch.device(device)), lr, clip=clip)
     got = [d.clone() for d in oracle.step_delta(x)]
     _assert_same_update(got, _real_step_delta(model, opt, x, lr, clip))
     assert oracle.clipped == int(clip == CLIP)  # this document's gradient norm is above 1
     # a second document reuses the buffers and still gets its own update
-    y = _tokens(6).to(device)
+    y = random_tokens(6).to(device)
     _assert_same_update(oracle.step_delta(y), _real_step_delta(model, opt, y, lr, clip))
 
 
@@ -107,12 +94,8 @@ def test_elementwise_update_equals_a_real_adamw_step(device, steps, clip):
 def test_first_order_agrees_with_the_exact_oracle_at_a_small_lr(shift):
     # 1e-4: small enough that the curvature term is negligible, large enough that the exact
     # oracle's reference-loss difference stands well above fp32 rounding (at 1e-5 it does not)
-    model, opt = _model_and_warm_optimizer()
-    ref, lr = _reference(), 1e-4
-    docs = _mixed_documents(ref)
-    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
-                        eval_batch_sequences=3)
-    expected = np.array([exact.influence(x) for x in docs])
+    lr = 1e-4
+    model, opt, ref, docs, expected = _exact_on_mixed_documents(lr)
     got = _first_order(model, opt, ref, lr, shift=shift).influences(docs)
     assert (expected < 0).any() and (expected > 0).any()  # the kinds really differ
     np.testing.assert_allclose(got, expected, rtol=0.05)
@@ -122,12 +105,8 @@ def test_first_order_agrees_with_the_exact_oracle_at_a_small_lr(shift):
 def test_shifting_absorbs_the_momentum_part_of_a_large_step():
     """At a train-sized lr the shared part of the step (momentum, decay) dominates; linearising
     after it leaves a smaller error than linearising at θ."""
-    model, opt = _model_and_warm_optimizer()
-    ref, lr = _reference(), 1e-3
-    docs = _mixed_documents(ref)
-    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
-                        eval_batch_sequences=3)
-    expected = np.array([exact.influence(x) for x in docs])
+    lr = 1e-3
+    model, opt, ref, docs, expected = _exact_on_mixed_documents(lr)
     err = {shift: np.median(np.abs(_first_order(model, opt, ref, lr, shift=shift)
                                    .influences(docs) / expected - 1))
            for shift in (False, True)}
@@ -155,14 +134,14 @@ def _assert_same_state(before: dict, model, opt) -> None:
 @pytest.mark.parametrize("shift", [False, True], ids=["at-theta", "shifted"])
 @pytest.mark.parametrize("training", [True, False], ids=["train-mode", "eval-mode"])
 def test_model_and_optimizer_are_left_bit_exactly_unchanged(shift, training):
-    model, opt = _model_and_warm_optimizer()
+    model, opt = warm_tiny_lm()
     model.train(training)
-    ref = _reference()
+    ref = synthetic_reference(8, 8)
     before = _full_state(model, opt)
     oracle = _first_order(model, opt, ref, 2e-3, shift=shift)
     _assert_same_state(before, model, opt)
     assert model.training is training
-    oracle.influences([_tokens(5), _tokens(6)])
+    oracle.influences([random_tokens(5), random_tokens(6)])
     _assert_same_state(before, model, opt)
     assert model.training is training
     assert oracle.base_loss == reference_loss(model, ref, 3)
@@ -170,8 +149,8 @@ def test_model_and_optimizer_are_left_bit_exactly_unchanged(shift, training):
 
 @pytest.mark.parametrize("shift", [False, True], ids=["at-theta", "shifted"])
 def test_influences_of_a_list_equal_one_at_a_time(shift):
-    model, opt = _model_and_warm_optimizer()
-    ref = _reference()
+    model, opt = warm_tiny_lm()
+    ref = synthetic_reference(8, 8)
     docs = _mixed_documents(ref)
     oracle = _first_order(model, opt, ref, 2e-3, shift=shift)
     many = oracle.influences(docs)
@@ -187,8 +166,8 @@ def _grad_norm(model, x: torch.Tensor) -> float:
 
 
 def test_reference_gradient_is_batch_size_independent():
-    model, opt = _model_and_warm_optimizer()
-    ref, x = _reference(n=7), _tokens(5)
+    model, opt = warm_tiny_lm()
+    ref, x = synthetic_reference(7, 8), random_tokens(5)
     one = FirstOrderOracle(model, opt, ref, lr=2e-3, grad_clip=CLIP, precision="fp32",
                            eval_batch_sequences=7).influence(x)
     chunked = FirstOrderOracle(model, opt, ref, lr=2e-3, grad_clip=CLIP, precision="fp32",
@@ -197,18 +176,14 @@ def test_reference_gradient_is_batch_size_independent():
 
 
 def test_too_short_example_is_rejected():
-    model, opt = _model_and_warm_optimizer(steps=0)
+    model, opt = warm_tiny_lm(steps=0)
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        _first_order(model, opt, _reference(), 2e-3).influence(torch.tensor([3]))
+        _first_order(model, opt, synthetic_reference(8, 8), 2e-3).influence(torch.tensor([3]))
 
 
 def test_bf16_autocast_probes_rank_like_the_fp32_exact_oracle():
-    model, opt = _model_and_warm_optimizer()
-    ref, lr = _reference(), 1e-3
-    docs = _mixed_documents(ref)
-    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
-                        eval_batch_sequences=3)
-    expected = np.array([exact.influence(x) for x in docs])
+    lr = 1e-3
+    model, opt, ref, docs, expected = _exact_on_mixed_documents(lr)
     before = _full_state(model, opt)
     oracle = FirstOrderOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="bf16",
                               eval_batch_sequences=3, shift=True)

@@ -8,24 +8,26 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from helpers import TINY_MODEL, tiny_train_config
+from helpers import (
+    TINY_MODEL,
+    TINY_SEQ,
+    TINY_VOCAB,
+    random_tokens,
+    synthetic_reference,
+    tiny_train_config,
+    warm_tiny_lm,
+)
 
 import mates.train
 from mates.data.reference import IGNORE, ReferenceSet
-from mates.lm import build_lm, lm_loss
+from mates.lm import build_lm
 from mates.probe import ExactOracle
 from mates.train import make_optimizer
 
-VOCAB, T = 64, 16
+VOCAB, T = TINY_VOCAB, TINY_SEQ
 PROBE_LR, CLIP = 2e-3, 1.0
 
 
-def _reference(n: int = 6, scored: int = 3, seed: int = 0) -> ReferenceSet:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (n, T), generator=g)
-    labels = torch.full((n, T), IGNORE, dtype=torch.long)
-    labels[:, T - scored - 1 : T - 1] = ids[:, T - scored :]
-    return ReferenceSet(ids, labels, torch.full((n,), T), "synthetic")
 
 
 DEVICES = [
@@ -35,24 +37,8 @@ DEVICES = [
 ]
 
 
-def _model_and_warm_optimizer(steps: int = 3, device: str = "cpu"):
-    """A tiny GPT-NeoX whose AdamW already has moments and step counts (a real checkpoint)."""
-    torch.manual_seed(0)
-    model = build_lm(TINY_MODEL, VOCAB, T, eos_id=0).to(device)
-    opt = make_optimizer(model, tiny_train_config(), torch.device(device))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        block = torch.randint(1, VOCAB, (4, T + 1), generator=g).to(device)
-        lm_loss(model, block[:, :-1], block[:, 1:]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for group in opt.param_groups:
-        group["lr"] = 7e-4  # the train lr at this checkpoint; the probe uses its own
-    return model, opt
 
 
-def _probe_tokens(seed: int = 5, length: int = T + 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
 
 
 def _oracle(model, opt, ref) -> ExactOracle:
@@ -93,26 +79,26 @@ def _manual_ref_loss(model, ref: ReferenceSet) -> float:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_restore_is_bit_exact_and_repeatable(device):
-    model, opt = _model_and_warm_optimizer(device=device)
-    ref = _reference()
+    model, opt = warm_tiny_lm(device=device)
+    ref = synthetic_reference(6, 3)
     before = _full_state(model, opt)
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(before["opt"].values())))
     oracle = _oracle(model, opt, ref)
-    x = _probe_tokens()
+    x = random_tokens(5)
     first = oracle.influence(x)
     _assert_same_state(before, model, opt)
     assert opt.param_groups[0]["lr"] == 7e-4  # the probe lr did not leak into training
     assert oracle.influence(x) == first
-    other = oracle.influence(_probe_tokens(seed=6))
+    other = oracle.influence(random_tokens(6))
     assert other != first
     _assert_same_state(before, model, opt)
     assert oracle.influence(x) == first  # still identical after another example
 
 
 def test_influence_equals_an_independent_one_step_computation():
-    model, opt = _model_and_warm_optimizer()
-    ref = _reference()
-    x = _probe_tokens()
+    model, opt = warm_tiny_lm()
+    ref = synthetic_reference(6, 3)
+    x = random_tokens(5)
     twin_model, twin_opt = copy.deepcopy((model, opt))
     base = _manual_ref_loss(twin_model, ref)
     for group in twin_opt.param_groups:
@@ -129,25 +115,25 @@ def test_influence_equals_an_independent_one_step_computation():
 
 
 def test_base_loss_is_the_reference_loss_at_the_checkpoint():
-    model, opt = _model_and_warm_optimizer()
-    ref = _reference()
+    model, opt = warm_tiny_lm()
+    ref = synthetic_reference(6, 3)
     assert _oracle(model, opt, ref).base_loss == pytest.approx(_manual_ref_loss(model, ref), abs=1e-6)
 
 
 def test_training_on_the_reference_itself_is_helpful():
     """Lower is more helpful: a step on a reference sequence lowers the reference loss."""
-    model, opt = _model_and_warm_optimizer()
-    ref = _reference(n=1, scored=8)
+    model, opt = warm_tiny_lm()
+    ref = synthetic_reference(1, 8)
     helpful = torch.cat([ref.input_ids[0], ref.input_ids[0][:1]])
     oracle = _oracle(model, opt, ref)
     assert oracle.influence(helpful) < 0
-    assert oracle.influence(helpful) < oracle.influence(_probe_tokens())
+    assert oracle.influence(helpful) < oracle.influence(random_tokens(5))
 
 
 def test_snapshot_is_never_reloaded_from_disk(monkeypatch):
-    model, opt = _model_and_warm_optimizer()
-    oracle = _oracle(model, opt, _reference())
-    expected = oracle.influence(_probe_tokens())
+    model, opt = warm_tiny_lm()
+    oracle = _oracle(model, opt, synthetic_reference(6, 3))
+    expected = oracle.influence(random_tokens(5))
 
     def no_disk(*args, **kwargs):
         raise AssertionError("the oracle must restore from memory, not reload a checkpoint")
@@ -156,7 +142,7 @@ def test_snapshot_is_never_reloaded_from_disk(monkeypatch):
                          (safetensors.torch, "load"), (mates.train, "load_file")]:
         monkeypatch.setattr(target, name, no_disk)
     for _ in range(3):
-        assert oracle.influence(_probe_tokens()) == expected
+        assert oracle.influence(random_tokens(5)) == expected
 
 
 def test_fresh_optimizer_state_is_restored_to_empty():
@@ -164,28 +150,28 @@ def test_fresh_optimizer_state_is_restored_to_empty():
     model = build_lm(TINY_MODEL, VOCAB, T, eos_id=0)
     opt = make_optimizer(model, tiny_train_config(), torch.device("cpu"))
     params = [p.detach().clone() for p in model.parameters()]
-    oracle = _oracle(model, opt, _reference())
-    first = oracle.influence(_probe_tokens())
+    oracle = _oracle(model, opt, synthetic_reference(6, 3))
+    first = oracle.influence(random_tokens(5))
     assert len(opt.state) == 0
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
-    assert oracle.influence(_probe_tokens()) == first
+    assert oracle.influence(random_tokens(5)) == first
 
 
 def test_restore_happens_even_when_the_step_fails(monkeypatch):
-    model, opt = _model_and_warm_optimizer()
+    model, opt = warm_tiny_lm()
     before = _full_state(model, opt)
-    oracle = _oracle(model, opt, _reference())
+    oracle = _oracle(model, opt, synthetic_reference(6, 3))
 
     def broken_ref_loss():
         raise RuntimeError("evaluation crashed")
 
     monkeypatch.setattr(oracle, "_ref_loss", broken_ref_loss)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
-        oracle.influence(_probe_tokens())
+        oracle.influence(random_tokens(5))
     _assert_same_state(before, model, opt)
 
 
 def test_too_short_example_is_rejected():
-    model, opt = _model_and_warm_optimizer(steps=0)
+    model, opt = warm_tiny_lm(steps=0)
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        _oracle(model, opt, _reference()).influence(torch.tensor([3]))
+        _oracle(model, opt, synthetic_reference(6, 3)).influence(torch.tensor([3]))
