@@ -32,7 +32,7 @@ class Stage(BaseModel):
     transitions: list[Transition] = Field(description="every state change, oldest first")
 
 
-class RunSummary(BaseModel):
+class _RunFields(BaseModel):
     id: str
     name: str
     status: str = Field(description=STATUS_DOC)
@@ -40,24 +40,17 @@ class RunSummary(BaseModel):
     current_stage: int
     num_stages: int
     generation: int = Field(description="bumped on every (re)queue; stale tasks check it")
-    stage_state: str | None = Field(None, description="state of the current stage")
-    artifacts_dir: str
-    created_at: float
-    updated_at: float
-
-
-class Run(BaseModel):
-    id: str
-    name: str
-    status: str = Field(description=STATUS_DOC)
-    error: str | None = None
-    current_stage: int
-    num_stages: int
-    generation: int
-    config: dict[str, Any] = Field(description="the resolved run config")
     artifacts_dir: str = Field(description="the run's directory in the artifact store")
     created_at: float
     updated_at: float
+
+
+class RunSummary(_RunFields):
+    stage_state: str | None = Field(None, description="state of the current stage")
+
+
+class Run(_RunFields):
+    config: dict[str, Any] = Field(description="the resolved run config")
     stages: list[Stage]
 
 
