@@ -38,22 +38,29 @@ class PublishPending(MatesError):
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
+def claim(store: Store, run_id: str, generation: int, task: str, stage: int) -> bool:
+    """True: publish `task` now. False: it was published already. PublishPending: another
+    process claimed it and has not confirmed yet (retry later: a dead claimer's claim goes
+    stale and is taken over)."""
+    if store.claim_dispatch(run_id, generation, task, stage):
+        return True
+    if store.dispatch_sent(run_id, generation, task, stage):
+        log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage,
+                 generation)
+        return False
+    raise PublishPending(f"{task} of run {run_id} stage {stage} is claimed but not yet sent")
+
+
 def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int, generation: int,
             *args: int) -> bool:
     """Send `mates.<task>` once per (run, generation, task, stage); False if already sent.
 
-    Raises BrokerUnavailable when publishing fails, and PublishPending when another
-    claimer of the same task has not confirmed publishing yet (retry later: if it died,
-    its claim goes stale and this caller takes over).
+    Raises BrokerUnavailable when publishing fails, PublishPending as `claim` does.
     """
     from services.worker.celery_app import app_for
 
-    if not store.claim_dispatch(run_id, generation, task, stage):
-        if store.dispatch_sent(run_id, generation, task, stage):
-            log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage,
-                     generation)
-            return False
-        raise PublishPending(f"{task} of run {run_id} stage {stage} is claimed but not yet sent")
+    if not claim(store, run_id, generation, task, stage):
+        return False
     try:
         app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
                                     retry=True, retry_policy=PUBLISH_RETRY, ignore_result=True)

@@ -26,7 +26,7 @@ from mates.run import Cancelled, Run
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
 from services.worker.celery_app import app
-from services.worker.dispatch import BrokerUnavailable, PublishPending, enqueue
+from services.worker.dispatch import BrokerUnavailable, PublishPending, claim, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ class StageTask(Task):
 def record_failure(store: Store, run_id: str, stage: int, generation: int, reason: str) -> None:
     """Mark the run failed unless it moved on; works even where the run cannot be opened
     (e.g. its config asks for a device this worker lacks)."""
-    if store.get_run(run_id) is None or store.get_generation(run_id) != generation:
-        return
     row = store.get_run(run_id)
+    if row is None or row["generation"] != generation:
+        return
     try:
         manifest = Manifest.load(RunPaths(Path(row["artifacts_dir"])).manifest)
     except Exception as e:  # run.json itself is unreadable: the store still records it
@@ -157,10 +157,8 @@ def fit_influence_model(self, run_id: str, stage: int, generation: int) -> str:
 
 def fan_out(store: Store, run_id: str, stage: int, shards: int, generation: int) -> None:
     """One chord per (run, generation, stage): score every shard, then `select`."""
-    if not store.claim_dispatch(run_id, generation, "score_shard", stage):
-        if store.dispatch_sent(run_id, generation, "score_shard", stage):
-            return
-        raise PublishPending(f"the shards of run {run_id} stage {stage} are claimed, not yet sent")
+    if not claim(store, run_id, generation, "score_shard", stage):
+        return
     try:
         chord(score_shard.s(run_id, stage, s, generation) for s in range(shards))(
             select.si(run_id, stage, generation))

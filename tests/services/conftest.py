@@ -18,15 +18,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 REDIS_TEST_DB = 13
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _redis_answers(url: str) -> bool:

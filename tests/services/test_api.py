@@ -7,13 +7,13 @@ it leaves on the `train` list in Redis.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from procs import free_port
 
 from mates.artifacts import RunPaths, read_json, write_json
 from mates.manifest import Manifest
@@ -23,11 +23,6 @@ from services.common.settings import PLACEHOLDER_KEY, Settings
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_settings(tmp_path: Path, redis_url: str, **over) -> Settings:
