@@ -164,9 +164,6 @@ def bench_probes(run: Run, sizes: Sizes, work: Path) -> dict[str, Any]:
               eval_batch_sequences=tc.eval_batch_sequences)
     docs = _probe_docs(run, sizes.probes)
     reload_oracle = ReloadingExactOracle(trainer, ck, run.reference, lr, tc.precision)
-    trainer.load(ck)
-    exact = ExactOracle(trainer.model, trainer.optimizer, run.reference, **kw)
-    first = FirstOrderOracle(trainer.model, trainer.optimizer, run.reference, **kw)
     t = {"reload": 0.0, "exact": 0.0, "first": 0.0}
     n_reload = max(4, sizes.probes // 4)  # the slow arm on a subset: its rate is what matters
     vals: dict[str, list[float]] = {"exact": [], "first": []}
@@ -174,7 +171,9 @@ def bench_probes(run: Run, sizes: Sizes, work: Path) -> dict[str, Any]:
         if i < n_reload:
             _, s = _timed(lambda d=doc: reload_oracle.influence(d))
             t["reload"] += s
-            trainer.load(ck)  # the in-memory arms need the original state back
+            # back to the checkpoint; the load replaces AdamW's state tensors, so the in-memory
+            # arms are built again (untimed) on it. The first probe always takes this branch.
+            trainer.load(ck)
             exact = ExactOracle(trainer.model, trainer.optimizer, run.reference, **kw)
             first = FirstOrderOracle(trainer.model, trainer.optimizer, run.reference, **kw)
         v, s = _timed(lambda d=doc, o=exact: o.influence(d))
