@@ -66,6 +66,23 @@ def test_fast_in_bf16_is_within_1e_2_of_naive(at):
     assert not np.array_equal(fast, fast_predict(scorer, texts, 4))  # bf16 really was used
 
 
+def test_bf16_weight_copy_follows_changes_to_the_encoder():
+    encoder, tok = load_encoder("tiny", seed=0)
+    scorer = InfluenceScorer(InfluenceModel(encoder), tok, max_tokens=32, device=CPU, precision="bf16")
+    texts = mixed_texts(8, seed=4)
+    before = fast_predict(scorer, texts, 4)
+    assert scorer._inference_encoder("bf16") is scorer._inference_encoder("bf16")  # cached
+    assert next(scorer._inference_encoder("bf16").parameters()).dtype == torch.bfloat16
+    assert next(scorer.model.encoder.parameters()).dtype == torch.float32  # fitting stays fp32
+    with torch.no_grad():  # what an optimizer step does: change weights in place
+        for p in scorer.model.encoder.parameters():
+            p.mul_(1.5)
+    after = fast_predict(scorer, texts, 4)
+    scorer.precision = "fp32"
+    np.testing.assert_allclose(after, fast_predict(scorer, texts, 4), atol=1e-2, rtol=0)
+    assert not np.allclose(before, after, atol=1e-2)
+
+
 def test_output_order_is_input_order(at):
     scorer, texts = at("fp32"), mixed_texts(30, seed=2)
     base = fast_predict(scorer, texts, 4)
