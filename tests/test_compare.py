@@ -95,6 +95,8 @@ def test_compare_writes_json_and_png(comparison):
         assert on_disk["tokens_to_match_ratio"] == round(reach / on_disk["random"]["final_tokens"], 4)
     png = (out / "comparison.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "Baseline arm" in report and report.count('id="chart-loss"') == 2  # both arms
 
 
 @pytest.mark.slow

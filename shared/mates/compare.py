@@ -8,6 +8,7 @@ from pathlib import Path
 from mates.artifacts import RunPaths, atomic_path, read_json, read_jsonl, write_json
 from mates.config import RunConfig
 from mates.errors import ConfigError
+from mates.report import write_report
 from mates.run import Run
 
 log = logging.getLogger(__name__)
@@ -102,4 +103,5 @@ def compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict:
     summary = summarize(arms["mates"], arms["random"])
     write_json(out_dir / "comparison.json", summary)
     plot(summary, out_dir / "comparison.png")
+    write_report(arms["mates"], out_dir / "report.html", baseline_dir=arms["random"])
     return summary
