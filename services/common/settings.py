@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_KEY = "change-me"
@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     scorer_host: str = "127.0.0.1"
     scorer_port: int = 8001
 
+    # -- the HTTP edge of the API and the scorer
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1024, description="request bodies over this many bytes are refused "
+        "with 413 before they are read (a declared Content-Length) or as they stream in")
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed to call the API and the scorer from "
+        "a browser, e.g. https://a.example,https://b.example; empty: no CORS headers at all")
+
     # -- pool scoring by the workers
     scorer_url: str = Field("http://127.0.0.1:8001", description="scorer base URL (score_mode=http)")
     score_mode: Literal["local", "http"] = Field(
@@ -51,8 +59,8 @@ class Settings(BaseSettings):
         "because torch's RNG and thread settings are per process")
     worker_concurrency: int = Field(2, ge=1, description="tasks at once in `mates serve worker`")
     visibility_timeout_s: int = Field(
-        86_400, ge=60, description="unacknowledged tasks are redelivered after this long; must "
-        "exceed the longest stage")
+        86_400, ge=1, description="unacknowledged tasks are redelivered after this long; must "
+        "exceed the longest stage (tests use a few seconds)")
     node_name: str | None = Field(
         None, description="Celery node name of `mates serve worker|trainer` (default: kind-pid)")
     trainer_nproc: int = Field(
@@ -60,6 +68,17 @@ class Settings(BaseSettings):
     trainer_timeout_s: float | None = Field(
         None, gt=0, description="fail a torchrun stage job that runs longer than this (default: none)")
     task_max_retries: int = Field(5, ge=0, description="retries of a task on a transient error")
+    task_retry_backoff_s: int = Field(
+        2, ge=1, description="first retry delay; it doubles per retry up to task_retry_backoff_max_s")
+    task_retry_backoff_max_s: int = Field(120, ge=1, description="longest delay between retries")
+    task_retry_jitter: bool = Field(
+        True, description="draw each retry delay at random up to its backoff (spreads a herd)")
+    task_max_deliveries: int = Field(
+        5, ge=1, description="a task delivered more often than this (it kills its worker, e.g. "
+        "out of memory) fails its run instead of being redelivered forever")
+    broker_watch_s: float = Field(
+        5.0, gt=0, description="how often workers check that the broker kept its queues; a Redis "
+        "restarted without persistence fails the runs whose tasks it lost (resumable)")
     soft_shutdown_s: float = Field(
         20.0, ge=0, description="on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) "
         "running tasks get this long, then go back to the queue")
@@ -67,6 +86,18 @@ class Settings(BaseSettings):
     # -- compute
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch threads per process (0: torch's default)")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_urls(cls, v: str) -> str:
+        for origin in (o.strip() for o in v.split(",") if o.strip()):
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"CORS origin {origin!r} must start with http:// or https://")
+        return v
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def backend_url(self) -> str:

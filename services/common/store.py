@@ -1,4 +1,5 @@
-"""The run store: runs, stage states, transitions, model versions and task dispatches.
+"""The run store: runs, stage states, transitions, model versions, task dispatches and
+deliveries.
 
 SQLite by default, PostgreSQL by URL. Several processes (the API, workers, the
 trainer) share it, so every write that reads what it then changes takes the run's
@@ -105,6 +106,28 @@ dispatches = Table(
     Column("stage", Integer, primary_key=True),
     Column("at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),  # null: claimed, not yet known to be published
+)
+
+# How often each attempt of a task was delivered to a worker: a retry is a new attempt, a
+# redelivery (the worker died holding it) is not, so a count above one means lost workers.
+deliveries = Table(
+    "deliveries", metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("generation", Integer, primary_key=True),
+    Column("task", String(64), primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("shard", Integer, primary_key=True),  # -1: the task has no shard
+    Column("attempt", Integer, primary_key=True),  # Celery's retry number
+    Column("count", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+# Small facts the services share through the store, e.g. the broker's marker (worker/watch.py).
+service_state = Table(
+    "service_state", metadata,
+    Column("key", String(128), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("at", Float, nullable=False),
 )
 
 
@@ -371,6 +394,60 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(dispatches).where(self._dispatch_key(run_id, generation, task, stage))
                          .values(sent_at=_now()))
+
+    def last_sent_at(self, run_id: str) -> float | None:
+        """When the run's latest task was published (None: never)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(dispatches.c.sent_at))
+                                .where(dispatches.c.run_id == run_id)).scalar()
+
+    # ------------------------------------------------------------------ deliveries
+
+    def count_delivery(self, run_id: str, generation: int, task: str, stage: int, shard: int,
+                       attempt: int) -> int:
+        """Count one more delivery of this attempt of a task; returns the count so far."""
+        key = and_(deliveries.c.run_id == run_id, deliveries.c.generation == generation,
+                   deliveries.c.task == task, deliveries.c.stage == stage,
+                   deliveries.c.shard == shard, deliveries.c.attempt == attempt)
+        for _ in range(2):  # a concurrent first insert makes the second round an update
+            try:
+                with self.engine.begin() as conn:
+                    bumped = conn.execute(update(deliveries).where(key).values(
+                        count=deliveries.c.count + 1, at=_now()))
+                    if bumped.rowcount == 0:
+                        conn.execute(insert(deliveries).values(
+                            run_id=run_id, generation=generation, task=task, stage=stage,
+                            shard=shard, attempt=attempt, count=1, at=_now()))
+                    return int(conn.execute(select(deliveries.c.count).where(key)).scalar_one())
+            except IntegrityError:
+                continue
+        raise RunStateError(f"could not count a delivery of {task} for run {run_id}")
+
+    def list_deliveries(self, run_id: str) -> list[dict[str, Any]]:
+        """Delivery counts of the run's tasks, oldest first."""
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(
+                select(deliveries).where(deliveries.c.run_id == run_id)
+                .order_by(deliveries.c.at)).mappings()]
+
+    # ------------------------------------------------------------------ service state
+
+    def get_state(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(service_state.c.value)
+                                .where(service_state.c.key == key)).scalar()
+
+    def put_state(self, key: str, value: str) -> None:
+        for _ in range(2):  # a concurrent first insert makes the second round an update
+            try:
+                with self.engine.begin() as conn:
+                    done = conn.execute(update(service_state).where(service_state.c.key == key)
+                                        .values(value=value, at=_now()))
+                    if done.rowcount == 0:
+                        conn.execute(insert(service_state).values(key=key, value=value, at=_now()))
+                return
+            except IntegrityError:
+                continue
 
     # ------------------------------------------------------------------ model versions
 

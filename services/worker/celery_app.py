@@ -12,7 +12,7 @@ import os
 from functools import lru_cache
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from services.common.settings import Settings, get_settings
 
@@ -27,6 +27,15 @@ TASK_QUEUES = {
 }
 
 
+def transport_options(settings: Settings) -> dict:
+    """Redis transport: unacknowledged tasks (their worker died) go back to the queue once
+    `visibility_timeout_s` has passed, found by a sweep every few seconds (kombu's default
+    sweeps only every ~100 s, far too rarely for a short timeout)."""
+    vt = settings.visibility_timeout_s
+    return {"visibility_timeout": vt, "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1}
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("mates", broker=settings.broker_url, backend=settings.backend_url,
                  include=["services.worker.tasks", "services.trainer.tasks"])
@@ -38,7 +47,7 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=transport_options(settings),
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         result_expires=7 * 86_400,
         broker_connection_retry_on_startup=True,
@@ -69,6 +78,15 @@ def app_for(settings: Settings) -> Celery:
 @worker_process_init.connect
 def _limit_threads(**_) -> None:
     _apply_threads(get_settings())
+
+
+@worker_ready.connect
+def _watch_broker(**_) -> None:
+    from services.worker.tasks import get_store
+    from services.worker.watch import start
+
+    if get_settings().broker_url.startswith(("redis://", "rediss://")):
+        start(get_settings(), get_store())
 
 
 def _apply_threads(settings: Settings) -> None:

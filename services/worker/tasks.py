@@ -11,6 +11,7 @@ wanted, calls them and hands on.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ import httpx
 from celery import Task, chord
 from sqlalchemy.exc import OperationalError
 
-from mates.artifacts import RunPaths, read_json
+from mates.artifacts import RunPaths, append_jsonl, read_json
 from mates.errors import ArtifactError
 from mates.manifest import Manifest
 from mates.run import Cancelled, Run
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class TransientError(Exception):
     """A failure worth retrying: the scorer, broker or database was briefly unavailable."""
+
+
+class ScorerUnavailable(TransientError):
+    """The scorer did not answer, or answered 5xx/429: the shard waits and retries."""
 
 
 try:  # redis-py's connection errors, when the broker/backend hiccups
@@ -53,20 +58,47 @@ def get_store() -> Store:
 
 class StageTask(Task):
     """Late acknowledgement, bounded retries with exponential backoff on transient errors;
-    a task that finally fails marks its stage and run failed."""
+    a task that finally fails marks its stage and run failed, and so does a task delivered
+    more than `task_max_deliveries` times (each delivery killed its worker)."""
 
     acks_late = True
     autoretry_for = TRANSIENT
-    retry_backoff = 2
-    retry_backoff_max = 120
-    retry_jitter = True
+    retry_backoff = get_settings().task_retry_backoff_s
+    retry_backoff_max = get_settings().task_retry_backoff_max_s
+    retry_jitter = get_settings().task_retry_jitter
     max_retries = get_settings().task_max_retries
+
+    def __call__(self, *args, **kwargs):
+        if not self.request.called_directly and self.poisoned(*args):
+            return "poisoned"
+        return super().__call__(*args, **kwargs)
+
+    def poisoned(self, run_id: str, stage: int, *rest: int) -> bool:
+        """Count this delivery; past the limit, fail the run instead of running the task."""
+        generation, shard = rest[-1], (rest[0] if len(rest) == 2 else -1)
+        store = get_store()
+        try:
+            n = store.count_delivery(run_id, generation, self.name, stage, shard,
+                                     self.request.retries)
+        except TRANSIENT:  # the store is briefly down: run the task, it retries on its own
+            return False
+        limit = get_settings().task_max_deliveries
+        if n <= limit:
+            return False
+        what = f"{self.name} of stage {stage}" + (f" shard {shard}" if shard >= 0 else "")
+        reason = (f"{what} was delivered {n} times (MATES_TASK_MAX_DELIVERIES = {limit}) and "
+                  "never finished: each delivery lost its worker (killed, e.g. out of memory)")
+        log.error("run %s: %s; failing the run instead of redelivering it", run_id, reason)
+        record_failure(store, run_id, stage, generation, reason)
+        return True
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D401 - Celery hook
         run_id, stage, generation = args[0], args[1], args[-1]
+        retried = self.request.retries
+        after = f" (after {retried} retries)" if retried else ""
         try:
             record_failure(get_store(), run_id, stage, generation,
-                           f"{self.name}: {type(exc).__name__}: {exc}")
+                           f"{self.name}: {type(exc).__name__}: {exc}{after}")
         except Exception:  # the original error is what Celery reports; do not mask it
             log.exception("could not record the failure of %s for run %s", self.name, run_id)
 
@@ -118,6 +150,10 @@ def wanted(run_id: str, stage: int, generation: int):
         yield None
         return
     run = open_run(store, run_id, generation)
+    if run.manifest.data["status"] == "failed":  # e.g. by a poisoned task; a resume bumps it
+        log.info("run %s stage %d: the run failed meanwhile; skipping", run_id, stage)
+        yield None
+        return
     if run.paths.cancel.exists():
         if run.manifest.data["status"] != "cancelled":
             run.mark_cancelled(stage)
@@ -156,12 +192,17 @@ def fit_influence_model(self, run_id: str, stage: int, generation: int) -> str:
 
 
 def fan_out(store: Store, run_id: str, stage: int, shards: int, generation: int) -> None:
-    """One chord per (run, generation, stage): score every shard, then `select`."""
+    """One chord per (run, generation, stage): score every shard, then `select`.
+
+    `select` is also the chord's error callback: a shard whose result could not be stored
+    (the broker blinked) makes the chord fail although its scores are on disk; `select`
+    scores whatever is missing itself."""
     if not claim(store, run_id, generation, "score_shard", stage):
         return
+    after = select.si(run_id, stage, generation)
+    after.link_error(select.si(run_id, stage, generation))
     try:
-        chord(score_shard.s(run_id, stage, s, generation) for s in range(shards))(
-            select.si(run_id, stage, generation))
+        chord(score_shard.s(run_id, stage, s, generation) for s in range(shards))(after)
     except Exception as e:  # the broker or the result backend refused the chord
         raise BrokerUnavailable(f"could not enqueue the shards of run {run_id} stage {stage}: "
                                 f"{type(e).__name__}: {e}") from e
@@ -185,9 +226,13 @@ def http_scorer(settings: Settings, version: str):
                           headers=headers) as client:
             for i in range(0, len(ids), per):
                 docs = [{"id": d, "text": t} for d, t in zip(ids[i:i + per], texts[i:i + per], strict=True)]
-                r = client.post("/v1/score", json={"model": version, "documents": docs})
+                try:
+                    r = client.post("/v1/score", json={"model": version, "documents": docs})
+                except httpx.TransportError as e:
+                    raise ScorerUnavailable(f"scorer at {settings.scorer_url} unreachable: "
+                                            f"{type(e).__name__}: {e}") from e
                 if r.status_code >= 500 or r.status_code == 429:
-                    raise TransientError(f"scorer answered {r.status_code}: {r.text[:200]}")
+                    raise ScorerUnavailable(f"scorer answered {r.status_code}: {r.text[:200]}")
                 if r.status_code != 200:
                     raise ArtifactError(f"scorer refused the shard ({r.status_code}): {r.text[:300]}")
                 got = {row["id"]: row["score"] for row in r.json()}
@@ -208,12 +253,55 @@ def score_shard(self, run_id: str, stage: int, shard: int, generation: int) -> s
         fn = http_scorer(settings, f"{run_id}/{stage}") if settings.score_mode == "http" else None
         with run.guard(stage, transient=TRANSIENT):
             run.prepare()
-            run.score_shard(stage, shard, fn)
+            try:
+                run.score_shard(stage, shard, fn)
+            except ScorerUnavailable as e:
+                note_scorer_wait(run, stage, shard, self.request.retries, self.max_retries, e)
+                raise
+            note_scorer_back(run, stage)
         return "scored"
     return "cancelled"
 
 
+def note_scorer_wait(run: Run, stage: int, shard: int, retries: int, max_retries: int | None,
+                     error: Exception) -> None:
+    """Show that the stage waits for the scorer: its metrics `scorer_wait` (what the API
+    returns) and an event in events.jsonl. Best effort: the retry matters, not the note."""
+    last = max_retries is not None and retries >= max_retries
+    wait = {"state": "gave up" if last else "waiting", "shard": shard, "retries": retries,
+            "max_retries": max_retries, "error": str(error)[:300], "at": time.time()}
+    try:
+        append_jsonl(run.paths.events, {"at": wait["at"], "stage": stage,
+                                        "event": "waiting for scorer", **wait})
+        run.manifest.update_metrics(stage, scorer_wait=wait)
+    except Exception:
+        log.warning("run %s stage %d: could not record the scorer wait", run.manifest.run_id,
+                    stage, exc_info=True)
+
+
+def note_scorer_back(run: Run, stage: int) -> None:
+    wait = run.manifest.stage(stage)["metrics"].get("scorer_wait")
+    if wait and wait.get("state") == "waiting":
+        run.manifest.update_metrics(stage, scorer_wait={**wait, "state": "recovered",
+                                                        "at": time.time()})
+        append_jsonl(run.paths.events, {"at": time.time(), "stage": stage,
+                                        "event": "scorer back"})
+
+
 # --------------------------------------------------------------------------- select
+
+
+def score_missing_shards(run: Run, stage: int) -> None:
+    """Score here any shard without its file. The chord calls `select` once it has counted
+    every shard's result; a shard counted twice (redelivered after it had stored its
+    result) can make it call early, and a lost shard task must not lose the stage."""
+    settings = get_settings()
+    fn = http_scorer(settings, f"{run.manifest.run_id}/{stage}") if settings.score_mode == "http" else None
+    for shard in range(run.num_shards(stage)):
+        if not run.paths.score_shard(stage, shard).is_file():
+            log.warning("run %s stage %d: shard %d has no scores yet; scoring it in select",
+                        run.manifest.run_id, stage, shard)
+            run.score_shard(stage, shard, fn)
 
 
 @app.task(name="mates.select", base=StageTask, bind=True)
@@ -224,6 +312,7 @@ def select(self, run_id: str, stage: int, generation: int) -> str:
         with run.guard(stage, transient=TRANSIENT):
             if not stage_done(run, stage):
                 run.prepare()
+                score_missing_shards(run, stage)
                 run.select_stage(stage)
         enqueue(get_settings(), get_store(), run_id, "train_stage", stage + 1, generation)
         return "selected"

@@ -159,12 +159,13 @@ def distribution_chart(stage: dict) -> str | None:
         if len(vals):
             ax.hist(vals, bins=min(30, max(5, len(vals) // 4)), color=color)
         ax.set_title(f"{label}, n={len(vals)}", fontsize=9)
+        ax.locator_params(axis="x", nbins=5)
         ax.tick_params(labelsize=7)
     return _svg(fig)
 
 
 def domain_chart(stage: dict) -> str | None:
-    """Each domain's share of the selection minus its share of the pool."""
+    """Each domain's share of the stage's selection minus its share of the pool it came from."""
     shift = stage["domain_shift"]
     if not shift:
         return None
@@ -237,17 +238,21 @@ def run_body(view: dict, svgs: dict[str, str]) -> str:
     parts += ['<h3>Stages</h3>', stage_table(view),
               '<h3>Loss against training tokens</h3>', f'<div class="chart" id="chart-loss">{svgs["loss"]}</div>',
               '<h3>Stage timeline</h3>', f'<div class="chart" id="chart-timeline">{svgs["timeline"]}</div>']
-    for st in view["stages"]:
-        dist, dom = svgs.get(f"distribution-{st['stage']}"), svgs.get(f"domains-{st['stage']}")
+    for st, nxt in zip(view["stages"], view["stages"][1:], strict=False):
+        k, k1 = st["stage"], nxt["stage"]
+        dist, dom = svgs.get(f"distribution-{k}"), svgs.get(f"domains-{k1}")
         if not dist and not dom:
             continue
-        parts.append(f"<h3>Stage {st['stage']}: probes, scores and selection for stage {st['stage'] + 1}</h3>")
-        parts.append(f"<p class=\"muted\">influence-model validation Spearman {_fmt(st['val_spearman'], '.2f')}"
-                     f"; overlap of stage {st['stage']}'s selection with the previous stage's "
-                     f"{_fmt(st['overlap_with_previous'], '.0%')}</p>")
-        for name, svg in (("distribution", dist), ("domains", dom)):
+        # stage k's checkpoint is probed, its influence model scores stage k+1's pool,
+        # and the selection it makes is the one stage k+1 trains on
+        parts.append(f"<h3>Stage {k} → {k1}: probes at stage {k}'s checkpoint, "
+                     f"stage {k1}'s pool scores and selection</h3>")
+        parts.append(f"<p class=\"muted\">influence-model validation Spearman "
+                     f"{_fmt(st['val_spearman'], '.2f')}; stage {k1}'s selection shares "
+                     f"{_fmt(nxt['overlap_with_previous'], '.0%')} of its documents with stage {k}'s</p>")
+        for name, key, svg in (("distribution", k, dist), ("domains", k1, dom)):
             if svg:
-                parts.append(f'<div class="chart" id="chart-{name}-{st["stage"]}">{svg}</div>')
+                parts.append(f'<div class="chart" id="chart-{name}-{key}">{svg}</div>')
     return "\n".join(parts)
 
 

@@ -222,3 +222,41 @@ def test_memory_sqlite_is_one_database():
     s.ping()
     assert s.list_runs() == []
     s.close()
+
+
+def test_deliveries_are_counted_per_attempt(store, manifest):
+    _add(store, manifest)
+    key = ("t-0001", 1, "mates.score_shard", 0, 3)
+    assert [store.count_delivery(*key, attempt=0) for _ in range(3)] == [1, 2, 3]
+    assert store.count_delivery(*key, attempt=1) == 1  # a retry is a new attempt
+    assert store.count_delivery("t-0001", 2, "mates.score_shard", 0, 3, 0) == 1  # new generation
+    rows = {(r["generation"], r["attempt"]): r["count"] for r in store.list_deliveries("t-0001")}
+    assert rows == {(1, 0): 3, (1, 1): 1, (2, 0): 1}
+
+
+def test_concurrent_deliveries_are_all_counted(store, manifest):
+    _add(store, manifest)
+    got: list[int] = []
+
+    def deliver() -> None:
+        got.append(store.count_delivery("t-0001", 1, "mates.fit_influence_model", 0, -1, 0))
+
+    threads = [threading.Thread(target=deliver) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+
+
+def test_service_state_and_last_sent(store, manifest):
+    _add(store, manifest)
+    assert store.get_state("k") is None
+    store.put_state("k", "a")
+    store.put_state("k", "b")
+    assert store.get_state("k") == "b"
+    assert store.last_sent_at("t-0001") is None
+    store.claim_dispatch("t-0001", 1, "train_stage", 0)
+    assert store.last_sent_at("t-0001") is None  # claimed, not yet sent
+    store.mark_sent("t-0001", 1, "train_stage", 0)
+    assert store.last_sent_at("t-0001") > 0

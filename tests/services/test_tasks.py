@@ -1,4 +1,5 @@
-"""Task-side bookkeeping that needs no broker: failure records and stale generations."""
+"""Task-side bookkeeping that needs no broker: failure records, stale generations, poison
+messages and the broker watch (against a stand-in for the Redis client)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mates.artifacts import RunPaths, read_json  # noqa: E402
 from mates.errors import RunStateError  # noqa: E402
 from mates.run import init_run  # noqa: E402
 from services.common.store import Store  # noqa: E402
+from services.worker import tasks, watch  # noqa: E402
 from services.worker.tasks import open_run, record_failure  # noqa: E402
 
 
@@ -53,3 +55,64 @@ def test_a_stale_generation_records_nothing(stored_run):
     record_failure(store, run_id, 0, gen, "late failure of an old task")
     assert store.get_run(run_id)["status"] == "pending"
     assert paths.manifest.read_bytes() == before
+
+
+def test_a_task_delivered_too_often_fails_its_run(stored_run, monkeypatch):
+    store, run_id, paths = stored_run()
+    gen = store.bump_generation(run_id)
+    monkeypatch.setattr(tasks, "get_store", lambda: store)
+    limit = tasks.get_settings().task_max_deliveries
+    fit = tasks.fit_influence_model
+    assert [fit.poisoned(run_id, 0, gen) for _ in range(limit)] == [False] * limit
+    assert store.get_run(run_id)["status"] == "pending"
+    assert fit.poisoned(run_id, 0, gen)
+    row = store.get_run(run_id)
+    assert row["status"] == "failed"
+    assert f"delivered {limit + 1} times" in row["error"] and "fit_influence_model" in row["error"]
+    assert row["stages"][0]["state"] == "failed"
+    assert not tasks.score_shard.poisoned(run_id, 0, 4, gen)  # counted per task and shard
+
+
+class FakeRedis:
+    """The two commands the broker watch uses, on a dict."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def set(self, key, value, nx=False):
+        if nx and key in self.data:
+            return None
+        self.data[key] = value.encode()
+        return True
+
+
+def test_the_broker_watch_fails_runs_stranded_by_an_emptied_broker(stored_run):
+    store, run_id, paths = stored_run()
+    gen = store.bump_generation(run_id)
+    store.claim_dispatch(run_id, gen, "train_stage", 0)
+    store.mark_sent(run_id, gen, "train_stage", 0)
+    store.set_status(run_id, "running")
+    broker = FakeRedis()
+    assert not watch.broker_lost(broker, store)  # first deployment: nothing was lost
+    assert not watch.broker_lost(broker, store)  # the marker is there
+    broker.data.clear()  # Redis restarted without persistence
+    assert watch.broker_lost(broker, store)
+    assert not watch.broker_lost(broker, store)  # claimed once per loss
+    assert watch.fail_stranded_runs(store, since=9e12) == [run_id]
+    row = store.get_run(run_id)
+    assert row["status"] == "failed" and "lost its queued tasks" in row["error"]
+    assert row["generation"] == gen + 1  # a task still running for it goes stale
+    assert read_json(paths.manifest)["status"] == "failed"
+
+
+def test_the_broker_watch_spares_runs_published_since(stored_run):
+    store, run_id, _ = stored_run()
+    gen = store.bump_generation(run_id)
+    store.set_status(run_id, "queued")
+    store.claim_dispatch(run_id, gen, "train_stage", 0)
+    store.mark_sent(run_id, gen, "train_stage", 0)
+    assert watch.fail_stranded_runs(store, since=0.0) == []
+    assert store.get_run(run_id)["status"] == "queued"
