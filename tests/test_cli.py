@@ -158,9 +158,54 @@ def test_resume_of_a_missing_run_dir_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad_line", [b"[1, 2]", b'{"id": "\xff", "score": 2}'],
-                         ids=["not-an-object", "non-utf8"])
-def test_select_reports_malformed_score_files(tmp_path, capsys, bad_line):
-    path = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "score": 1.0}, bad_line])
+@pytest.mark.parametrize(("bad_line", "needle"), [
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"id": "\xff", "score": 2}', "not valid UTF-8"),
+    (b'{"id": "b", "score": 2', "not valid JSON"),
+    (b'{"id": 7, "score": 2}', "without a string `id`"),
+    (b'{"id": "b", "score": "high"}', "is not a finite number: 'high'"),
+    (b'{"id": "b", "score": NaN}', "is not a finite number: nan"),
+    (b'{"id": "b"}', "is not a finite number: None"),
+    (b'{"id": "a", "score": 3}', "duplicate score for id 'a' (first on line 1)"),
+], ids=["not-an-object", "non-utf8", "truncated-json", "int-id", "string-score", "nan-score",
+        "no-score", "duplicate"])
+def test_select_reports_malformed_score_files_by_file_and_line(tmp_path, capsys, bad_line, needle):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "score": 1.0}, "", bad_line,
+                                              {"id": "c", "score": 0.5}])
     assert main(["select", "--scores", str(path), "--fraction", "0.5"]) == 2
-    assert str(path) in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {path}:3: ") and needle in captured.err, captured.err
+
+
+@pytest.mark.parametrize(("bad_line", "needle"), [
+    (b'{"id": "b", "text": "caf\xe9"}', "not valid UTF-8"),
+    (b'{"id": "b", "text": ', "not valid JSON"),
+    (b'"just a string"', "row must be a JSON object"),
+    (b'{"id": "b", "text": 5}', "non-string `text`"),
+    (b'{"id": "a", "text": "again"}', "duplicate id 'a'"),
+], ids=["non-utf8", "truncated-json", "not-an-object", "int-text", "duplicate"])
+def test_score_reports_malformed_input_by_file_and_line(tmp_path, capsys, bad_line, needle):
+    """The input is read (and refused) before the model is loaded: no model needed here."""
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": "fine"}, bad_line])
+    rc = main(["score", "--model", str(tmp_path / "no-model"), "--input", str(path)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert captured.err.startswith(f"error: {path}:2: ") and needle in captured.err, captured.err
+
+
+def test_score_and_select_name_a_missing_input_file(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main(["score", "--model", str(tmp_path), "--input", str(missing)]) == 2
+    assert f"{missing} does not exist" in capsys.readouterr().err
+    assert main(["select", "--scores", str(missing), "--fraction", "0.5"]) == 2
+    assert f"{missing} does not exist" in capsys.readouterr().err
+
+
+def test_run_with_a_non_utf8_config_exits_2_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"name: caf\xe9\n")
+    assert main(["run", str(config), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and str(config) in captured.err
+    assert captured.out == ""

@@ -3,7 +3,8 @@ selections and on-demand scoring. It owns the run store.
 
 Errors from the library become HTTP codes here and only here: a bad config 422, an
 operation that does not fit the run's state 409, anything else the library raises 500
-with its message; a broker that cannot take a task 503.
+with its message; a broker that cannot take a task 503. The HTTP edge (body limit, the
+422 shape, CORS) is `services.common.edge`, shared with the scorer.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 import mates
 from mates.errors import ConfigError, DataError, MatesError, RunStateError
 from services.api.routes import health, models, runs, scoring
+from services.common.edge import install_edge, unprocessable
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
+from services.scorer.schemas import MODEL_VERSION_HEADER
 from services.worker.dispatch import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,9 @@ async def _library_error(request: Request, exc: Exception) -> JSONResponse:
                 status.HTTP_500_INTERNAL_SERVER_ERROR)
     if code >= 500:
         log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    if code == status.HTTP_422_UNPROCESSABLE_CONTENT:  # a run config: the request body
+        kind = "config_error" if isinstance(exc, ConfigError) else "data_error"
+        return unprocessable(str(exc), ("body",), kind)
     return JSONResponse({"detail": str(exc)}, status_code=code)
 
 
@@ -84,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.add_exception_handler(MatesError, _library_error)
     app.add_exception_handler(KombuOperationalError, _broker_error)
+    install_edge(app, settings, expose_headers=(MODEL_VERSION_HEADER,))
     return app
 
 

@@ -68,7 +68,7 @@ class ApiClient:
             detail = r.json().get("detail", r.text)
         except ValueError:
             detail = r.text.strip() or r.reason_phrase
-        hint = " (set MATES_API_KEY)" if r.status_code == 401 else ""
+        hint = {401: " (set MATES_API_KEY)", 403: " (check MATES_API_KEY)"}.get(r.status_code, "")
         raise ApiError(f"{method} {path}: {r.status_code} {format_detail(detail)}{hint}",
                        r.status_code, detail)
 

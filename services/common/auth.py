@@ -1,4 +1,5 @@
-"""Bearer API-key checks as FastAPI dependencies; constant-time comparison.
+"""Bearer API-key checks as FastAPI dependencies: 401 without a key, 403 with a wrong one;
+constant-time comparison.
 
 No `from __future__ import annotations` here: FastAPI must see the `Depends(get_settings)`
 annotations as objects, and `get_settings` is a parameter, not a module global.
@@ -20,12 +21,13 @@ def key_matches(given: str | None, expected: str) -> bool:
 
 
 def _check(creds: HTTPAuthorizationCredentials | None, settings: Settings) -> None:
+    """401 when no bearer key is given, 403 when the key is wrong. Neither the given key
+    nor the expected one ever goes into a message or a log line."""
     if creds is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
                             headers={"WWW-Authenticate": "Bearer"})
     if not key_matches(creds.credentials, settings.api_key):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API key")
 
 
 def require_key(get_settings):

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from mates.errors import MatesError
 from services.common.auth import require_key, require_read_key
+from services.common.edge import install_edge, unprocessable
 from services.common.settings import Settings, get_settings
 from services.scorer.errors import (
     BadModelName,
@@ -95,6 +96,8 @@ def readyz(service: Service) -> dict:
 
 
 async def _scorer_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, BadModelName):
+        return unprocessable(str(exc), ("body", "model"), "bad_model_name")
     code = next(c for t, c in ERROR_STATUS.items() if isinstance(exc, t))
     return JSONResponse({"detail": str(exc)}, status_code=code)
 
@@ -126,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type in ERROR_STATUS:
         app.add_exception_handler(exc_type, _scorer_error)
     app.add_exception_handler(MatesError, _library_error)
+    install_edge(app, settings, expose_headers=(MODEL_VERSION_HEADER,))
     return app
 
 

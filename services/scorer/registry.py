@@ -9,6 +9,7 @@ written by an atomic rename, so a half-written one is never seen).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from mates.artifacts import RunPaths, read_json
 from mates.errors import ArtifactError
 from services.scorer.errors import BadModelName, ModelNotFound, ModelNotReady
+from services.scorer.schemas import RUN_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ def parse_model(model: str) -> tuple[str, int | None]:
     run_id, sep, stage = model.rpartition("/")
     if not sep or not run_id or not stage:
         raise BadModelName(f"model must be '<run_id>/<stage>' or '<run_id>/latest', got {model!r}")
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise BadModelName(f"model {model!r}: {run_id!r} is not a run ID (letters, digits, "
+                           "'.', '_' and '-', starting with a letter or digit)")
     if stage == LATEST:
         return run_id, None
     if not stage.isascii() or not stage.isdigit():

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""What a run ID can be (`<name>-<8 hex>`, the name as `RunConfig.name` allows). IDs are
+only ever looked up, never joined into a path, and anything else (`..`, `/`, NUL, `%`) is
+refused at the edge: 422 in the API, and in the scorer's `model` string."""
+
 
 class Document(BaseModel):
     id: str = Field(description="the document's ID, unique within the request")

@@ -47,6 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", default="probe,scorer,trainer,overhead",
                        help="comma-separated sections (default: all)")
 
+    rep = sub.add_parser("report", help="a self-contained HTML report of a run (charts embedded)")
+    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
+    rep.add_argument("--baseline", type=Path, default=None,
+                     help="another run dir (e.g. the random arm) to overlay and report alongside")
+
+    agree = sub.add_parser("probe-agreement", help="Spearman of first-order vs exact probes on a "
+                           "run's stage checkpoints, by probe lr (reads the run only)")
+    agree.add_argument("run_dir", type=Path)
+    agree.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="comma-separated probe lrs")
+    agree.add_argument("--probes", type=int, default=48, help="probe documents per stage")
+    agree.add_argument("--stages", default=None, help="comma-separated stages (default: all probeable)")
+    agree.add_argument("--json", type=Path, default=None, help="also write the rows here")
+
     ts = sub.add_parser("train-stage", help="train one stage of a run dir; under `torchrun "
                         "--nproc-per-node N` with DDP (what the trainer service runs on N GPUs)")
     ts.add_argument("run_dir", type=Path)
@@ -127,6 +141,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from mates.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out, args.baseline)}")
+    return 0
+
+
+def _numbers(text: str, kind, option: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise MatesError(f"{option}: expected comma-separated numbers, got {text!r}") from e
+
+
+def cmd_probe_agreement(args) -> int:
+    from mates.agreement import format_table, probe_agreement
+    from mates.artifacts import write_json
+
+    stages = None if args.stages is None else _numbers(args.stages, int, "--stages")
+    rows = probe_agreement(args.run_dir, _numbers(args.lrs, float, "--lrs"), args.probes, stages)
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, {"run_dir": str(args.run_dir), "rows": rows})
+        print(f"rows written to {args.json}")
+    return 0
+
+
 def cmd_train_stage(args) -> int:
     from mates.run import train_stage_process
 
@@ -164,7 +205,7 @@ def cmd_compare(args) -> int:
         print(f"{arm:<8} {s[arm]['final_heldout_loss']:>20.4f} {s[arm]['final_tokens']:>12}")
     ratio = s["tokens_to_match_ratio"]
     print(f"tokens_to_match_ratio: {'never reached' if ratio is None else f'{ratio:.3f}'}")
-    print(f"wrote {out / 'comparison.json'} and {out / 'comparison.png'}")
+    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.png'} and {out / 'report.html'}")
     return 0
 
 
@@ -187,16 +228,43 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _read_scores(path: Path) -> list[dict]:
+    """The rows of a scores file, each checked as it is read so that an error names
+    `file:line` (non-UTF-8, not JSON, not `{id, score}`, a repeated ID)."""
+    from mates.artifacts import iter_jsonl
+    from mates.errors import DataError
+    from mates.selection import join_scores
+
+    if not path.is_file():
+        raise DataError(f"scores file {path} does not exist")
+    rows: list[dict] = []
+    first_line: dict[str, int] = {}
+    for lineno, row, bad in iter_jsonl(path):
+        if bad:
+            raise DataError(f"{path}:{lineno}: {bad}")
+        doc_id = row.get("id") if isinstance(row, dict) else None
+        try:
+            join_scores([doc_id], [row])  # the library's check of one row
+        except DataError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        if doc_id in first_line:
+            raise DataError(f"{path}:{lineno}: duplicate score for id {doc_id!r} "
+                            f"(first on line {first_line[doc_id]})")
+        first_line[doc_id] = lineno
+        rows.append(row)
+    return rows
+
+
 def cmd_select(args) -> int:
-    from mates.artifacts import read_jsonl
     from mates.selection import select_ids
 
     if not 0 < args.fraction <= 1:
         raise MatesError(f"--fraction must be in (0, 1], got {args.fraction}")
     from mates.errors import DataError
 
+    rows = _read_scores(args.scores)
     try:
-        ids = select_ids(read_jsonl(args.scores), fraction=args.fraction, method=args.method,
+        ids = select_ids(rows, fraction=args.fraction, method=args.method,
                          temperature=args.temperature, seed=args.seed)
     except DataError as e:
         raise DataError(f"{args.scores}: {e}") from None
@@ -364,7 +432,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train-stage": cmd_train_stage, "resume": cmd_resume, "compare": cmd_compare,
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train-stage": cmd_train_stage,
+            "probe-agreement": cmd_probe_agreement, "report": cmd_report, "resume": cmd_resume, "compare": cmd_compare,
             "score": cmd_score, "select": cmd_select, "runs": cmd_runs, "serve": cmd_serve}
 
 

@@ -76,7 +76,8 @@ def load_encoder(name: str, seed: int = 0):
     path = minilm_dir() if name == "minilm" else Path(name)
     if not (path / "config.json").is_file():
         raise ConfigError(f"`influence.encoder`: {path} is not a model directory")
-    enc = AutoModel.from_pretrained(str(path), local_files_only=True)
+    # safetensors only: an encoder path can come from an artifact's meta.json, so never unpickle
+    enc = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if hasattr(enc, "pooler"):
         enc.pooler = None  # mean pooling only; the pooler's weights would be dead

@@ -136,6 +136,15 @@ def test_a_broker_failure_is_503_and_leaves_a_resumable_run(tmp_path, redis_url,
         assert c.get(f"/v1/runs/{runs[0]['id']}").json()["status"] == "failed"
 
 
+@pytest.mark.parametrize("field", ["pool", "reference", "heldout", "tokenizer"])
+def test_a_nul_byte_in_a_data_path_is_422_not_500(client, broker, valid_config, field):
+    valid_config["data"][field] = "data/evil\x00.jsonl"
+    r = client.post("/v1/runs", json=valid_config, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert "`data" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body"]
+    assert broker.llen("train") == 0
+
+
 def test_body_must_be_a_json_object(client, broker):
     assert client.post("/v1/runs", json=[1, 2], headers=AUTH).status_code == 422
 
@@ -143,15 +152,23 @@ def test_body_must_be_a_json_object(client, broker):
 # --------------------------------------------------------------------------- auth
 
 
-def test_posts_need_the_key(client, broker, valid_config):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
-        assert client.post("/v1/runs", json=valid_config, headers=headers).status_code == 401
-        assert client.post("/v1/runs/x/cancel", headers=headers).status_code == 401
-        assert client.post("/v1/runs/x/resume", headers=headers).status_code == 401
-        r = client.post("/v1/score", json={"model": "x/0", "documents": [{"id": "a", "text": "b"}]},
-                        headers=headers)
-        assert r.status_code == 401
-    assert broker.llen("train") == 0
+@pytest.mark.parametrize("headers, code, detail", [
+    ({}, 401, "missing bearer API key"),
+    ({"Authorization": f"Basic {KEY}"}, 401, "missing bearer API key"),
+    ({"Authorization": "Bearer"}, 401, "missing bearer API key"),
+    ({"Authorization": "Bearer wrong"}, 403, "invalid API key"),
+    ({"Authorization": f"Bearer {KEY}x"}, 403, "invalid API key"),
+    ({"Authorization": f"Bearer {KEY[:-1]}"}, 403, "invalid API key"),
+], ids=["none", "basic", "empty", "wrong", "longer", "prefix"])
+def test_posts_need_the_key(client, broker, valid_config, headers, code, detail):
+    """401 without a bearer key (with `WWW-Authenticate`), 403 with a wrong one; nothing runs."""
+    for path, body in (("/v1/runs", valid_config), ("/v1/runs/x/cancel", None),
+                       ("/v1/runs/x/resume", None),
+                       ("/v1/score", {"model": "x/0", "documents": [{"id": "a", "text": "b"}]})):
+        r = client.post(path, json=body, headers=headers)
+        assert (r.status_code, r.json()["detail"]) == (code, detail), path
+        assert ("www-authenticate" in r.headers) == (code == 401)
+    assert broker.llen("train") == 0 and client.get("/v1/runs").json() == []
 
 
 def test_reads_are_open_by_default_and_keyed_with_read_auth(tmp_path, redis_url, broker):
@@ -159,8 +176,10 @@ def test_reads_are_open_by_default_and_keyed_with_read_auth(tmp_path, redis_url,
         assert c.get("/v1/runs").status_code == 200
         assert c.get("/v1/models").status_code == 200
     with make_client(make_settings(tmp_path, redis_url, read_auth=True)) as c:
-        for path in ("/v1/runs", "/v1/models", "/v1/runs/x", "/v1/runs/x/metrics"):
+        for path in ("/v1/runs", "/v1/models", "/v1/runs/x", "/v1/runs/x/metrics",
+                     "/v1/runs/x/stages/0/selection"):
             assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 403, path
         assert c.get("/v1/runs", headers=AUTH).status_code == 200
         assert c.get("/healthz").status_code == 200  # probes stay open
 
@@ -202,6 +221,60 @@ def test_cancel_and_resume_follow_the_run_state(client, broker, settings):
     assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["generation"] == 1
     assert not RunPaths(settings.artifacts_dir / active).cancel.exists()
     assert [m["headers"]["argsrepr"] for m in train_messages(broker)] == [repr((active, 0, 1))]
+
+
+def test_illegal_state_changes_are_409_with_the_reason(client, broker, settings):
+    active = hand_made_run(client, settings.artifacts_dir, "running")
+    assert client.post(f"/v1/runs/{active}/cancel", headers=AUTH).status_code == 202
+    r = client.post(f"/v1/runs/{active}/cancel", headers=AUTH)  # twice
+    assert r.status_code == 409
+    assert r.json()["detail"] == (f"run {active} is cancelling; only an active run can be "
+                                  "cancelled")
+
+    done = hand_made_run(client, settings.artifacts_dir, "done", run_id="hand-0002")
+    r = client.post(f"/v1/runs/{done}/resume", headers=AUTH)
+    assert r.status_code == 409
+    assert r.json()["detail"] == (f"run {done} is done; only a failed or cancelled run can be "
+                                  "resumed")
+
+    failed = hand_made_run(client, settings.artifacts_dir, "failed", run_id="hand-0003")
+    assert client.post(f"/v1/runs/{failed}/resume", headers=AUTH).status_code == 202
+    r = client.post(f"/v1/runs/{failed}/resume", headers=AUTH)  # twice: the first one won
+    assert r.status_code == 409 and "is queued" in r.json()["detail"]
+    assert client.get(f"/v1/runs/{failed}").json()["generation"] == 1
+    assert len(train_messages(broker)) == 1
+
+
+TRAVERSALS = ["%2e%2e", "%2E%2E%2Fetc%2Fpasswd", "..%5C..%5Cwindows", "%2fetc%2fpasswd",
+              "a%00b", ".hidden", "-x", "x%20y", "r" * 129]
+
+
+@pytest.mark.parametrize("run_id", TRAVERSALS)
+def test_run_ids_that_could_escape_the_store_are_refused(client, settings, run_id):
+    """404 (no route) or 422 (not a run ID) on every run route; nothing outside the store
+    is read, whatever lies next to it."""
+    (settings.artifacts_dir.parent / "run.json").write_text('{"secret": "outside"}')
+    for method, suffix in (("get", ""), ("get", "/metrics"), ("get", "/stages/0/selection"),
+                           ("post", "/cancel"), ("post", "/resume")):
+        r = getattr(client, method)(f"/v1/runs/{run_id}{suffix}", headers=AUTH)
+        assert r.status_code in (404, 422), (run_id, suffix, r.status_code)
+        assert "outside" not in r.text
+        if r.status_code == 422:
+            assert r.json()["errors"][0]["loc"] == ["path", "run_id"]
+    r = client.get("/v1/models", params={"run_id": "../x"})
+    assert r.status_code == 422 and "`query.run_id`" in r.json()["detail"]
+
+
+def test_wrong_query_and_path_types_are_422_naming_the_parameter(client, settings):
+    run_id = hand_made_run(client, settings.artifacts_dir, "running")
+    for path, params, field in (("/v1/runs", {"limit": "ten"}, "`query.limit`"),
+                                ("/v1/runs", {"limit": 0}, "`query.limit`"),
+                                ("/v1/runs", {"offset": -1}, "`query.offset`"),
+                                ("/v1/runs", {"status": "sleeping"}, "`query.status`"),
+                                (f"/v1/runs/{run_id}/stages/one/selection", {}, "`path.stage`")):
+        r = client.get(path, params=params)
+        assert r.status_code == 422, (path, params)
+        assert r.json()["detail"].startswith("invalid request: ") and field in r.json()["detail"]
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -292,7 +365,34 @@ def test_score_is_relayed_to_the_scorer(tmp_path, redis_url, real_scorer):
     assert r_found.headers["X-Model-Version"] == direct.headers["X-Model-Version"] == f"{run_id}/1"
     assert r_missing.status_code == 404 and "nope" in r_missing.json()["detail"]
     assert "X-Model-Version" not in r_missing.headers
-    assert r_badkey.status_code == 401
+    assert r_badkey.status_code == 403
+
+
+def test_a_scorer_refusing_the_apis_key_is_502_not_the_callers_fault(tmp_path, redis_url,
+                                                                    real_scorer):
+    url, run_id = real_scorer
+    body = {"model": f"{run_id}/latest", "documents": [{"id": "a", "text": "To be."}]}
+    settings = make_settings(tmp_path, redis_url, scorer_url=url, api_key="another-key-98765")
+    with make_client(settings) as c:
+        r = c.post("/v1/score", json=body, headers={"Authorization": "Bearer another-key-98765"})
+    assert r.status_code == 502
+    assert "refused the API's key" in r.json()["detail"] and "another-key" not in r.text
+
+
+def test_score_limits_and_empty_batches_through_the_api(tmp_path, redis_url, real_scorer):
+    """The scorer's limits reach the caller as the scorer's 413; an empty batch is the
+    API's own 422."""
+    url, run_id = real_scorer
+    many = [{"id": f"d{i}", "text": "x"} for i in range(1025)]  # MATES_SCORER_MAX_DOCUMENTS
+    huge = [{"id": "big", "text": "y" * 100_001}]  # MATES_SCORER_MAX_CHARS
+    with make_client(make_settings(tmp_path, redis_url, scorer_url=url)) as c:
+        r_many = c.post("/v1/score", json={"model": f"{run_id}/0", "documents": many}, headers=AUTH)
+        r_huge = c.post("/v1/score", json={"model": f"{run_id}/0", "documents": huge}, headers=AUTH)
+        r_empty = c.post("/v1/score", json={"model": f"{run_id}/0", "documents": []}, headers=AUTH)
+    assert r_many.status_code == 413 and "1025 documents" in r_many.json()["detail"]
+    assert r_huge.status_code == 413 and "'big' has 100001 characters" in r_huge.json()["detail"]
+    assert r_empty.status_code == 422
+    assert "`body.documents`: documents must not be empty" in r_empty.json()["detail"]
 
 
 def test_score_is_502_when_no_scorer_listens(client, settings):
@@ -331,3 +431,9 @@ def test_openapi_docs(client):
     schema = ok["content"]["application/json"]["schema"]
     assert schema["type"] == "array" and schema["items"]["$ref"].endswith("/DocumentScore")
     assert "X-Model-Version" in ok["headers"]
+    # every 422 is documented with the body the handler really returns
+    problem = spec["components"]["schemas"]["HTTPValidationError"]
+    assert problem["properties"]["detail"]["type"] == "string"
+    assert set(problem["required"]) == {"detail", "errors"}
+    assert set(spec["paths"]["/v1/runs/{run_id}/cancel"]["post"]["responses"]) >= {
+        "202", "401", "403", "404", "409", "422"}

@@ -172,7 +172,7 @@ def test_errors_are_clear(api, capsys, monkeypatch, unused_port):
 
     monkeypatch.setenv("MATES_API_KEY", "wrong")
     assert main(["runs", "cancel", "nope"]) == 2
-    assert "401 invalid API key" in capsys.readouterr().err
+    assert "403 invalid API key" in capsys.readouterr().err
 
     dead = f"http://127.0.0.1:{unused_port()}"
     assert main(["runs", "--api", dead, "list"]) == 2

@@ -158,6 +158,24 @@ def test_malformed_model_is_422(client, model):
     assert repr(model) in r.json()["detail"]
 
 
+@pytest.mark.parametrize("model", [
+    "../0", "../../etc/latest", "/etc/passwd/0", "..\\..\\x/0", "%2e%2e/0", "%2e%2e%2fetc/0",
+    "run\x00id/0", "run id/0", ".hidden/0", "-run/0", "r" * 129 + "/0",
+])
+def test_model_names_that_could_escape_the_store_are_422(client, model):
+    r = client.post("/v1/score", headers=AUTH, json={"model": model, "documents": docs(["x"])})
+    assert r.status_code == 422, r.text
+    assert "is not a run ID" in r.json()["detail"]
+    assert "X-Model-Version" not in r.headers
+
+
+def test_runs_are_found_by_the_id_in_their_manifest_not_by_directory(client, tiny_run):
+    """The run's directory name is no handle on it: nothing is opened by a requested name."""
+    r = client.post("/v1/score", headers=AUTH,
+                    json={"model": f"{tiny_run['dir'].name}/0", "documents": docs(["x"])})
+    assert r.status_code == 404 and "unknown run" in r.json()["detail"]
+
+
 def test_run_without_a_model_yet_is_409_and_found_by_rescan(tiny_run, run_id, tmp_path):
     root = tmp_path / "artifacts"
     root.mkdir()
@@ -203,38 +221,68 @@ def test_too_long_document_is_413(tiny_run, run_id):
     assert "'long-one'" in detail and "limit is 10" in detail
 
 
-@pytest.mark.parametrize("documents, problem", [
-    ([], "documents must not be empty"),
-    ([{"id": "", "text": "a"}], "document id must not be empty"),
+@pytest.mark.parametrize("documents, problem, loc", [
+    ([], "`body.documents`: documents must not be empty", ["body", "documents"]),
+    ([{"id": "", "text": "a"}], "`body.documents.0.id`: document id must not be empty",
+     ["body", "documents", 0, "id"]),
     ([{"id": "a", "text": "a"}, {"id": "b", "text": "b"}, {"id": "a", "text": "c"}],
-     "duplicate document id 'a'"),
-    ([{"id": "a"}], "text"),
-    ([{"text": "a"}], "id"),
+     "`body.documents`: duplicate document id 'a'", ["body", "documents"]),
+    ([{"id": "a"}], "`body.documents.0.text` is required", ["body", "documents", 0, "text"]),
+    ([{"text": "a"}], "`body.documents.0.id` is required", ["body", "documents", 0, "id"]),
+    ([{"id": "a", "text": 7}], "`body.documents.0.text`: Input should be a valid string, got 7",
+     ["body", "documents", 0, "text"]),
+    ({"id": "a", "text": "b"}, "`body.documents`: Input should be a valid list",
+     ["body", "documents"]),
 ])
-def test_invalid_documents_are_422(client, run_id, documents, problem):
+def test_invalid_documents_are_422_naming_the_field(client, run_id, documents, problem, loc):
+    """`detail` names the field for people; `errors` has the same for programs."""
     r = client.post("/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": documents})
     assert r.status_code == 422
-    errors = r.json()["detail"]
-    assert any(problem in e["msg"] or problem in e["loc"] for e in errors), errors
+    body = r.json()
+    assert body["detail"].startswith("invalid request: ") and problem in body["detail"]
+    assert [e["loc"] for e in body["errors"]] == [loc]
+    assert set(body["errors"][0]) == {"loc", "msg", "type"}
 
 
-def test_missing_model_field_is_422(client):
-    r = client.post("/v1/score", headers=AUTH, json={"documents": docs(["x"])})
-    assert r.status_code == 422
-    assert any("model" in e["loc"] for e in r.json()["detail"])
+@pytest.mark.parametrize("body, problem", [
+    ({"documents": [{"id": "a", "text": "x"}]}, "`body.model` is required"),
+    ({"model": 5, "documents": [{"id": "a", "text": "x"}]},
+     "`body.model`: Input should be a valid string, got 5"),
+    ([1, 2], "`body`: Input should be a valid dictionary"),
+])
+def test_wrong_types_are_422_naming_the_field(client, body, problem):
+    r = client.post("/v1/score", headers=AUTH, json=body)
+    assert r.status_code == 422 and problem in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b'{"model": "r/0", "documents": [{"id": "a", "text": "caf\xe9"}]}',
+     "`body` is not valid UTF-8 JSON"),
+    (b'{"model": "\xc3\x28/0", "documents": []}', "`body` is not valid UTF-8 JSON"),
+    (b"\xff\xfe\x00{", "`body` is not valid JSON"),  # taken for UTF-16 by `json.loads`
+    (b'{"model": "r/0", "documents": [', "`body` is not valid JSON"),
+    (b"", "`body` is required"),
+])
+def test_undecodable_bodies_are_422(client, raw, problem):
+    r = client.post("/v1/score", content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert problem in r.json()["detail"] and r.json()["errors"][0]["loc"][0] == "body"
 
 
 # --------------------------------------------------------------------------- auth
 
 
-@pytest.mark.parametrize("headers, detail", [
-    ({}, "missing bearer API key"),
-    ({"Authorization": "Bearer wrong-key"}, "invalid API key"),
+@pytest.mark.parametrize("headers, code, detail", [
+    ({}, 401, "missing bearer API key"),
+    ({"Authorization": f"Token {KEY}"}, 401, "missing bearer API key"),
+    ({"Authorization": "Bearer wrong-key"}, 403, "invalid API key"),
+    ({"Authorization": f"Bearer {KEY.upper()}"}, 403, "invalid API key"),
 ])
-def test_score_needs_the_key(client, run_id, headers, detail):
+def test_score_needs_the_key(client, run_id, headers, code, detail):
     r = client.post("/v1/score", headers=headers, json={"model": f"{run_id}/0", "documents": docs(["x"])})
-    assert r.status_code == 401
+    assert r.status_code == code
     assert r.json()["detail"] == detail
+    assert "X-Model-Version" not in r.headers
 
 
 def test_placeholder_key_is_refused_outside_dev(tiny_run, monkeypatch):
@@ -275,7 +323,9 @@ def test_models_needs_the_key_with_read_auth(tiny_run):
     app = scorer_app.create_app(make_settings(tiny_run["dir"].parent, read_auth=True))
     with TestClient(app) as c:
         assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
         assert c.get("/v1/models", headers=AUTH).status_code == 200
+        assert c.get("/readyz").status_code == 200  # probes stay open
 
 
 def test_openapi_documents_the_score_list_and_header(client):

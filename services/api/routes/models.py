@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from services.api.deps import ReadKey, StoreDep
 from services.api.schemas import ModelVersion
+from services.scorer.schemas import RUN_ID_PATTERN
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=list[ModelVersion])
-def list_models(store: StoreDep, _: ReadKey, run_id: str | None = None) -> list[dict[str, Any]]:
+def list_models(store: StoreDep, _: ReadKey,
+                run_id: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None,
+                ) -> list[dict[str, Any]]:
     """Model versions (`<run_id>/<stage>`) with their validation scores, newest first."""
     return store.list_models(run_id)

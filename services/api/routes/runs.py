@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, status
 from mates.artifacts import RunPaths, read_json
 from mates.config import RunConfig, config_from_dict
 from mates.errors import ArtifactError, ConfigError
-from services.api.deps import KeyRequired, ReadKey, SettingsDep, StoreDep
+from services.api.deps import KeyRequired, ReadKey, RunId, SettingsDep, StoreDep
 from services.api.schemas import Problem, Run, RunMetrics, RunStatus, RunSummary
 from services.common.store import Store, finite_json
 from services.worker import dispatch
@@ -19,6 +19,7 @@ from services.worker import dispatch
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 DATA_FILES = ("pool", "reference", "heldout")
+MAX_OFFSET = 2**31 - 1  # a bigger one overflows the database's integer (a 500 before)
 
 EXAMPLE_CONFIG = {
     "name": "tiny", "seed": 0, "device": "cpu",
@@ -35,12 +36,16 @@ ConfigBody = Annotated[dict[str, Any], Body(
     examples=[EXAMPLE_CONFIG])]
 
 NOT_FOUND = {404: {"model": Problem, "description": "no run with that ID"}}
-AUTH = {401: {"model": Problem, "description": "missing or wrong API key"}}
+AUTH = {401: {"model": Problem, "description": "no bearer API key"},
+        403: {"model": Problem, "description": "a wrong API key"}}
 
 
 def validate_run_config(raw: dict[str, Any]) -> RunConfig:
     """The config as the library validates it, plus: its data files exist on this server."""
-    cfg = config_from_dict(raw, base_dir=Path.cwd())
+    try:
+        cfg = config_from_dict(raw, base_dir=Path.cwd())
+    except ValueError as e:  # resolving a path the OS refuses (a NUL byte); was a 500
+        raise ConfigError(f"`data`: a path in it is not usable on this server ({e})") from None
     for name in DATA_FILES:
         path = getattr(cfg.data, name)
         if not path.is_file():
@@ -81,20 +86,20 @@ def submit_run(config: ConfigBody, store: StoreDep, settings: SettingsDep,
 def list_runs(store: StoreDep, _: ReadKey,
               status_: Annotated[RunStatus | None, Query(alias="status")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> list[dict[str, Any]]:
     """Runs, newest first."""
     return store.list_runs(status=status_, limit=limit, offset=offset)
 
 
 @router.get("/{run_id}", response_model=Run, responses=NOT_FOUND)
-def get_run(run_id: str, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+def get_run(run_id: RunId, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     """A run with every stage's state, transitions, timings, metrics and error."""
     return run_or_404(store, run_id)
 
 
 @router.post("/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
              responses={**AUTH, **NOT_FOUND, 409: {"model": Problem, "description": "not active"}})
-def cancel_run(run_id: str, store: StoreDep, settings: SettingsDep,
+def cancel_run(run_id: RunId, store: StoreDep, settings: SettingsDep,
                _: KeyRequired) -> dict[str, Any]:
     """Ask an active run to stop; its status is `cancelling` until the worker stops it."""
     run_or_404(store, run_id)
@@ -104,7 +109,7 @@ def cancel_run(run_id: str, store: StoreDep, settings: SettingsDep,
 @router.post("/{run_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
              responses={**AUTH, **NOT_FOUND,
                         409: {"model": Problem, "description": "neither failed nor cancelled"}})
-def resume_run(run_id: str, store: StoreDep, settings: SettingsDep,
+def resume_run(run_id: RunId, store: StoreDep, settings: SettingsDep,
                _: KeyRequired) -> dict[str, Any]:
     """Queue a failed or cancelled run again from its last completed step."""
     run_or_404(store, run_id)
@@ -112,7 +117,7 @@ def resume_run(run_id: str, store: StoreDep, settings: SettingsDep,
 
 
 @router.get("/{run_id}/metrics", response_model=RunMetrics, responses=NOT_FOUND)
-def run_metrics(run_id: str, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+def run_metrics(run_id: RunId, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     """The run's metrics log (held-out and reference losses over steps) and stage summaries."""
     run = run_or_404(store, run_id)
     rows = read_log(RunPaths(Path(run["artifacts_dir"])).metrics)
@@ -123,7 +128,7 @@ def run_metrics(run_id: str, store: StoreDep, _: ReadKey) -> dict[str, Any]:
 @router.get("/{run_id}/stages/{stage}/selection", response_model=dict[str, Any],
             responses={404: {"model": Problem,
                              "description": "no such run or stage, or not selected yet"}})
-def stage_selection(run_id: str, stage: int, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+def stage_selection(run_id: RunId, stage: int, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     """The selection manifest of the documents stage `stage` trains on."""
     run = run_or_404(store, run_id)
     if not 0 <= stage < run["num_stages"]:

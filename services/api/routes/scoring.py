@@ -41,6 +41,11 @@ async def score(payload: ScoreRequest, request: Request, settings: SettingsDep,
         raise HTTPException(status.HTTP_502_BAD_GATEWAY,
                             f"the scorer at {settings.scorer_url} cannot be reached "
                             f"({type(e).__name__}: {e})") from None
+    if r.status_code in (status.HTTP_401_UNAUTHORIZED, status.HTTP_403_FORBIDDEN):
+        # The caller's key was good here; the scorer refusing ours is a deployment fault.
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY,
+                            f"the scorer at {settings.scorer_url} refused the API's key "
+                            f"({r.status_code}); MATES_API_KEY must be the same for both")
     try:
         body = r.json()
     except ValueError:
