@@ -318,7 +318,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.loadtest", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mates loadtest", description=__doc__.split("\n")[0])
     p.add_argument("--url", help="an existing scorer (default: start one on loopback)")
     p.add_argument("--model", help="`<run_id>/<stage>` or `<run_id>/latest` (needed with --url)")
     p.add_argument("--pid", type=int, help="the scorer's PID, to sample its RSS (with --url)")

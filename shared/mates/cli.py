@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", default="probe,scorer,trainer,overhead",
                        help="comma-separated sections (default: all)")
 
+    sub.add_parser("loadtest", help="load-test the scorer on loopback (its options: "
+                   "mates loadtest --help)")
+
     rep = sub.add_parser("report", help="a self-contained HTML report of a run (charts embedded)")
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
@@ -438,6 +441,11 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train-stage": cmd_train_stage,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:  # its options are its own: python -m services.loadtest --help
+        from services.loadtest import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
