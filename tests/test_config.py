@@ -126,6 +126,13 @@ def test_bad_choice_names_field():
     assert "`selection.method`" in msg and "best" in msg
 
 
+def test_bad_rows_choice_defaults_to_error_and_names_field():
+    assert config_from_dict(_raw()).data.on_bad_row == "error"
+    assert config_from_dict(_raw(data={**DATA, "on_bad_row": "skip"})).data.on_bad_row == "skip"
+    msg = _error(_raw(data={**DATA, "on_bad_row": "ignore"}))
+    assert "`data.on_bad_row`" in msg and "ignore" in msg
+
+
 def test_several_errors_are_all_reported():
     msg = _error(_raw(selection={"ratio": 2.0}, stages={"num_stages": 0}))
     assert "`selection.ratio`" in msg and "`stages.num_stages`" in msg

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mates.errors import ArtifactError
+from mates.errors import ArtifactError, MatesError
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class RunPaths:
     def cancel(self) -> Path:
         """Marker file: its presence asks a running run to stop at the next step."""
         return self.root / "cancel"
+
+    @property
+    def lock(self) -> Path:
+        """Locked (flock) by the process executing the run; the OS releases it if that dies."""
+        return self.root / "run.lock"
 
     @property
     def tokenized(self) -> Path:
@@ -90,6 +96,9 @@ class RunPaths:
         return self.root / "final-model"
 
 
+TMP_SUFFIX = ".tmp"  # a temporary of `atomic_path`; one left by a killed process is garbage
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -101,30 +110,76 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and folder of a directory, to disk before it is renamed."""
+    if path.is_dir():
+        for folder, _, files in os.walk(path):
+            for name in files:
+                _fsync_tree(Path(folder) / name)
+            _fsync_dir(Path(folder))
+    elif path.is_file():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _os_reason(e: BaseException) -> str | None:
+    """Why the OS refused a write ("No space left on device"), from the exception's chain.
+
+    torch.save raises a RuntimeError whose context is the OSError; safetensors' Rust
+    writer only names the errno in its message.
+    """
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        m = re.search(r"os error (\d+)", str(seen))
+        if m:
+            return os.strerror(int(m.group(1)))
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it over `final`.
+    """Yield a temporary sibling path; on success fsync it and rename it over `final`.
 
-    Works for files and directories. On error the temporary is removed and
-    `final` is untouched.
+    Works for files and directories. On error the temporary is removed and `final` is
+    untouched; an error of the file system raises ArtifactError naming `final` and the
+    reason ("File too large", "Permission denied").
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp / final.name
+    tmp: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent))
+        target = tmp / final.name
         yield target
-        if target.is_file():
-            with open(target, "rb") as fh:
-                os.fsync(fh.fileno())
+        _fsync_tree(target)
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
+            # Move the old directory aside in one rename: deleting it in place could, if the
+            # process died midway, leave a partial directory under the final name.
+            os.replace(final, tmp / "replaced")
         os.replace(target, final)
         _fsync_dir(final.parent)
-    except OSError as e:
-        raise ArtifactError(f"could not write {final}: {e.strerror or e}") from e
+    except Exception as e:
+        reason = None if isinstance(e, MatesError) else _os_reason(e)
+        if reason is None:
+            raise
+        raise ArtifactError(f"could not write {final}: {reason}") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete what `atomic_path` left behind in processes that were killed; returns the count.
+
+    Only safe while no other process writes under `root`.
+    """
+    stale = [p for p in Path(root).rglob(f".*{TMP_SUFFIX}") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -150,27 +205,75 @@ def read_json(path: Path) -> Any:
         raise ArtifactError(f"artifact {path} is not valid JSON: {e}") from None
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, value, None) for each non-blank line of a JSONL file.
+
+    A line that is not UTF-8 JSON gives (line number, None, reason), so that the
+    caller can raise naming `path:line` or skip it and count.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"not valid UTF-8 ({e.reason})"
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"not valid JSON ({e.msg})"
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     try:
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    rows.append(json.loads(raw.decode("utf-8")))
-                except UnicodeDecodeError:
-                    raise ArtifactError(f"{path}:{lineno}: not valid UTF-8") from None
-                except json.JSONDecodeError as e:
-                    raise ArtifactError(f"{path}:{lineno}: not valid JSON: {e}") from None
+        for lineno, obj, bad in iter_jsonl(path):
+            if bad:
+                raise ArtifactError(f"{path}:{lineno}: {bad}")
+            rows.append(obj)
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist") from None
     return rows
 
 
+def _cut_torn_tail(fh) -> bool:
+    """Truncate an open log after its last newline; True if a torn last line was cut."""
+    pos = fh.seek(0, os.SEEK_END)
+    if pos == 0:
+        return False
+    fh.seek(pos - 1)
+    if fh.read(1) == b"\n":
+        return False
+    while pos > 0:
+        step = min(1 << 16, pos)
+        pos -= step
+        fh.seek(pos)
+        chunk = fh.read(step)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            pos += cut + 1
+            break
+    fh.truncate(pos)
+    return True
+
+
+def repair_log(path: Path) -> bool:
+    """Cut a last line that a crash or a full disk left half-written; True if one was."""
+    try:
+        with open(path, "rb+") as fh:
+            return _cut_torn_tail(fh)
+    except FileNotFoundError:
+        return False
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one line (logs such as metrics and events; not a completion artifact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
+    """Append one line (logs such as metrics and events; not a completion artifact).
+
+    A torn last line left by an earlier crash is cut first, so the log stays readable.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab+") as fh:
+            _cut_torn_tail(fh)
+            fh.write((json.dumps(row) + "\n").encode("utf-8"))
+    except OSError as e:
+        raise ArtifactError(f"could not append to {path}: {e.strerror or e}") from e

@@ -9,6 +9,7 @@ selection; the random arm selects at random throughout.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import os
@@ -30,6 +31,8 @@ from mates.artifacts import (
     atomic_path,
     read_json,
     read_jsonl,
+    remove_stale_temporaries,
+    repair_log,
     write_json,
     write_jsonl,
 )
@@ -73,9 +76,9 @@ def resolve_device(name: str) -> torch.device:
 class _EvalAndLog(Callback):
     """Evaluates reference and held-out loss every `eval_every_steps` and at stage end."""
 
-    def __init__(self, run: Run, stage: int):
+    def __init__(self, run: Run, stage: int, losses: Sequence[float] = ()):
         self.run, self.stage = run, stage
-        self.losses: list[float] = []
+        self.losses = list(losses)  # train losses since the last log row (restored on resume)
         self.bar = tqdm(total=run.stage_steps(stage), desc=f"stage {stage} train",
                         disable=not run.progress, leave=False)
 
@@ -89,7 +92,8 @@ class _EvalAndLog(Callback):
             self._log(trainer, info)
         ck = self.run.cfg.train.checkpoint_every_steps
         if ck and info.stage_step % ck == 0 and info.stage_step < self.run.stage_steps(self.stage):
-            self.run.save_checkpoint(self.stage, info.stage_step, complete=False)
+            self.run.save_checkpoint(self.stage, info.stage_step, complete=False,
+                                     losses_since_log=self.losses)
         self.run.check_cancel()
 
     def train_end(self, trainer: Trainer, info: StepInfo | None) -> None:
@@ -211,6 +215,7 @@ class Run:
         self.corpus: TokenizedCorpus = tokenize_corpus(
             d.pool, self.tokenizer, self.paths.tokenized, id_field=d.id_field,
             text_field=d.text_field, domain_field=d.domain_field, on_bad_row=d.on_bad_row)
+        self._record_corpus()
         T = cfg.train.seq_tokens
         self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples)
         self.heldout = load_reference(d.heldout, self.tokenizer, T)
@@ -221,6 +226,19 @@ class Run:
                 f"`stages.pool_docs` ({st.pool_docs}) x {st.num_stages} stages exceeds the corpus "
                 f"({len(self.corpus)} documents); lower it or use `stages.pool_mode: resample`")
         self._order = np.random.default_rng([cfg.seed, 7]).permutation(len(self.corpus))
+
+    def _record_corpus(self) -> None:
+        """The corpus's counts in run.json, rows skipped under `data.on_bad_row: skip` included."""
+        meta = self.corpus.meta
+        summary = {"documents": meta["num_docs"], "tokens": meta["num_tokens"],
+                   "skipped_rows": meta.get("skipped_rows", 0),
+                   "skip_reasons": meta.get("skip_reasons", {})}
+        if summary["skipped_rows"]:
+            log.warning("%d rows of %s were skipped (data.on_bad_row: skip): %s",
+                        summary["skipped_rows"], self.cfg.data.pool, summary["skip_reasons"])
+        if self.primary and self.manifest.data.get("corpus") != summary:
+            self.manifest.data["corpus"] = summary
+            self.manifest.save()
 
     def stage_steps(self, k: int) -> int:
         return self.cfg.stages.stage0_steps if k == 0 else self.cfg.stages.stage_steps
@@ -242,8 +260,15 @@ class Run:
 
     def execute(self, seed_stage0_from: Path | None = None) -> Manifest:
         """Run (or resume) every stage to the end in this process; returns the final manifest."""
+        with self._exclusive():
+            return self._execute(seed_stage0_from)
+
+    def _execute(self, seed_stage0_from: Path | None) -> Manifest:
         if self.manifest.data["status"] == "done":
             raise RunStateError(f"run {self.manifest.run_id} is already done")
+        removed = remove_stale_temporaries(self.paths.root)
+        if removed:
+            log.info("removed %d temporaries left by an interrupted process", removed)
         self.paths.cancel.unlink(missing_ok=True)
         self.manifest.set_status("running")
         n = self.cfg.stages.num_stages
@@ -258,6 +283,29 @@ class Run:
         with self.guard(n - 1):
             self.finish()
         return self.manifest
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the run dir's lock while executing: a second process refuses instead of
+        writing alongside. The OS drops the lock when its holder dies, however it dies, so
+        a killed run resumes at once although run.json still says 'running'."""
+        path = self.paths.lock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ArtifactError(f"cannot open {path}: {e.strerror}") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RunStateError(f"run {self.manifest.run_id} is being executed by another "
+                                    f"process (pid {holder}); cancel it or wait") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     def _run_stage(self, k: int) -> None:
         """The same stage functions the services call, one after another."""
@@ -515,40 +563,42 @@ class Run:
         """Drop metric rows logged after the state being resumed from."""
         path = self.paths.metrics
         if path.is_file() and self.primary:
+            repair_log(path)
             rows = [r for r in read_jsonl(path) if r["step"] <= step]
             write_jsonl(path, rows)
 
     def _train(self, k: int) -> None:
         meta = self._ensure_trainer_at(k)
-        if meta and meta.get("complete"):
-            return
         stream = self._stream(k)
-        start = 0
+        start, losses = 0, []
         if meta:
             stream.load_state_dict(meta["stream"])
-            start = meta["stage_step"]
+            start, losses = meta["stage_step"], meta.get("losses_since_log", [])
         assert self.trainer is not None
-        if self.trainer.step == 0 and not self.paths.metrics.is_file() and self.primary:
-            append_jsonl(self.paths.metrics, self.evaluate(0, 0, 0))
-        self._stream_k = stream
-        self._trainer_at = None  # mid-stage until the end-of-stage checkpoint is written
-        self.trainer.train(stream, self.stage_steps(k), [_EvalAndLog(self, k)], stage_step=start)
-        self.save_checkpoint(k, self.stage_steps(k), complete=True)
-        self._barrier()
-        if not self.primary:
-            return
-        last = read_jsonl(self.paths.metrics)[-1]
-        self.manifest.update_metrics(
-            k, steps=self.trainer.step, tokens=self.trainer.tokens,
-            heldout_loss=last["heldout_loss"], reference_loss=last["reference_loss"],
-            train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1)
+        if not (meta and meta.get("complete")):
+            if self.trainer.step == 0 and not self.paths.metrics.is_file() and self.primary:
+                append_jsonl(self.paths.metrics, self.evaluate(0, 0, 0))
+            self._stream_k = stream
+            self._trainer_at = None  # mid-stage until the end-of-stage checkpoint is written
+            self.trainer.train(stream, self.stage_steps(k), [_EvalAndLog(self, k, losses)], stage_step=start)
+            self.save_checkpoint(k, self.stage_steps(k), complete=True)
+            self._barrier()
+        # also when resuming from an end-of-stage checkpoint whose record a killed process missed
+        if self.primary and "steps" not in self.manifest.stage(k)["metrics"]:
+            last = read_jsonl(self.paths.metrics)[-1]
+            self.manifest.update_metrics(
+                k, steps=self.trainer.step, tokens=self.trainer.tokens,
+                heldout_loss=last["heldout_loss"], reference_loss=last["reference_loss"],
+                train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1)
 
-    def save_checkpoint(self, k: int, stage_step: int, complete: bool) -> None:
+    def save_checkpoint(self, k: int, stage_step: int, complete: bool,
+                        losses_since_log: Sequence[float] = ()) -> None:
         assert self.trainer is not None and self._stream_k is not None
         if self.primary:
+            # the losses since the last log row too: the next row's train_loss averages them
             self.trainer.save(self.paths.checkpoint(k), {
                 "stage": k, "stage_step": stage_step, "complete": complete,
-                "stream": self._stream_k.state_dict(),
+                "stream": self._stream_k.state_dict(), "losses_since_log": list(losses_since_log),
             })
         self._trainer_at = (k, stage_step)
 
@@ -717,10 +767,9 @@ class Run:
         theirs = config_from_dict(read_json(src.manifest)["config"])
         if theirs.fingerprint(*STAGE0_SECTIONS) != self.cfg.fingerprint(*STAGE0_SECTIONS):
             raise ConfigError(f"cannot share stage 0 with {other}: its data/model/train/stages/seed differ")
-        self.paths.stage(0).mkdir(parents=True, exist_ok=True)
-        for path in (src.pool(0), src.selection(0)):
-            shutil.copy2(path, self.paths.stage(0) / path.name)
-        shutil.copytree(src.checkpoint(0), self.paths.checkpoint(0))
+        for path in (src.pool(0), src.selection(0), src.checkpoint(0)):  # the checkpoint last
+            with atomic_path(self.paths.stage(0) / path.name) as tmp:
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp)
         rows = [r for r in read_jsonl(src.metrics) if r["stage"] == 0]
         write_jsonl(self.paths.metrics, rows)
         theirs_stage0 = read_json(src.manifest)["stages"][0]

@@ -30,7 +30,7 @@ def num_selected(pool_size: int, ratio: float) -> int:
 
 def gumbel_top_k(scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of k draws without replacement from softmax(−scores/τ), in draw order."""
-    if temperature <= 0:
+    if not temperature > 0:  # NaN too
         raise ConfigError(f"`selection.temperature` must be > 0, got {temperature}")
     keys = -np.asarray(scores, dtype=np.float64) / temperature + rng.gumbel(size=len(scores))
     top = np.argpartition(-keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))

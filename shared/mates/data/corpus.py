@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mates.artifacts import atomic_path, read_json, write_json
+from mates.artifacts import atomic_path, iter_jsonl, read_json, write_json
 from mates.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,8 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 n += 1
                 yield n, obj
         return
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield lineno, BadRow(f"{path}:{lineno}", f"not valid UTF-8 ({e.reason})")
-            except json.JSONDecodeError as e:
-                yield lineno, BadRow(f"{path}:{lineno}", f"not valid JSON ({e.msg})")
+    for lineno, obj, bad in iter_jsonl(path):
+        yield lineno, BadRow(f"{path}:{lineno}", bad) if bad else obj
 
 
 def _validate(obj: Any, where: str, id_field: str, text_field: str) -> tuple[str, str]:

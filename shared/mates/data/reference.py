@@ -7,12 +7,12 @@ sequences and every token counts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mates.artifacts import iter_jsonl
 from mates.errors import DataError
 
 IGNORE = -100
@@ -42,25 +42,18 @@ class ReferenceSet:
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
     pairs = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: row must be a JSON object")
-            ctx, cont = obj.get("context"), obj.get("continuation")
-            if not isinstance(ctx, str):
-                raise DataError(f"{where}: missing or non-string `context`")
-            if not isinstance(cont, str) or not cont.strip():
-                raise DataError(f"{where}: missing or empty `continuation`")
-            pairs.append((ctx, cont))
+    for lineno, obj, bad in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if bad:
+            raise DataError(f"{where}: {bad}")
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: row must be a JSON object")
+        ctx, cont = obj.get("context"), obj.get("continuation")
+        if not isinstance(ctx, str):
+            raise DataError(f"{where}: missing or non-string `context`")
+        if not isinstance(cont, str) or not cont.strip():
+            raise DataError(f"{where}: missing or empty `continuation`")
+        pairs.append((ctx, cont))
     return pairs
 
 
