@@ -26,8 +26,7 @@ FIELDS = sorted([(s, f) for s in SECTIONS for f in VALID[s]] + [(k,) for k in VA
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
-# NUL is left out of generated text: `config_from_dict` lets the OS's ValueError out
-# when resolving such a data path (see the xfail test at the end).
+# NUL is left out of generated text; a NUL in a data path has its own test at the end.
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                max_size=20)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
@@ -166,8 +165,6 @@ def test_a_malformed_override_is_a_config_error(item):
     assert "=" in item and path and all(isinstance(p, str) for p in path)
 
 
-@pytest.mark.xfail(strict=True, reason="config_from_dict lets os's ValueError out for a NUL in "
-                   "a data path (the API turns it into a 422 itself); fix in mates/config.py")
 def test_a_nul_in_a_data_path_is_a_config_error():
     raw = _copy()
     raw["data"]["pool"] = "pool\x00.jsonl"

@@ -44,6 +44,14 @@ class DataConfig(_Section):
         "error", description="Corrupt corpus rows: fail naming file and line, or skip and count."
     )
 
+    @field_validator("pool", "reference", "heldout", "tokenizer", mode="before")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # the OS refuses such a path with a bare ValueError when it is first resolved
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("a path cannot contain a NUL character")
+        return v
+
 
 class ModelConfig(_Section):
     hidden_size: int = Field(256, ge=8, description="Transformer width.")
