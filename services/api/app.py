@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 import mates
 from mates.errors import ConfigError, DataError, MatesError, RunStateError
-from services.api.routes import health, models, runs, scoring
+from services.api.routes import dashboard, health, models, runs, scoring
 from services.common.edge import install_edge, unprocessable
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    for router in (runs.router, models.router, scoring.router, health.router):
+    for router in (runs.router, models.router, scoring.router, health.router, dashboard.router):
         app.include_router(router)
     app.add_exception_handler(MatesError, _library_error)
     app.add_exception_handler(KombuOperationalError, _broker_error)

@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
 
 from mates.errors import RunStateError
@@ -213,7 +213,20 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
-        metadata.create_all(self.engine, checkfirst=True)
+        self._create_tables()
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """Create missing tables. The api and the workers start together and all do this:
+        one may create a table between another's existence check and its CREATE, which
+        fails that CREATE; the next attempt then finds the table."""
+        for attempt in range(attempts):
+            try:
+                metadata.create_all(self.engine, checkfirst=True)
+                return
+            except (OperationalError, ProgrammingError, IntegrityError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def close(self) -> None:
         self.engine.dispose()

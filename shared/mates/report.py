@@ -203,6 +203,13 @@ th:first-child, td:first-child { text-align: left; }
 """
 
 
+def elapsed_text(seconds: float) -> str:
+    """A duration as people read it: `42 s`, `3.5 min`, `2.1 h`."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _fmt(v: Any, spec: str = ".3f") -> str:
     if v is None:
         return "–"
@@ -214,7 +221,8 @@ def stage_table(view: dict) -> str:
             "first-order Spearman", "selected", "overlap with previous"]
     rows = []
     for st in view["stages"]:
-        cells = [str(st["stage"]), f'<span class="state-{st["state"]}">{st["state"]}</span>',
+        state = html.escape(str(st["state"]))
+        cells = [str(st["stage"]), f'<span class="state-{state}">{state}</span>',
                  *[_fmt(st["seconds"][p], ".1f") for p in PHASES], _fmt(st["heldout_loss"]),
                  _fmt(st["probe_count"], "d"), _fmt(st["val_spearman"], ".2f"),
                  _fmt(st["first_order_spearman"], ".3f"), _fmt(st["selected"], "d"),
@@ -229,8 +237,8 @@ def run_body(view: dict, svgs: dict[str, str]) -> str:
     final = next((s["heldout_loss"] for s in reversed(view["stages"]) if s["heldout_loss"] is not None), None)
     parts = [
         f'<h2>{html.escape(view["name"])} <span class="muted">{html.escape(view["run_id"])}</span></h2>',
-        f'<p>status <b class="state-{view["status"]}">{html.escape(view["status"])}</b>, '
-        f'stage {_fmt(view["current_stage"], "d")}, elapsed {view["elapsed_s"] / 60:.1f} min, '
+        f'<p>status <b class="state-{html.escape(view["status"])}">{html.escape(view["status"])}</b>, '
+        f'stage {_fmt(view["current_stage"], "d")}, elapsed {elapsed_text(view["elapsed_s"])}, '
         f'latest held-out loss {_fmt(final)}</p>',
     ]
     if view.get("error"):

@@ -1,0 +1,199 @@
+"""The web dashboard in process (TestClient): the runs list, a run's page with its charts
+and baseline overlay, escaping, read auth, and the pages kept out of the OpenAPI schema.
+
+The browser side (scripts, live refresh, the score form) is `test_dashboard_browser.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from procs import free_port
+
+from mates.artifacts import RunPaths, read_json, write_json
+from services.api.app import create_app
+from services.common.settings import Settings
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+EVIL = "<script>alert(1)</script>"
+
+
+def dashboard_settings(tmp_path: Path, **over) -> Settings:
+    """No broker is ever contacted: the pages only read the store and the artifacts."""
+    values = {"api_key": KEY, "database_url": f"sqlite:///{tmp_path}/db/runs.db",
+              "artifacts_dir": tmp_path / "artifacts", "broker_url": "redis://127.0.0.1:1/0",
+              "scorer_url": f"http://127.0.0.1:{free_port()}", "http_timeout_s": 5.0}
+    return Settings(**{**values, **over})
+
+
+def register(client: TestClient, run_dir: Path) -> str:
+    m = read_json(RunPaths(run_dir).manifest)
+    client.app.state.store.create_run(m, str(run_dir))
+    return m["run_id"]
+
+
+def make_arm(src: Path, dest: Path, run_id: str, name: str, loss_shift: float = 0.1,
+             **fields) -> Path:
+    """A run directory with `src`'s manifest and metrics log, renamed (no probes, no
+    selections): enough for a baseline curve or a hand-made run."""
+    m = read_json(RunPaths(src).manifest)
+    m.update(run_id=run_id, name=name, **fields)
+    m["config"] = {**m["config"], "name": name,
+                   "selection": {**m["config"]["selection"], "method": "random"}}
+    dest.mkdir(parents=True)
+    write_json(RunPaths(dest).manifest, m)
+    rows = [json.loads(line) for line in RunPaths(src).metrics.read_text().splitlines()]
+    for r in rows:
+        r["heldout_loss"] += loss_shift
+    RunPaths(dest).metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+@pytest.fixture
+def tiny_dir(tiny_run, tmp_path) -> Path:
+    """The session's tiny run under a name of its own: its real directory is
+    `<base>/compare/mates`, where another test may have put a random arm beside it."""
+    link = tmp_path / "tiny"
+    link.symlink_to(tiny_run["dir"], target_is_directory=True)
+    return link
+
+
+@pytest.fixture
+def client(tmp_path):
+    with TestClient(create_app(dashboard_settings(tmp_path))) as c:
+        yield c
+
+
+def charts_of(page: str) -> dict[str, str]:
+    """Chart id -> its SVG, from a run page."""
+    return dict(re.findall(r'<div class="chart" id="chart-([a-z]+(?:-\d+)?)">(<svg.*?</svg>)',
+                           page, flags=re.S))
+
+
+def test_runs_list_shows_a_finished_run_with_its_latest_loss(client, tiny_dir):
+    run_id = register(client, tiny_dir)
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    last = [json.loads(x) for x in RunPaths(tiny_dir).metrics.read_text().splitlines()][-1]
+    row = re.search(rf'<tr data-run="{run_id}">(.*?)</tr>', r.text).group(1)
+    assert f'href="/runs/{run_id}"' in row and ">done<" in row
+    assert f"{last['heldout_loss']:.3f}" in row
+    assert "setInterval(refreshRuns" in r.text  # the live refresh
+    assert client.get("/dashboard/rows").text.count("<tr") == 1
+    # works offline: nothing is loaded from another host, or from any file at all
+    assert not re.search(r"<(script|link|img)\b[^>]*(src|href)=", r.text)
+    assert "http://" not in r.text and "https://" not in r.text
+
+
+def test_an_empty_store_says_so(client):
+    assert "no runs in the store yet" in client.get("/").text
+
+
+def test_run_page_draws_every_chart(client, tiny_dir, tiny_run):
+    run_id = register(client, tiny_dir)
+    r = client.get(f"/runs/{run_id}")
+    assert r.status_code == 200
+    n = len(tiny_run["manifest"]["stages"])
+    svgs = charts_of(r.text)
+    expected = {"loss", "timeline", *(f"distribution-{k}" for k in range(n - 1)),
+                *(f"domains-{k}" for k in range(1, n))}
+    assert expected <= set(svgs)
+    for name, svg in svgs.items():
+        assert "<path" in svg, name
+    assert 'data-status="done"' in r.text and 'id="baseline"' not in r.text
+    assert f'value="{run_id}/latest"' in r.text and 'id="score-form"' in r.text
+    assert not re.search(r"<(script|link|img)\b[^>]*(src|href)=", r.text)
+
+
+def has_baseline_curve(page: str) -> bool:
+    return "#7f7f7f" in charts_of(page)["loss"]  # the grey of report.loss_chart's baseline
+
+
+def test_baseline_overlay_by_query_and_by_store_name(client, tiny_dir, tmp_path):
+    run_id = register(client, tiny_dir)
+    plain = client.get(f"/runs/{run_id}").text
+    name = read_json(RunPaths(tiny_dir).manifest)["name"]
+
+    other = register(client, make_arm(tiny_dir, tmp_path / "other", "other-00000001", "other"))
+    r = client.get(f"/runs/{run_id}", params={"baseline": other})
+    assert r.status_code == 200 and 'id="baseline"' in r.text and "?baseline=" in r.text
+    assert f'href="/runs/{other}"' in r.text
+    assert has_baseline_curve(r.text) and not has_baseline_curve(plain)
+
+    # `mates compare` names its random arm `<name>-random`: found without asking
+    arm = register(client, make_arm(tiny_dir, tmp_path / "arm", f"{name}-random-00000002",
+                                    f"{name}-random"))
+    r = client.get(f"/runs/{run_id}")
+    assert f'href="/runs/{arm}"' in r.text and "comparison arm" in r.text
+    assert has_baseline_curve(r.text)
+    # the random arm's own page overlays nothing
+    assert 'id="baseline"' not in client.get(f"/runs/{arm}").text
+
+    assert client.get(f"/runs/{run_id}", params={"baseline": "nope-1"}).status_code == 404
+    assert client.get(f"/runs/{run_id}", params={"baseline": "../x"}).status_code == 422
+
+
+def test_baseline_found_in_a_comparison_directory(client, tiny_run, tmp_path):
+    """`mates compare --out D` writes D/mates and D/random; the second need not be in the store."""
+    cmp_dir = tmp_path / "cmp"
+    cmp_dir.mkdir()
+    (cmp_dir / "mates").symlink_to(tiny_run["dir"], target_is_directory=True)
+    make_arm(tiny_run["dir"], cmp_dir / "random", "tiny-random-00000003", "tiny-random")
+    run_id = register(client, cmp_dir / "mates")
+    r = client.get(f"/runs/{run_id}")
+    assert 'id="baseline"' in r.text and "tiny-random-00000003" in r.text
+
+
+def test_unknown_runs_are_404_and_bad_ids_422(client):
+    r = client.get("/runs/nope-00000000")
+    assert r.status_code == 404 and "no run &#x27;nope-00000000&#x27;" in r.text
+    assert r.headers["content-type"].startswith("text/html")
+    for bad in ("..%2Fetc", ".hidden", "a%00b", "r" * 129):
+        assert client.get(f"/runs/{bad}").status_code in (404, 422), bad
+
+
+def test_names_and_errors_are_escaped(client, tiny_dir, tmp_path):
+    run_id = "evil-00000004"
+    register(client, make_arm(tiny_dir, tmp_path / "evil", run_id, EVIL, status="running",
+                              error='<img src=x onerror="alert(2)">'))
+    for path in ("/", "/dashboard/rows", f"/runs/{run_id}"):
+        text = client.get(path).text
+        assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text, path
+        assert "<img src=x" not in text, path
+    page = client.get(f"/runs/{run_id}").text
+    assert 'data-status="running"' in page and "refreshRun" in page  # refreshes until it ends
+
+
+def test_pages_are_not_in_the_openapi_schema(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not {"/", "/runs/{run_id}", "/score", "/dashboard/rows"} & set(paths)
+    assert "/v1/runs/{run_id}" in paths
+
+
+def test_score_page_offers_the_model_versions(client, tiny_dir):
+    run_id = register(client, tiny_dir)
+    client.app.state.store.register_model(run_id, 1, "/m/1", {"val_spearman": 0.3})
+    text = client.get("/score").text
+    assert f'value="{run_id}/latest"' in text and f'<option value="{run_id}/1">' in text
+
+
+def test_with_read_auth_pages_need_the_key(tmp_path, tiny_dir):
+    with TestClient(create_app(dashboard_settings(tmp_path, read_auth=True))) as c:
+        run_id = register(c, tiny_dir)
+        c.app.state.store.register_model(run_id, 1, "/m/1", {"val_spearman": 0.3})
+        for path in ("/", f"/runs/{run_id}", "/score"):
+            r = c.get(path)
+            assert r.status_code == 401 and "API key required" in r.text, path
+            assert run_id not in r.text and "<svg" not in r.text, path  # no data at all
+            assert r.headers["cache-control"] == "no-store"
+            assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 403
+            r = c.get(path, headers=AUTH)
+            assert r.status_code == 200 and run_id in r.text, path
+        r = c.get("/dashboard/rows")
+        assert r.status_code == 401 and r.text == ""
+        assert run_id in c.get("/dashboard/rows", headers=AUTH).text
