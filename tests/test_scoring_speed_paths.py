@@ -83,6 +83,28 @@ def test_bf16_weight_copy_follows_changes_to_the_encoder():
     assert not np.allclose(before, after, atol=1e-2)
 
 
+@pytest.mark.slow
+def test_compiled_scoring_equals_the_naive_path_and_follows_weight_changes():
+    encoder, tok = load_encoder("tiny", seed=0)
+    scorer = InfluenceScorer(InfluenceModel(encoder), tok, max_tokens=32, device=CPU,
+                             precision="fp32", compile=True)
+    texts = mixed_texts(40, seed=5)  # lengths 2..32 tokens: several batch shapes, one compile
+    compiled = fast_predict(scorer, texts, 8)
+    np.testing.assert_allclose(compiled, naive_predict(scorer, texts, 8), atol=1e-4, rtol=0)
+    fn = scorer._compiled[1]
+    fast_predict(scorer, texts[:7], 3)  # other batch sizes: the same compiled function
+    assert scorer._compiled[1] is fn
+    with torch.no_grad():  # frozen weights are constants: a change must compile again
+        for p in scorer.model.encoder.parameters():
+            p.mul_(1.5)
+    np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8),
+                               atol=1e-4, rtol=0)
+    assert scorer._compiled[1] is not fn
+    scorer.precision = "bf16"
+    np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8),
+                               atol=1e-2, rtol=0)
+
+
 def test_output_order_is_input_order(at):
     scorer, texts = at("fp32"), mixed_texts(30, seed=2)
     base = fast_predict(scorer, texts, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from typing import NamedTuple
@@ -10,6 +11,7 @@ from typing import NamedTuple
 from starlette.concurrency import run_in_threadpool
 
 from mates.errors import ArtifactError
+from mates.influence import InfluenceScorer
 from mates.run import resolve_device
 from services.common.settings import Settings
 from services.scorer.batcher import Batcher
@@ -35,7 +37,8 @@ class ScoringService:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.registry = ModelRegistry(settings.artifacts_dir)
-        self.cache = ModelCache(settings.scorer_cache_models, self.device)
+        self.cache = ModelCache(settings.scorer_cache_models, self.device,
+                                functools.partial(InfluenceScorer.load, compile=settings.scorer_compile))
         self.batcher = Batcher(settings.scorer_batch_docs, settings.scorer_batch_wait_ms / 1000)
 
     def start(self) -> None:

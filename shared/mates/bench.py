@@ -5,7 +5,8 @@ same inputs, timed alternately so that machine noise hits both arms alike.
   reference examples per probe (how the reference code works), exact with the in-memory
   snapshot and one batched reference pass, and first-order; Spearman(first-order, exact).
 - scorer: arrival order, padding to the global maximum, fp32, tokenizing in the loop,
-  against length-bucketed, pre-tokenized, inference-mode scoring.
+  against length-bucketed, pre-tokenized, inference-mode scoring (bf16 weights where the
+  CPU has bf16), eager and compiled.
 - trainer: fp32, plain AdamW, eager attention, full-vocabulary logits and a host sync
   per step, against the Trainer (bf16 where asked, fused AdamW, SDPA, output layer only
   where needed, no per-step sync).
@@ -219,25 +220,35 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
     texts = [run.corpus.text(int(i)) for i in idx]
     chunks = np.array_split(np.arange(len(texts)), sizes.rounds)
     bs = 64
-    t_naive = t_fast = 0.0
-    naive_out, fast_out = np.empty(len(texts)), np.empty(len(texts))
-    naive_predict(scorer, texts[:8], bs)  # warm-up of both arms
+    # the same model compiled (what MATES_SCORER_COMPILE=1 gives the scorer service)
+    compiled = InfluenceScorer(scorer.model, tok, ic.max_tokens, run.device, compile=True)
+    t = {"naive": 0.0, "fast": 0.0, "compiled": 0.0}
+    out = {arm: np.empty(len(texts)) for arm in t}
+    naive_predict(scorer, texts[:8], bs)  # warm-up of every arm
     fast_predict(scorer, texts[:8], bs)
+    # the compile, on two batch shapes (the second makes the shapes dynamic): timed apart
+    _, compile_s = _timed(lambda: (fast_predict(compiled, texts[:8], bs), fast_predict(compiled, texts[8:13], bs)))
+    arms = {"naive": naive_predict, "fast": fast_predict,
+            "compiled": lambda _, p, b: fast_predict(compiled, p, b)}
     for chunk in chunks:
         part = [texts[i] for i in chunk]
-        v, s = _timed(lambda p=part: naive_predict(scorer, p, bs))
-        naive_out[chunk], t_naive = v, t_naive + s
-        v, s = _timed(lambda p=part: fast_predict(scorer, p, bs))
-        fast_out[chunk], t_fast = v, t_fast + s
-    lengths = [len(t) for t in texts]
+        for arm, fn in arms.items():
+            v, sec = _timed(lambda p=part, f=fn: f(scorer, p, bs))
+            out[arm][chunk] = v
+            t[arm] += sec
+    lengths = [len(x) for x in texts]
     return {
         "docs": len(texts), "encoder": ic.encoder, "max_tokens": ic.max_tokens, "batch_size": bs,
         "precision": getattr(scorer, "resolved_precision", lambda: "fp32")(),
         "chars_min_median_max": [int(min(lengths)), int(np.median(lengths)), int(max(lengths))],
-        "naive_docs_per_s": len(texts) / t_naive,
-        "docs_per_s": len(texts) / t_fast,
-        "speedup": t_naive / t_fast,
-        "max_abs_diff": float(np.max(np.abs(naive_out - fast_out))),
+        "naive_docs_per_s": len(texts) / t["naive"],
+        "docs_per_s": len(texts) / t["fast"],
+        "speedup": t["naive"] / t["fast"],
+        "max_abs_diff": float(np.max(np.abs(out["naive"] - out["fast"]))),
+        "compiled_docs_per_s": len(texts) / t["compiled"],
+        "compiled_speedup": t["naive"] / t["compiled"],
+        "compiled_max_abs_diff": float(np.max(np.abs(out["naive"] - out["compiled"]))),
+        "compile_s": compile_s,
     }
 
 
@@ -361,6 +372,9 @@ def table(result: dict[str, Any]) -> str:
             ("scorer", f"naive ({s['docs']} docs, {s['encoder']})", f"{s['naive_docs_per_s']:.1f} docs/s", "baseline"),
             ("scorer", f"bucketed, pre-tokenized ({s['precision']})", f"{s['docs_per_s']:.1f} docs/s",
              f"{s['speedup']:.1f}x; max |diff| {s['max_abs_diff']:.2e}"),
+            ("scorer", "the same, compiled (MATES_SCORER_COMPILE=1)", f"{s['compiled_docs_per_s']:.1f} docs/s",
+             f"{s['compiled_speedup']:.1f}x; max |diff| {s['compiled_max_abs_diff']:.2e}; "
+             f"compile {s['compile_s']:.0f}s once"),
         ]
     t = result.get("trainer")
     if t:

@@ -84,19 +84,33 @@ def load_encoder(name: str, seed: int = 0):
     return enc, tok
 
 
+def pooled_features(encoder: torch.nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states mean-pooled over the real tokens (B, C), pooled in fp32."""
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, C)
+
+
+class _Pooled(torch.nn.Module):
+    """An encoder and its pooling as one module, the unit `torch.compile` freezes."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.encoder, input_ids, attention_mask)
+
+
 class InfluenceModel(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = torch.nn.Linear(encoder.config.hidden_size, 1)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 encoder: torch.nn.Module | None = None) -> torch.Tensor:
-        """Mean-pooled hidden states (B, C), pooled in fp32; `encoder` defaults to this model's."""
-        encoder = encoder or self.encoder
-        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, C) mean over real tokens
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.encoder, input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask).float()).squeeze(-1)  # (B,)
@@ -179,7 +193,7 @@ class InfluenceScorer:
     """
 
     def __init__(self, model: InfluenceModel, tokenizer, max_tokens: int, device: torch.device,
-                 meta: dict | None = None, precision: str = "auto"):
+                 meta: dict | None = None, precision: str = "auto", compile: bool = False):
         self.model = model.to(device)
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
@@ -187,7 +201,13 @@ class InfluenceScorer:
         self.meta = meta or {}
         resolve_precision(precision, device)  # refuse a bad name now, not at the first batch
         self.precision = precision
+        self.compile = compile
         self._bf16_encoder: tuple[tuple, torch.nn.Module] | None = None
+        self._compiled: tuple[tuple, Callable] | None = None
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever a parameter of the encoder is replaced or changed in place."""
+        return tuple((id(p), p._version) for p in self.model.encoder.parameters())
 
     def _inference_encoder(self, precision: str) -> torch.nn.Module:
         """The encoder `features` runs: in bf16, a bf16 copy of the weights.
@@ -199,13 +219,31 @@ class InfluenceScorer:
         """
         if precision != "bf16":
             return self.model.encoder
-        key = tuple((id(p), p._version) for p in self.model.encoder.parameters())
+        key = self._weights_key()
         if self._bf16_encoder is None or self._bf16_encoder[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 enc = copy.deepcopy(self.model.encoder).to(torch.bfloat16).eval()
             enc.requires_grad_(False)
             self._bf16_encoder = (key, enc)
         return self._bf16_encoder[1]
+
+    def _features_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """What `features` runs per batch: eager, or compiled when `compile` is set.
+
+        Compiled with inductor's freezing (weights folded in as constants, fused
+        elementwise kernels; on a CPU about 1.2x the eager bf16 path) and dynamic
+        shapes, so new batch sizes and lengths do not recompile. The first call
+        compiles (seconds to tens of seconds); a change to the weights compiles again.
+        """
+        precision = self.resolved_precision()
+        encoder = self._inference_encoder(precision)
+        if not self.compile:
+            return lambda ids, mask: pooled_features(encoder, ids, mask)
+        key = (self._weights_key(), precision)
+        if self._compiled is None or self._compiled[0] != key:
+            fn = torch.compile(_Pooled(encoder).eval(), dynamic=True, options={"freezing": True})
+            self._compiled = (key, fn)
+        return self._compiled[1]
 
     def resolved_precision(self) -> str:
         """The precision `precision` resolves to on this scorer's device: 'fp32' or 'bf16'."""
@@ -239,11 +277,11 @@ class InfluenceScorer:
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Pooled encoder features (N, C) in input order, length-bucketed batches."""
         self.model.eval()
-        encoder = self._inference_encoder(self.resolved_precision())
+        fn = self._features_fn()
         out = torch.empty((len(token_lists), self.model.encoder.config.hidden_size))
         for idx in length_batches([len(t) for t in token_lists], batch_size):
             ids, mask = _collate([token_lists[i] for i in idx], self.tokenizer.pad_token_id, self.device)
-            out[torch.from_numpy(idx)] = self.model.features(ids, mask, encoder).cpu()
+            out[torch.from_numpy(idx)] = fn(ids, mask).cpu()
             if progress:
                 progress(len(idx))
         return out
@@ -279,7 +317,8 @@ class InfluenceScorer:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, precision: str | None = None) -> InfluenceScorer:
+    def load(cls, path: Path, device: torch.device, precision: str | None = None,
+             compile: bool = False) -> InfluenceScorer:
         """A saved model; `precision` defaults to the one it was fitted and scored with."""
         path = Path(path)
         if not (path / "meta.json").is_file():
@@ -293,7 +332,7 @@ class InfluenceScorer:
         except Exception as e:  # safetensors raises its own error types
             raise ArtifactError(f"influence model {path} is unreadable: {type(e).__name__}: {e}") from e
         return cls(model, tok, int(meta["max_tokens"]), device, meta,
-                   precision or meta.get("precision", "auto"))
+                   precision or meta.get("precision", "auto"), compile=compile)
 
 
 # -- the scoring paths a throughput benchmark compares -------------------------
