@@ -241,9 +241,17 @@ class InfluenceScorer:
             return lambda ids, mask: pooled_features(encoder, ids, mask)
         key = (self._weights_key(), precision)
         if self._compiled is None or self._compiled[0] != key:
-            fn = torch.compile(_Pooled(encoder).eval(), dynamic=True, options={"freezing": True})
-            self._compiled = (key, fn)
-        return self._compiled[1]
+            self._compiled = (key, torch.compile(_Pooled(encoder).eval(), dynamic=True,
+                                                 options={"freezing": True}))
+        compiled = self._compiled[1]
+
+        def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            for t in (ids, mask):  # batch size and length symbolic from the first call on
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            return compiled(ids, mask)
+
+        return run
 
     def resolved_precision(self) -> str:
         """The precision `precision` resolves to on this scorer's device: 'fp32' or 'bf16'."""
