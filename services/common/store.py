@@ -1,5 +1,5 @@
-"""The run store: runs, stage states, transitions, model versions, task dispatches and
-deliveries.
+"""The run store: runs, stage states, transitions, model versions, task dispatches,
+deliveries and the heartbeats of running tasks.
 
 SQLite by default, PostgreSQL by URL. Several processes (the API, workers, the
 trainer) share it, so every write that reads what it then changes takes the run's
@@ -120,6 +120,23 @@ deliveries = Table(
     Column("attempt", Integer, primary_key=True),  # Celery's retry number
     Column("count", Integer, nullable=False),
     Column("at", Float, nullable=False),
+)
+
+# One row per task that is running (or died running): its process refreshes `beat_at` every
+# MATES_HEARTBEAT_S and deletes the row when the task ends, so a row whose beat is old belongs
+# to a process that died (worker/heartbeat.py). A queued task has no row: waiting is not dying.
+heartbeats = Table(
+    "heartbeats", metadata,
+    Column("task_id", String(64), primary_key=True),  # Celery's ID: a redelivery reuses it
+    Column("run_id", String(128), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("task", String(64), nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("shard", Integer, nullable=False),  # -1: the task has no shard
+    Column("worker", String(256), nullable=False),  # host and PID, for the operator
+    Column("started_at", Float, nullable=False),
+    Column("beat_at", Float, nullable=False),
+    Index("ix_heartbeats_run", "run_id"),
 )
 
 # Small facts the services share through the store, e.g. the broker's marker (worker/watch.py).
@@ -359,6 +376,15 @@ class Store:
                 raise RunStateError(f"run {run_id} is not in the run store")
             return int(conn.execute(select(runs.c.generation).where(runs.c.id == run_id)).scalar_one())
 
+    def bump_generation_from(self, run_id: str, generation: int) -> bool:
+        """Bump the generation only if it is still `generation` (atomically): of several
+        processes ending the same run, exactly one gets True."""
+        with self.engine.begin() as conn:
+            done = conn.execute(update(runs).where(and_(runs.c.id == run_id,
+                                                        runs.c.generation == generation))
+                                .values(generation=runs.c.generation + 1))
+        return done.rowcount == 1
+
     def get_generation(self, run_id: str) -> int:
         with self.engine.connect() as conn:
             gen = conn.execute(select(runs.c.generation).where(runs.c.id == run_id)).scalar()
@@ -442,6 +468,73 @@ class Store:
             return [dict(r) for r in conn.execute(
                 select(deliveries).where(deliveries.c.run_id == run_id)
                 .order_by(deliveries.c.at)).mappings()]
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def beat(self, task_id: str, run_id: str, generation: int, task: str, stage: int,
+             shard: int = -1, worker: str = "") -> None:
+        """Record that `task_id` is alive now (its first beat inserts its row)."""
+        now = _now()
+        for _ in range(2):  # a concurrent first insert makes the second round an update
+            try:
+                with self.engine.begin() as conn:
+                    done = conn.execute(update(heartbeats).where(heartbeats.c.task_id == task_id)
+                                        .values(run_id=run_id, generation=generation, beat_at=now))
+                    if done.rowcount == 0:
+                        conn.execute(insert(heartbeats).values(
+                            task_id=task_id, run_id=run_id, generation=generation, task=task,
+                            stage=stage, shard=shard, worker=worker, started_at=now, beat_at=now))
+                return
+            except IntegrityError:
+                continue
+
+    def end_beat(self, task_id: str) -> None:
+        """The task ended (whichever way): it no longer counts as running."""
+        with self.engine.begin() as conn:
+            conn.execute(heartbeats.delete().where(heartbeats.c.task_id == task_id))
+
+    def list_heartbeats(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's running (or dead) tasks, any generation, oldest beat first."""
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(
+                select(heartbeats).where(heartbeats.c.run_id == run_id)
+                .order_by(heartbeats.c.beat_at)).mappings()]
+
+    def silent_runs(self, older_than: float, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Active runs (running or cancelling) with tasks of their current generation started,
+        none of which has beaten since `older_than`: every process working on them died.
+
+        Each: `run_id`, `status`, `generation`, `beat_at` (the newest beat) and the task,
+        stage and shard of that newest beat."""
+        live = (select(heartbeats.c.run_id, func.max(heartbeats.c.beat_at).label("beat_at"))
+                .select_from(heartbeats.join(runs, and_(
+                    runs.c.id == heartbeats.c.run_id,
+                    runs.c.generation == heartbeats.c.generation)))
+                .where(runs.c.status.in_(("running", "cancelling")))
+                .group_by(heartbeats.c.run_id)
+                .having(func.max(heartbeats.c.beat_at) < older_than))
+        if run_id is not None:
+            live = live.where(heartbeats.c.run_id == run_id)
+        newest = live.subquery()
+        q = (select(runs.c.id.label("run_id"), runs.c.status, runs.c.generation,
+                    newest.c.beat_at, heartbeats.c.task, heartbeats.c.stage, heartbeats.c.shard,
+                    heartbeats.c.worker)
+             .select_from(newest.join(runs, runs.c.id == newest.c.run_id)
+                          .join(heartbeats, and_(heartbeats.c.run_id == runs.c.id,
+                                                 heartbeats.c.generation == runs.c.generation,
+                                                 heartbeats.c.beat_at == newest.c.beat_at)))
+             .order_by(runs.c.id))
+        out: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(q).mappings():
+                out.setdefault(r["run_id"], dict(r))  # two tasks beat at the same instant
+        return list(out.values())
+
+    def clear_heartbeats(self, run_id: str, below_generation: int) -> None:
+        """Forget the rows of the run's older generations (their tasks are dead or stale)."""
+        with self.engine.begin() as conn:
+            conn.execute(heartbeats.delete().where(and_(
+                heartbeats.c.run_id == run_id, heartbeats.c.generation < below_generation)))
 
     # ------------------------------------------------------------------ service state
 

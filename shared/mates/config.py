@@ -10,10 +10,18 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mates.errors import ConfigError
 
@@ -22,15 +30,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _no_nul(v: Any) -> Any:
+    # the OS refuses such a path with a bare ValueError when it is first resolved
+    if isinstance(v, str) and "\x00" in v:
+        raise ValueError("a path cannot contain a NUL character")
+    return v
+
+
+FilePath = Annotated[Path, BeforeValidator(_no_nul)]
+PathText = Annotated[str, BeforeValidator(_no_nul)]
+
+
 class DataConfig(_Section):
-    pool: Path = Field(description="Candidate pool: JSONL or Parquet rows {id, text, ...}.")
-    reference: Path = Field(
+    pool: FilePath = Field(description="Candidate pool: JSONL or Parquet rows {id, text, ...}.")
+    reference: FilePath = Field(
         description="Reference task probed by the oracle: JSONL {context, continuation} or plain text."
     )
-    heldout: Path = Field(
+    heldout: FilePath = Field(
         description="Held-out evaluation set (same formats), never used for probing."
     )
-    tokenizer: str = Field(
+    tokenizer: PathText = Field(
         "train-bpe",
         description="'train-bpe' trains a byte-level BPE on the pool; otherwise a tokenizer directory.",
     )
@@ -43,14 +62,6 @@ class DataConfig(_Section):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="Corrupt corpus rows: fail naming file and line, or skip and count."
     )
-
-    @field_validator("pool", "reference", "heldout", "tokenizer", mode="before")
-    @classmethod
-    def _no_nul(cls, v: Any) -> Any:
-        # the OS refuses such a path with a bare ValueError when it is first resolved
-        if isinstance(v, str) and "\x00" in v:
-            raise ValueError("a path cannot contain a NUL character")
-        return v
 
 
 class ModelConfig(_Section):
