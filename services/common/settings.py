@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_KEY = "change-me"
@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     broker_watch_s: float = Field(
         5.0, gt=0, description="how often workers check that the broker kept its queues; a Redis "
         "restarted without persistence fails the runs whose tasks it lost (resumable)")
+    heartbeat_s: float = Field(
+        10.0, gt=0, description="how often a running task (train_stage, fit, score_shard, select) "
+        "records in the run store that its process is alive")
+    heartbeat_timeout_s: float = Field(
+        120.0, gt=0, description="an active run whose started tasks have all been silent this long "
+        "is failed (or, when cancelling, cancelled) as lost: their process was killed; resume it "
+        "to continue from its last checkpoint. Must be several heartbeat_s")
     soft_shutdown_s: float = Field(
         20.0, ge=0, description="on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) "
         "running tasks get this long, then go back to the queue")
@@ -97,6 +104,15 @@ class Settings(BaseSettings):
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"CORS origin {origin!r} must start with http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> Settings:
+        if self.heartbeat_timeout_s < 3 * self.heartbeat_s:
+            raise ValueError(
+                f"MATES_HEARTBEAT_TIMEOUT_S ({self.heartbeat_timeout_s:g}) must be at least three "
+                f"heartbeats (3 x MATES_HEARTBEAT_S = {3 * self.heartbeat_s:g}): one late beat "
+                "must not fail a live run")
+        return self
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -85,8 +85,7 @@ def _watch_broker(**_) -> None:
     from services.worker.tasks import get_store
     from services.worker.watch import start
 
-    if get_settings().broker_url.startswith(("redis://", "rediss://")):
-        start(get_settings(), get_store())
+    start(get_settings(), get_store())  # checks a Redis broker; heartbeats with any broker
 
 
 def _apply_threads(settings: Settings) -> None:

@@ -9,6 +9,7 @@ task never enqueues its downstream work twice.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from mates.artifacts import RunPaths
@@ -96,8 +97,11 @@ def create_run(store: Store, settings: Settings, cfg: RunConfig) -> dict:
 
 def cancel_run(store: Store, settings: Settings, run_id: str) -> dict:
     """Ask a run to stop: the worker holding it stops at its next step (or a queued task
-    finds the request when it starts) and records the cancellation."""
+    finds the request when it starts) and records the cancellation. A run whose process
+    died (no heartbeat) has nobody to read the request: it is cancelled here and now."""
     row = _get(store, run_id)
+    if end_silent_runs(store, settings, run_id, cancel=True):
+        return store.get_run(run_id)
     if not store.set_status_if(run_id, "cancelling", ACTIVE):  # atomic: no race with a worker
         status = _get(store, run_id)["status"]
         raise RunStateError(f"run {run_id} is {status}; only an active run can be cancelled")
@@ -107,8 +111,10 @@ def cancel_run(store: Store, settings: Settings, run_id: str) -> dict:
 
 
 def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
-    """Continue a failed or cancelled run from its last completed step."""
+    """Continue a failed or cancelled run from its last completed step; an active run whose
+    process died (no heartbeat) is failed first, so it need not wait for the watch."""
     row = _get(store, run_id)
+    end_silent_runs(store, settings, run_id)
     if not store.set_status_if(run_id, "queued", RESUMABLE):  # one resume wins
         status = _get(store, run_id)["status"]
         raise RunStateError(
@@ -118,6 +124,60 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     paths.cancel.unlink(missing_ok=True)
     _queue_from_next_stage(store, settings, Manifest.load(paths.manifest), generation)
     return store.get_run(run_id)
+
+
+def end_run(store: Store, run_id: str, status: str, reason: str,
+            generation: int | None = None) -> bool:
+    """End an active run from outside its tasks: a task still running for it goes stale.
+
+    With `generation`, only if the run is still in it (of several processes ending the same
+    run, one does); False if it had moved on."""
+    row = _get(store, run_id)
+    if generation is None:
+        store.bump_generation(run_id)
+    elif not store.bump_generation_from(run_id, generation):
+        return False
+    manifest = Manifest.load(RunPaths(Path(row["artifacts_dir"])).manifest)
+    manifest.on_save = store.sync_manifest
+    k = int(manifest.data["current_stage"])
+    if manifest.stage(k)["state"] not in ("done", "failed", "cancelled"):
+        manifest.transition(k, status, reason)
+    manifest.set_status(status, reason if status == "cancelled" else f"stage {k} failed: {reason}")
+    return True
+
+
+WHAT_STOPPED = {"mates.train_stage": ("training", "the trainer"),
+                "mates.fit_influence_model": ("the influence-model fit", "the worker"),
+                "mates.score_shard": ("scoring", "the worker"),
+                "mates.select": ("selection", "the worker")}
+
+
+def silent_reason(silent: dict, now: float, status: str) -> str:
+    what, who = WHAT_STOPPED.get(silent["task"], (silent["task"], "its worker"))
+    if silent["shard"] >= 0:
+        what += f" of shard {silent['shard']}"
+    why = (f"{what} stopped: no heartbeat from its process ({silent['worker']}) for "
+           f"{now - silent['beat_at']:.0f} s ({who} was killed or lost?)")
+    if status == "cancelled":
+        return f"cancelled; {why}"
+    return f"{why}; resume to continue from the last checkpoint"
+
+
+def end_silent_runs(store: Store, settings: Settings, run_id: str | None = None,
+                    cancel: bool = False) -> list[str]:
+    """End each active run (or just `run_id`) whose started tasks have all been silent for
+    `heartbeat_timeout_s`: failed, or cancelled if a cancel was asked (or `cancel`); its
+    generation is bumped, so a task of it that was merely frozen does nothing more."""
+    now = time.time()
+    ended = []
+    for silent in store.silent_runs(now - settings.heartbeat_timeout_s, run_id):
+        status = "cancelled" if cancel or silent["status"] == "cancelling" else "failed"
+        reason = silent_reason(silent, now, status)
+        if end_run(store, silent["run_id"], status, reason, generation=silent["generation"]):
+            store.clear_heartbeats(silent["run_id"], below_generation=silent["generation"] + 1)
+            log.warning("run %s %s: %s", silent["run_id"], status, reason)
+            ended.append(silent["run_id"])
+    return ended
 
 
 def _get(store: Store, run_id: str) -> dict:

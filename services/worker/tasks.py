@@ -28,6 +28,7 @@ from services.common.settings import Settings, get_settings
 from services.common.store import Store
 from services.worker.celery_app import app
 from services.worker.dispatch import BrokerUnavailable, PublishPending, claim, enqueue
+from services.worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,18 @@ class StageTask(Task):
     max_retries = get_settings().task_max_retries
 
     def __call__(self, *args, **kwargs):
-        if not self.request.called_directly and self.poisoned(*args):
+        if self.request.called_directly:
+            return super().__call__(*args, **kwargs)
+        if self.poisoned(*args):
             return "poisoned"
-        return super().__call__(*args, **kwargs)
+        with self.heartbeat(*args):
+            return super().__call__(*args, **kwargs)
+
+    def heartbeat(self, run_id: str, stage: int, *rest: int) -> Heartbeat:
+        """Beat in the run store while this delivery runs, so that its death is noticed."""
+        generation, shard = rest[-1], (rest[0] if len(rest) == 2 else -1)
+        return Heartbeat(get_store(), get_settings().heartbeat_s, self.request.id, run_id,
+                         generation, self.name, stage, shard)
 
     def poisoned(self, run_id: str, stage: int, *rest: int) -> bool:
         """Count this delivery; past the limit, fail the run instead of running the task."""

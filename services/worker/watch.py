@@ -1,4 +1,5 @@
-"""The broker watch: notice a Redis that lost its queues, and fail the runs it stranded.
+"""The broker watch: notice a Redis that lost its queues, and fail the runs it stranded;
+and end the runs whose task processes died (no heartbeat, see heartbeat.py).
 
 A Redis restarted without persistence comes back empty: every queued and every
 unacknowledged task is gone, and so are the chord counters of a stage's shards. No
@@ -19,14 +20,12 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import redis
 
-from mates.artifacts import RunPaths
-from mates.manifest import Manifest
 from services.common.settings import Settings
 from services.common.store import Store
+from services.worker.dispatch import end_run, end_silent_runs
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +64,16 @@ def fail_stranded_runs(store: Store, since: float) -> list[str]:
     return ended
 
 
-def end_run(store: Store, run_id: str, status: str, reason: str) -> None:
-    """End an active run from outside its tasks: a task still running for it goes stale."""
-    row = store.get_run(run_id)
-    store.bump_generation(run_id)
-    manifest = Manifest.load(RunPaths(Path(row["artifacts_dir"])).manifest)
-    manifest.on_save = store.sync_manifest
-    k = int(manifest.data["current_stage"])
-    if manifest.stage(k)["state"] not in ("done", "failed", "cancelled"):
-        manifest.transition(k, status, reason)
-    manifest.set_status(status, reason if status == "cancelled" else f"stage {k} failed: {reason}")
-
-
 def watch(settings: Settings, store: Store, stop: threading.Event) -> None:
-    """Check the broker every `broker_watch_s` until `stop` is set."""
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
+    """Every `broker_watch_s` until `stop` is set: check the broker (a Redis one), and end
+    the runs whose tasks' processes stopped beating (heartbeat.py)."""
+    client = None
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2,
+                                      socket_timeout=2)
     while True:
         try:
-            if broker_lost(client, store):
+            if client is not None and broker_lost(client, store):
                 ended = fail_stranded_runs(store, since=time.time())
                 log.warning("the broker lost its queued tasks; runs ended (resume them): %s",
                             ", ".join(ended) or "none")
@@ -90,6 +81,10 @@ def watch(settings: Settings, store: Store, stop: threading.Event) -> None:
             pass  # the broker is down: check again once it is back
         except Exception:  # the store is down, a run dir is unreadable: log, keep watching
             log.exception("broker watch: check failed")
+        try:
+            end_silent_runs(store, settings)
+        except Exception:
+            log.exception("heartbeat watch: check failed")
         if stop.wait(settings.broker_watch_s):
             return
 

@@ -212,6 +212,15 @@ class Stack:
         _until(lambda: 0 < self.shards_scored(run_id) < shards, 120,
                f"stage 0 of {run_id} half scored\n{self.logs()}", every=0.02)
 
+    def wait_shard_running(self, run_id: str, shards: int) -> None:
+        """Until stage 0 is half scored and a shard task is running (it beats: started, and
+        counted its delivery), not merely received by a worker."""
+        def running() -> bool:
+            return 0 < self.shards_scored(run_id) < shards and any(
+                h["task"] == "mates.score_shard" for h in self.store.list_heartbeats(run_id))
+
+        _until(running, 120, f"a shard of {run_id} running\n{self.logs()}", every=0.01)
+
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
@@ -285,7 +294,7 @@ def test_worker_killed_inside_fit_and_inside_score_shard(stack, fault_cfg, unint
     for pid in children:
         os.kill(pid, signal.SIGKILL)
 
-    stack.wait_scoring(run_id, uninterrupted["shards"])
+    stack.wait_shard_running(run_id, uninterrupted["shards"])
     stack.kill_group("worker")
     killed_log = stack.procs["worker"].log
     in_flight = _unfinished(killed_log, "mates.score_shard")

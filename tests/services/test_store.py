@@ -260,3 +260,51 @@ def test_service_state_and_last_sent(store, manifest):
     assert store.last_sent_at("t-0001") is None  # claimed, not yet sent
     store.mark_sent("t-0001", 1, "train_stage", 0)
     assert store.last_sent_at("t-0001") > 0
+
+
+def test_generation_bump_from_is_conditional(store, manifest):
+    _add(store, manifest)
+    assert store.bump_generation_from("t-0001", 0) is True
+    assert store.bump_generation_from("t-0001", 0) is False  # someone else moved it on
+    assert store.get_generation("t-0001") == 1
+    assert store.bump_generation_from("nope", 0) is False
+
+
+def test_heartbeats_find_runs_whose_tasks_all_went_silent(store, manifest):
+    _add(store, manifest)
+    store.set_status("t-0001", "running")
+    assert store.silent_runs(older_than=9e12) == []  # nothing started: queued is not dead
+    store.beat("task-a", "t-0001", 0, "mates.score_shard", 1, shard=3, worker="h:1")
+    store.beat("task-a", "t-0001", 0, "mates.score_shard", 1, shard=3, worker="h:1")  # refresh
+    [row] = store.list_heartbeats("t-0001")
+    assert row["beat_at"] >= row["started_at"] and (row["task"], row["shard"]) == ("mates.score_shard", 3)
+    assert store.silent_runs(older_than=row["beat_at"]) == []  # beat since
+    [silent] = store.silent_runs(older_than=row["beat_at"] + 1)
+    assert silent == {"run_id": "t-0001", "status": "running", "generation": 0,
+                      "beat_at": row["beat_at"], "task": "mates.score_shard", "stage": 1,
+                      "shard": 3, "worker": "h:1"}
+    assert store.silent_runs(older_than=9e12, run_id="other") == []
+    assert [r["run_id"] for r in store.silent_runs(older_than=9e12, run_id="t-0001")] == ["t-0001"]
+
+    store.set_status("t-0001", "cancelling")
+    assert store.silent_runs(older_than=9e12)[0]["status"] == "cancelling"
+    store.set_status("t-0001", "failed")  # ended: not active, so not silent
+    assert store.silent_runs(older_than=9e12) == []
+    store.set_status("t-0001", "running")
+    store.bump_generation("t-0001")  # a task of an older generation is not the run's
+    assert store.silent_runs(older_than=9e12) == []
+    store.clear_heartbeats("t-0001", below_generation=1)
+    assert store.list_heartbeats("t-0001") == []
+
+
+def test_a_task_that_ends_stops_counting(store, manifest):
+    _add(store, manifest)
+    store.set_status("t-0001", "running")
+    store.beat("task-a", "t-0001", 0, "mates.train_stage", 0)
+    store.beat("task-b", "t-0001", 0, "mates.train_stage", 0)
+    store.end_beat("task-a")
+    store.end_beat("task-a")  # twice is fine
+    assert [r["task_id"] for r in store.list_heartbeats("t-0001")] == ["task-b"]
+    assert len(store.silent_runs(older_than=9e12)) == 1  # two tasks at one instant: one row
+    store.end_beat("task-b")
+    assert store.silent_runs(older_than=9e12) == []

@@ -116,3 +116,106 @@ def test_the_broker_watch_spares_runs_published_since(stored_run):
     store.mark_sent(run_id, gen, "train_stage", 0)
     assert watch.fail_stranded_runs(store, since=0.0) == []
     assert store.get_run(run_id)["status"] == "queued"
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+
+def test_the_heartbeat_beats_while_the_task_runs_and_survives_store_errors(stored_run,
+                                                                           monkeypatch):
+    import time
+
+    from services.worker.heartbeat import Heartbeat
+
+    store, run_id, _ = stored_run()
+    beats = []
+    real = store.beat
+
+    def flaky(task_id, **row):
+        beats.append(time.monotonic())
+        if len(beats) == 2:
+            raise OSError("the store blinked")
+        real(task_id, **row)
+
+    monkeypatch.setattr(store, "beat", flaky)
+    with Heartbeat(store, 0.05, "task-1", run_id, 1, "mates.train_stage", 0):
+        assert store.list_heartbeats(run_id)[0]["task_id"] == "task-1"  # from the start
+        time.sleep(0.4)
+        first = store.list_heartbeats(run_id)[0]
+    assert len(beats) >= 4 and first["beat_at"] > first["started_at"]  # kept beating
+    assert store.list_heartbeats(run_id) == []  # the task ended: its row went with it
+    n = len(beats)
+    time.sleep(0.15)
+    assert len(beats) == n  # and the thread stopped
+
+
+def _silent_run(stored_run, status: str):
+    store, run_id, paths = stored_run()
+    gen = store.bump_generation(run_id)
+    run = open_run(store, run_id, gen)
+    run.manifest.set_status("running")
+    run.manifest.transition(0, "training")
+    store.set_status(run_id, status)
+    store.beat("task-1", run_id, gen, "mates.train_stage", 0, worker="trainer:42")
+    settings = tasks.get_settings().model_copy(update={"heartbeat_timeout_s": 0.0})
+    return store, run_id, paths, gen, settings
+
+
+def test_the_watch_fails_a_run_whose_process_stopped_beating(stored_run):
+    from services.worker.dispatch import end_silent_runs
+
+    store, run_id, paths, gen, settings = _silent_run(stored_run, "running")
+    patient = settings.model_copy(update={"heartbeat_timeout_s": 3600.0})
+    assert end_silent_runs(store, patient) == []  # not silent for long enough yet
+    assert end_silent_runs(store, settings) == [run_id]
+    row = store.get_run(run_id)
+    assert row["status"] == "failed" and row["generation"] == gen + 1
+    assert row["error"].startswith("stage 0 failed: training stopped: no heartbeat from its "
+                                   "process (trainer:42) for ")
+    assert "the trainer was killed or lost?" in row["error"]
+    assert "resume to continue from the last checkpoint" in row["error"]
+    assert row["stages"][0]["state"] == "failed"
+    assert read_json(paths.manifest)["status"] == "failed"
+    assert store.list_heartbeats(run_id) == []
+    assert end_silent_runs(store, settings) == []  # once
+
+
+def test_a_cancelling_run_whose_process_died_ends_cancelled(stored_run):
+    from services.worker.dispatch import end_silent_runs
+
+    store, run_id, paths, gen, settings = _silent_run(stored_run, "cancelling")
+    assert end_silent_runs(store, settings) == [run_id]
+    row = store.get_run(run_id)
+    assert row["status"] == "cancelled" and row["error"].startswith("cancelled; training stopped")
+    assert row["stages"][0]["state"] == "cancelled"
+
+
+def test_cancel_of_a_dead_run_cancels_it_at_once(stored_run):
+    from services.worker import dispatch
+
+    store, run_id, _, gen, settings = _silent_run(stored_run, "running")
+    assert dispatch.cancel_run(store, settings, run_id)["status"] == "cancelled"
+    assert store.get_generation(run_id) == gen + 1
+
+
+def test_resume_of_a_dead_run_fails_it_then_resumes_it(stored_run, monkeypatch):
+    from services.worker import dispatch
+
+    store, run_id, _, gen, settings = _silent_run(stored_run, "running")
+    sent = []
+    monkeypatch.setattr(dispatch, "enqueue", lambda _s, _st, *args: sent.append(args))
+    row = dispatch.resume_run(store, settings, run_id)
+    assert row["status"] == "queued" and row["generation"] == gen + 2
+    assert sent == [(run_id, "train_stage", 0, gen + 2)]
+    failed = store.get_run(run_id)["stages"][0]["transitions"][-1]
+    assert failed["state"] == "failed" and "no heartbeat" in failed["reason"]
+
+
+def test_resume_of_a_live_running_run_is_still_refused(stored_run):
+    from services.worker import dispatch
+
+    store, run_id, _, gen, settings = _silent_run(stored_run, "running")
+    patient = settings.model_copy(update={"heartbeat_timeout_s": 3600.0})
+    with pytest.raises(RunStateError, match="only a failed or cancelled run can be resumed"):
+        dispatch.resume_run(store, patient, run_id)
+    assert store.get_run(run_id)["status"] == "running"
