@@ -62,3 +62,43 @@ def test_overhead_section_runs_a_tiny_run():
     assert o["selection_fraction"] == pytest.approx(
         (o["probing_s"] + o["fitting_s"] + o["scoring_s"] + o["selecting_s"]) / o["training_s"])
     assert "probe" not in out and out["device"] == "cpu"
+
+
+def test_train_flops_per_token_counts_matmul_parameters_and_attention():
+    from mates.bench import train_flops_per_token
+    from mates.config import ModelConfig
+    from mates.lm import build_lm
+
+    model = build_lm(ModelConfig(hidden_size=32, num_layers=2, num_heads=2), 100, 16, eos_id=0)
+    total = sum(p.numel() for p in model.parameters())
+    n = total - 100 * 32  # the input embedding is a lookup, not a matmul
+    assert train_flops_per_token(model, 2, 32, 16) == 6 * n + 12 * 2 * 32 * 16
+
+
+def test_peak_is_known_for_gpus_by_name_only(monkeypatch):
+    import torch
+
+    from mates import bench
+
+    assert bench.peak_tflops(torch.device("cpu")) is None
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                       ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None, n=name: n)
+        assert bench.peak_tflops(torch.device("cuda")) == peak, name
+
+
+def test_preset_section_reports_tokens_per_s_and_mfu(tmp_path, capsys):
+    out = tmp_path / "presets.json"
+    assert main(["bench", "--only", "presets", "--preset", "configs/tiny.yaml", "--preset-steps", "2",
+                 "--peak-tflops", "2.5", "--json", str(out)]) == 0
+    import json
+
+    keys = json.loads(out.read_text())
+    p = keys["nested"]["presets"][0]
+    assert p["name"] == "tiny" and p["steps"] == 2 and p["tokens_per_s"] > 0
+    assert p["achieved_tflops"] == pytest.approx(p["tokens_per_s"] * p["flops_per_token"] / 1e12)
+    assert p["mfu"] == pytest.approx(p["achieved_tflops"] / 2.5)
+    assert keys["presets.tiny.mfu"] == p["mfu"]
+    assert "MFU" in capsys.readouterr().out
+    assert main(["bench", "--only", "presets"]) == 2
+    assert "needs at least one --preset" in capsys.readouterr().err

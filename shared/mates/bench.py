@@ -295,6 +295,83 @@ def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- presets (MFU)
+
+# Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, without sparsity), matched
+# against torch.cuda.get_device_name in this order; --peak-tflops overrides it.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
+                    ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+PRESET_VOCAB = 50304  # Pythia's padded vocabulary, for presets whose tokenizer is not here
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def train_flops_per_token(model: torch.nn.Module, num_layers: int, hidden_size: int,
+                          seq_tokens: int) -> float:
+    """Model FLOPs of one training token: 6·N + 12·L·d·T (PaLM, Chowdhery et al. 2022, app. B).
+
+    N counts the parameters that do matmuls: all but the input embedding, which is a
+    lookup (Pythia's output embedding is untied, and is counted).
+    """
+    emb = model.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - emb
+    return 6.0 * n + 12.0 * num_layers * hidden_size * seq_tokens
+
+
+class RandomTokens:
+    """A stream of uniformly random token batches (throughput does not depend on the text)."""
+
+    def __init__(self, vocab_size: int, seq_tokens: int, seed: int = 0):
+        self.vocab_size, self.seq_tokens = vocab_size, seq_tokens
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        block = torch.randint(0, self.vocab_size, (n_sequences, self.seq_tokens + 1), generator=self.gen)
+        return block[:, :-1], block[:, 1:]  # (n, T) each
+
+
+def bench_preset(config: Path, device: str, steps: int, peak: float | None) -> dict[str, Any]:
+    """Trainer tokens/s and MFU for a preset's model and batch, on random tokens."""
+    from mates.lm import build_lm
+    from mates.train import Trainer
+
+    cfg = load_config(config, [f"device={device}"])
+    dev = resolve_device(cfg.device)
+    tc, mc = cfg.train, cfg.model
+    vocab = cfg.data.vocab_size if cfg.data.tokenizer == "train-bpe" else PRESET_VOCAB
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(build_lm(mc, vocab, tc.seq_tokens, eos_id=0), tc, dev)
+    stream = RandomTokens(vocab, tc.seq_tokens, cfg.seed)
+    float(trainer.train_step(stream))  # warm-up: kernels, allocator, compile if asked
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.train_step(stream)
+    float(loss)
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    tokens_per_s = steps * tc.batch_sequences * tc.seq_tokens / seconds
+    flops = train_flops_per_token(trainer.model, mc.num_layers, mc.hidden_size, tc.seq_tokens)
+    peak = peak if peak is not None else peak_tflops(dev)
+    out = {
+        "config": str(config), "name": cfg.name, "device": str(dev),
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "batch": f"{tc.batch_sequences}x{tc.seq_tokens}", "micro_batch": tc.micro_batch_sequences,
+        "precision": tc.precision, "compile": tc.compile, "steps": steps,
+        "seconds_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops, "achieved_tflops": tokens_per_s * flops / 1e12,
+        "peak_tflops": peak, "mfu": None if not peak else tokens_per_s * flops / (peak * 1e12),
+    }
+    if dev.type == "cuda":
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return out
+
+
 # --------------------------------------------------------------------------- overhead
 
 
@@ -318,7 +395,8 @@ def bench_overhead(work: Path, device: str, progress: bool) -> dict[str, Any]:
 
 def run_bench(quick: bool, device: str = "cpu", progress: bool = False,
               sections: tuple[str, ...] = ("probe", "scorer", "trainer", "overhead"),
-              reference: str = "demo") -> dict[str, Any]:
+              reference: str = "demo", presets: tuple[Path, ...] = (), preset_steps: int = 5,
+              peak: float | None = None) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     dev = resolve_device(device)
     out: dict[str, Any] = {
@@ -331,7 +409,7 @@ def run_bench(quick: bool, device: str = "cpu", progress: bool = False,
     work = Path(tempfile.mkdtemp(prefix="mates-bench-"))
     try:
         run = (_demo_run(work, sizes, device, progress, reference)
-               if set(sections) - {"overhead"} else None)
+               if set(sections) - {"overhead", "presets"} else None)
         for name, fn in (("probe", lambda: bench_probes(run, sizes, work)),
                          ("scorer", lambda: bench_scorer(run, sizes)),
                          ("trainer", lambda: bench_trainer(run, sizes)),
@@ -341,6 +419,8 @@ def run_bench(quick: bool, device: str = "cpu", progress: bool = False,
                 out[name] = fn()
                 out[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
                 log.info("bench %s done in %.0fs", name, out[name]["bench_seconds"])
+        if "presets" in sections:
+            out["presets"] = [bench_preset(Path(c), device, preset_steps, peak) for c in presets]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -352,6 +432,9 @@ def flat(result: dict[str, Any]) -> dict[str, Any]:
     for section in ("probe", "scorer", "trainer", "overhead"):
         for k, v in result.get(section, {}).items():
             keys[f"{section}.{k}"] = v
+    for p in result.get("presets", []):
+        for k, v in p.items():
+            keys[f"presets.{p['name']}.{k}"] = v
     return keys
 
 
@@ -387,6 +470,10 @@ def table(result: dict[str, Any]) -> str:
         rows.append(("overhead", f"tiny run ({o['probing_method']} probes)",
                      f"{o['selection_fraction']:.1%} of training time",
                      f"train {o['training_s']:.1f}s, select {o['training_s'] * o['selection_fraction']:.1f}s"))
+    for p in result.get("presets", []):
+        mfu = "MFU n/a (no peak known)" if p["mfu"] is None else f"MFU {p['mfu']:.1%} of {p['peak_tflops']:g} TFLOP/s"
+        rows.append(("preset", f"{p['name']} ({p['parameters'] / 1e6:.1f}M, {p['batch']}, {p['precision']})",
+                     f"{p['tokens_per_s']:.0f} tokens/s", f"{p['achieved_tflops']:.1f} TFLOP/s; {mfu}"))
     w = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
     head = f"device {result['device']}, {result['machine']['threads']} threads, {result['date']}"
     lines = [head] + ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]

@@ -45,7 +45,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="probe reference: the demo's LAMBADA-style set, or 256 full-length "
                        "sequences of news text (loss on every token)")
     bench.add_argument("--only", default="probe,scorer,trainer,overhead",
-                       help="comma-separated sections (default: all)")
+                       help="comma-separated sections (default: all but presets)")
+    bench.add_argument("--preset", type=Path, action="append", default=[], metavar="CONFIG",
+                       help="also time the Trainer on this config's model and batch (random tokens) "
+                       "and report tokens/s and MFU, e.g. configs/pythia-160m.yaml (repeatable)")
+    bench.add_argument("--preset-steps", type=int, default=5, help="timed steps per preset")
+    bench.add_argument("--peak-tflops", type=float, default=None,
+                       help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs only)")
 
     sub.add_parser("loadtest", help="load-test the scorer on loopback (its options: "
                    "mates loadtest --help)")
@@ -130,13 +136,20 @@ def cmd_bench(args) -> int:
     from mates.bench import flat, run_bench, table
 
     sections = tuple(x.strip() for x in args.only.split(",") if x.strip())
-    unknown = set(sections) - {"probe", "scorer", "trainer", "overhead"}
+    unknown = set(sections) - {"probe", "scorer", "trainer", "overhead", "presets"}
     if unknown:
         raise MatesError(f"--only: unknown section(s) {sorted(unknown)}; "
-                         "choose from probe, scorer, trainer, overhead")
+                         "choose from probe, scorer, trainer, overhead, presets")
+    if args.preset:
+        sections = tuple(dict.fromkeys((*sections, "presets")))
+    elif "presets" in sections:
+        raise MatesError("--only presets needs at least one --preset CONFIG")
+    if args.preset_steps < 1:
+        raise MatesError(f"--preset-steps must be at least 1, got {args.preset_steps}")
     logging.getLogger("mates").setLevel(logging.INFO)
     result = run_bench(args.quick, args.device, progress=False, sections=sections,
-                       reference=args.reference)
+                       reference=args.reference, presets=tuple(args.preset),
+                       preset_steps=args.preset_steps, peak=args.peak_tflops)
     print(table(result))
     if args.json:
         write_json(args.json, {**flat(result), "nested": result})
