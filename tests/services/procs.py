@@ -7,7 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -69,3 +72,27 @@ def wait_http(url: str, procs: list[Proc], timeout: float = 120.0) -> None:
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s:\n" + "\n".join(p.tail() for p in procs))
+
+
+@contextmanager
+def serving(app, port: int | None = None, **config) -> Iterator[str]:
+    """`app` under uvicorn on 127.0.0.1 (`port`, or a free one) in a thread; its base URL.
+
+    `config` goes to `uvicorn.Config` (default `log_level="warning"`).
+    """
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           **{"log_level": "warning", **config}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

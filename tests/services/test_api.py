@@ -7,13 +7,12 @@ it leaves on the `train` list in Redis.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from procs import free_port
+from procs import free_port, serving
 
 from mates.artifacts import RunPaths, read_json, write_json
 from mates.manifest import Manifest
@@ -326,25 +325,12 @@ def test_models_list(client, settings):
 @pytest.fixture
 def real_scorer(tiny_run):
     """The scorer service itself (uvicorn in a thread) over the tiny run's artifacts."""
-    import time
-
-    import uvicorn
-
     from services.scorer.app import create_app as create_scorer
 
     port = free_port()
-    root = tiny_run["dir"].parent
-    app = create_scorer(Settings(api_key=KEY, artifacts_dir=root, scorer_port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "scorer did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", read_json(RunPaths(tiny_run["dir"]).manifest)["run_id"]
-    server.should_exit = True
-    thread.join(10)
+    app = create_scorer(Settings(api_key=KEY, artifacts_dir=tiny_run["dir"].parent, scorer_port=port))
+    with serving(app, port) as url:
+        yield url, read_json(RunPaths(tiny_run["dir"]).manifest)["run_id"]
 
 
 def test_score_is_relayed_to_the_scorer(tmp_path, redis_url, real_scorer):

@@ -19,9 +19,16 @@ import pytest
 pytest.importorskip("celery")
 pytest.importorskip("fastapi")
 
-from test_faults import RedisServer, Stack, _until, assert_same_outcome  # noqa: E402
+from test_faults import (  # noqa: E402
+    Stack,
+    _until,
+    assert_same_outcome,
+    embedded_run,
+    private_redis,
+    running_stack,
+)
 
-from mates.artifacts import RunPaths, read_json  # noqa: E402
+from mates.artifacts import read_json  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -32,28 +39,16 @@ DEAD_RUN = ("name=deadtrainer", "stages.num_stages=2", "stages.stage0_steps=120"
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
-    stack = Stack(redis_server, tmp_path_factory.mktemp("dead"))
-    stack.env.update({"MATES_HEARTBEAT_S": str(HEARTBEAT_S),
-                      "MATES_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
-                      "MATES_BROKER_WATCH_S": str(WATCH_S),
-                      "MATES_VISIBILITY_TIMEOUT_S": "86400"})
-    try:
-        for kind in ("scorer", "api", "trainer", "worker"):
-            stack.start(kind)
-        stack.ready("scorer", "api", "trainer", "worker")
+    env = {"MATES_HEARTBEAT_S": str(HEARTBEAT_S), "MATES_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+           "MATES_BROKER_WATCH_S": str(WATCH_S), "MATES_VISIBILITY_TIMEOUT_S": "86400"}
+    with running_stack(redis_server, tmp_path_factory.mktemp("dead"), env) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +58,7 @@ def dead_cfg(tiny_config_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(dead_cfg, tmp_path_factory):
-    from mates.run import Run
-
-    paths = RunPaths(tmp_path_factory.mktemp("uninterrupted") / "run")
-    Run(dead_cfg, paths.root, progress=False).execute()
+    paths = embedded_run(dead_cfg, tmp_path_factory.mktemp("uninterrupted"))
     return {"selection": read_json(paths.selection(1))["ids"]}
 
 

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -222,9 +224,9 @@ class Stack:
         _until(running, 120, f"a shard of {run_id} running\n{self.logs()}", every=0.01)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+@contextmanager
+def private_redis(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
     server.start()
     try:
         yield server
@@ -232,16 +234,41 @@ def redis_server(tmp_path_factory):
         server.kill()
 
 
-@pytest.fixture(scope="module")
-def stack(redis_server, tmp_path_factory):
-    stack = Stack(redis_server, tmp_path_factory.mktemp("faults"))
+@contextmanager
+def running_stack(redis_server: RedisServer, base: Path,
+                  env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Every service started (with `env` on top of the stack's) and ready; all stopped after."""
+    stack = Stack(redis_server, base)
+    stack.env.update(env or {})
+    kinds = ("scorer", "api", "trainer", "worker")
     try:
-        for kind in ("scorer", "api", "trainer", "worker"):
+        for kind in kinds:
             stack.start(kind)
-        stack.ready("scorer", "api", "trainer", "worker")
+        stack.ready(*kinds)
         yield stack
     finally:
         stack.stop_all()
+
+
+def embedded_run(cfg, base: Path) -> RunPaths:
+    """`cfg` run in one process without faults: what every faulted run must match."""
+    from mates.run import Run
+
+    paths = RunPaths(base / "run")
+    Run(cfg, paths.root, progress=False).execute()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    with running_stack(redis_server, tmp_path_factory.mktemp("faults")) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +278,7 @@ def fault_cfg(tiny_config_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(fault_cfg, tmp_path_factory):
-    """The same config run in one process without faults: what every faulted run must match."""
-    from mates.run import Run
-
-    paths = RunPaths(tmp_path_factory.mktemp("uninterrupted") / "run")
-    Run(fault_cfg, paths.root, progress=False).execute()
+    paths = embedded_run(fault_cfg, tmp_path_factory.mktemp("uninterrupted"))
     return {"selection": read_json(paths.selection(1))["ids"],
             "shards": -(-len(read_json(paths.pool(1))["ids"]) // fault_cfg.influence.score_shard_docs)}
 

@@ -10,18 +10,13 @@ are bounded to keep the whole module near a minute on 2 cores.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-import time
-from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from procs import free_port
+from procs import serving
 from schemathesis import GenerationMode
 
 from services.api.app import create_app as create_api
@@ -30,23 +25,6 @@ from services.scorer.app import create_app as create_scorer
 
 KEY = "fuzz-key-0123456789"
 MAX_EXAMPLES = int(os.environ.get("MATES_FUZZ_EXAMPLES", "150"))  # per operation; more for a deep run
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

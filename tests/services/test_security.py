@@ -9,16 +9,14 @@ import contextlib
 import json
 import logging
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from procs import free_port
+from procs import serving as procs_serving
 from pydantic import ValidationError
 
 from services.api import app as api_app
@@ -42,23 +40,9 @@ def make_settings(tmp_path: Path, redis_url: str, **over) -> Settings:
 APPS = {"api": api_app.create_app, "scorer": scorer_app.create_app}
 
 
-@contextlib.contextmanager
-def serving(app, port: int, access_log: bool = False) -> Iterator[str]:
-    """`app` under uvicorn on 127.0.0.1:`port` in a thread; its loggers left to pytest."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                            access_log=access_log, log_level="debug")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+def serving(app, port: int, access_log: bool = False):
+    """`app` on 127.0.0.1:`port` in a thread; its loggers left to pytest, at debug."""
+    return procs_serving(app, port, log_config=None, access_log=access_log, log_level="debug")
 
 
 def raw_exchange(port: int, head: bytes, body_parts: list[bytes] = (), timeout_s: float = 10.0
