@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mates.artifacts import read_json
 from mates.errors import ConfigError
@@ -28,17 +27,6 @@ from mates.stats import spearman
 log = logging.getLogger(__name__)
 
 METHODS = ("first_order", "first_order_shift")
-
-
-def _probe_tokens(run: Run, k: int, n: int) -> list[torch.Tensor]:
-    """The first `n` of the documents the run probed (or would probe) at stage k."""
-    pool_ids = read_json(run.paths.pool(k + 1))["ids"]
-    n_run = min(run.cfg.probing.num_probes, len(pool_ids))
-    rng = np.random.default_rng([run.cfg.seed, k, 13])  # the run's own draw (Run._probe)
-    chosen = sorted(rng.choice(len(pool_ids), size=n_run, replace=False).tolist())[:n]
-    T = run.cfg.train.seq_tokens
-    return [torch.from_numpy(np.append(run.corpus.token_ids(run.corpus.index_of(pool_ids[j]))[:T],
-                                       run.eos).astype(np.int64)) for j in chosen]
 
 
 def probeable_stages(run: Run) -> list[int]:
@@ -70,7 +58,7 @@ def probe_agreement(run_dir: Path, lrs: list[float], probes: int,
     tc = run.cfg.train
     rows = []
     for k in stages:
-        tokens = _probe_tokens(run, k, probes)
+        tokens = run.probe_documents(k)[2][:probes]  # the run's own probes, first ones first
         trainer = run._build_trainer()
         trainer.load(run.paths.checkpoint(k))
         for lr in lrs:

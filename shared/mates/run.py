@@ -614,19 +614,27 @@ class Run:
 
     # -- probing, fitting, scoring -------------------------------------------
 
+    def probe_documents(self, k: int) -> tuple[list[str], list[int], list[torch.Tensor]]:
+        """The documents stage k's checkpoint is probed with, drawn from stage k+1's pool:
+        their IDs, corpus indices and token IDs (EOS-terminated, at most seq+1 long)."""
+        pool_ids = read_json(self.paths.pool(k + 1))["ids"]
+        n = min(self.cfg.probing.num_probes, len(pool_ids))
+        rng = np.random.default_rng([self.cfg.seed, k, 13])
+        chosen = sorted(rng.choice(len(pool_ids), size=n, replace=False).tolist())
+        ids = [pool_ids[j] for j in chosen]
+        docs = [self.corpus.index_of(d) for d in ids]
+        T = self.cfg.train.seq_tokens
+        tokens = [torch.from_numpy(np.append(self.corpus.token_ids(i)[:T], self.eos).astype(np.int64))
+                  for i in docs]
+        return ids, docs, tokens
+
     def _probe(self, k: int) -> None:
         """Oracle influences of probe documents drawn from stage k+1's pool (`probing.method`)."""
         self._load_end_of(k)
         assert self.trainer is not None
         pc, tc = self.cfg.probing, self.cfg.train
-        pool_ids = read_json(self.paths.pool(k + 1))["ids"]
-        n = min(pc.num_probes, len(pool_ids))
-        rng = np.random.default_rng([self.cfg.seed, k, 13])
-        chosen = sorted(rng.choice(len(pool_ids), size=n, replace=False).tolist())
-        ids = [pool_ids[j] for j in chosen]
-        docs = [self.corpus.index_of(d) for d in ids]
-        tokens = [torch.from_numpy(np.append(self.corpus.token_ids(i)[: tc.seq_tokens], self.eos)
-                                   .astype(np.int64)) for i in docs]
+        ids, docs, tokens = self.probe_documents(k)
+        n = len(ids)
         kw = dict(lr=pc.lr or self.trainer.current_lr, grad_clip=tc.grad_clip,
                   precision=tc.precision, eval_batch_sequences=tc.eval_batch_sequences)
         model, opt = self.trainer.model, self.trainer.optimizer
