@@ -175,3 +175,13 @@ def test_too_short_example_is_rejected():
     model, opt = warm_tiny_lm(steps=0)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         _oracle(model, opt, synthetic_reference(6, 3)).influence(torch.tensor([3]))
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_a_probe_leaves_the_model_in_the_mode_it_found_it(mode):
+    """The probe's step trains; the model goes back to train or eval mode as it was."""
+    model, opt = warm_tiny_lm()
+    oracle = _oracle(model, opt, synthetic_reference(6, 3))
+    model.train(mode)
+    oracle.influence(random_tokens(5))
+    assert all(m.training == mode for m in model.modules())

@@ -110,11 +110,13 @@ class ExactOracle(_Oracle):
     def influence(self, tokens: torch.Tensor) -> float:
         """Influence of one example (its token IDs, EOS-terminated, at most seq+1 long)."""
         self._check_probe(tokens)
+        was_training = self.model.training
         try:
             self._one_step(tokens)
             return self._ref_loss() - self.base_loss
         finally:
             restore_snapshot(self.model, self.optimizer, self.snapshot)
+            self.model.train(was_training)
 
 
 # --------------------------------------------------------------------------- first-order probes

@@ -197,3 +197,24 @@ def test_with_read_auth_pages_need_the_key(tmp_path, tiny_dir):
         r = c.get("/dashboard/rows")
         assert r.status_code == 401 and r.text == ""
         assert run_id in c.get("/dashboard/rows", headers=AUTH).text
+
+
+def test_the_runs_list_reads_a_metrics_log_again_only_once_it_changed(tmp_path, monkeypatch):
+    """Every refresh of the list wants each run's latest held-out loss: an unchanged log is
+    not read again, an appended one is."""
+    from services.api.routes import dashboard
+
+    path = RunPaths(tmp_path).metrics
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"step": 0, "heldout_loss": 7.5}\n{"step": 5, "train_loss": 7.0}\n')
+    reads = []
+    real = dashboard.read_log
+    monkeypatch.setattr(dashboard, "read_log", lambda p: reads.append(p) or real(p))
+    assert dashboard._latest_loss(str(tmp_path)) == 7.5
+    assert dashboard._latest_loss(str(tmp_path)) == 7.5
+    assert len(reads) == 1
+    with path.open("a") as f:
+        f.write('{"step": 10, "heldout_loss": 6.25}\n')
+    assert dashboard._latest_loss(str(tmp_path)) == 6.25
+    assert len(reads) == 2
+    assert dashboard._latest_loss(str(tmp_path / "gone")) is None

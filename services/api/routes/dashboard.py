@@ -202,13 +202,29 @@ def _not_found(what: str) -> HTMLResponse:
 # --------------------------------------------------------------------------- runs list
 
 
+# metrics log path -> ((mtime_ns, size), latest held-out loss): the runs list refreshes
+# every few seconds, and only a log that changed since is read again
+_LATEST_LOSS: dict[Path, tuple[tuple[int, int], float | None]] = {}
+_LATEST_LOSS_MAX = 4 * RUNS_SHOWN
+
+
 def _latest_loss(artifacts_dir: str) -> float | None:
     """The last held-out loss in the run's metrics log: the loss so far, mid-stage too."""
+    path = RunPaths(Path(artifacts_dir)).metrics
     try:
-        rows = read_log(RunPaths(Path(artifacts_dir)).metrics)
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = _LATEST_LOSS.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        rows = read_log(path)
     except (MatesError, OSError):
         return None
-    return next((r["heldout_loss"] for r in reversed(rows) if r.get("heldout_loss") is not None), None)
+    loss = next((r["heldout_loss"] for r in reversed(rows) if r.get("heldout_loss") is not None), None)
+    if len(_LATEST_LOSS) >= _LATEST_LOSS_MAX:
+        _LATEST_LOSS.clear()
+    _LATEST_LOSS[path] = (stamp, loss)
+    return loss
 
 
 def _row(run: dict[str, Any], now: float) -> str:
