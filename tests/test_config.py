@@ -225,3 +225,19 @@ def test_fingerprint_is_per_section():
     stage0 = ("seed", "data", "model", "train", "stages")
     assert a.fingerprint(*stage0) == b.fingerprint(*stage0)
     assert a.fingerprint() == config_from_dict(_raw()).fingerprint()
+
+
+def test_a_field_added_later_leaves_older_runs_fingerprints_alone():
+    """model.vocab_multiple arrived after runs were made: at its default it is not hashed,
+    so a run.json written before it existed still matches its config; set, it counts."""
+    import hashlib
+    import json
+
+    cfg = config_from_dict(_raw())
+    before = cfg.model_dump(mode="json")
+    del before["model"]["vocab_multiple"]  # what a run made before the field stored
+    old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() == old
+    padded = config_from_dict(_raw(model={"vocab_multiple": 128}))
+    assert padded.fingerprint() != cfg.fingerprint()
+    assert config_from_dict(padded.model_dump(mode="json")).fingerprint() == padded.fingerprint()

@@ -70,3 +70,37 @@ def test_the_trainer_service_trains_a_stage_under_torchrun(tiny_config_factory, 
     assert fresh.after_training(0) == "fit"  # probes written from the DDP checkpoint
     assert fresh.paths.probes(0).is_file()
     assert store.get_run(manifest.run_id)["stages"][0]["state"] == "probing"
+
+
+def _joined(monkeypatch, device: str, gpus: int, local_rank: int) -> list:
+    """What `init_distributed` asks of torch.distributed, on a machine with `gpus` GPUs."""
+    import torch
+    import torch.distributed as dist
+
+    from mates import run
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    run.init_distributed(device)
+    return calls
+
+
+def test_a_cpu_run_joins_with_gloo_even_on_a_gpu_machine(monkeypatch):
+    from mates.run import DIST_TIMEOUT
+
+    assert _joined(monkeypatch, "cpu", gpus=1, local_rank=1) == [("gloo", DIST_TIMEOUT)]
+    assert _joined(monkeypatch, "cuda", gpus=2, local_rank=1) == [("set_device", 1),
+                                                                  ("nccl", DIST_TIMEOUT)]
+    assert _joined(monkeypatch, "auto", gpus=0, local_rank=0) == [("gloo", DIST_TIMEOUT)]
+
+
+def test_a_cuda_rank_without_a_gpu_of_its_own_is_a_config_error(monkeypatch):
+    from mates.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU of its own: this machine has 1"):
+        _joined(monkeypatch, "cuda", gpus=1, local_rank=1)

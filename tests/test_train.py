@@ -122,6 +122,21 @@ def test_checkpoint_restores_rng_state(tmp_path):
     assert torch.equal(torch.rand(3), after_save)
 
 
+def test_a_checkpoint_from_more_gpus_restores_the_rng_of_those_this_process_sees(tmp_path,
+                                                                              monkeypatch):
+    trainer = _trainer()
+    trainer.save(tmp_path / "ck", {"stream": {}})
+    rng = torch.load(tmp_path / "ck" / "rng.pt", weights_only=True)
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]  # saved on 4 GPUs
+    torch.save({**rng, "cuda": states}, tmp_path / "ck" / "rng.pt")
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append((i, int(state[0]))))
+    trainer.load(tmp_path / "ck")
+    assert restored == [(0, 0)]
+
+
 def test_checkpoint_is_complete_and_atomic(tmp_path):
     trainer = _trainer()
     trainer.train(_stream(), steps=1, callbacks=[])

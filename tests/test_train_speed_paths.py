@@ -12,7 +12,7 @@ from helpers import TINY_MODEL, FakeCorpus, random_docs, tiny_train_config
 
 from mates.data.packing import PackedStream
 from mates.errors import StageFailed
-from mates.lm import build_lm
+from mates.lm import CAUSAL_SDPA, build_lm
 from mates.train import Callback, NaiveTrainer, Trainer
 
 VOCAB, T = 64, 16
@@ -42,7 +42,7 @@ def test_optimized_and_naive_trainers_follow_the_same_loss_trajectory():
     cfg = tiny_train_config(lr=3e-3, micro_batch_sequences=2)
     fast, naive = Trainer(copy.deepcopy(model), cfg, CPU), NaiveTrainer(model, cfg, CPU)
     assert naive.model.config._attn_implementation == "eager"
-    assert fast.model.config._attn_implementation == "sdpa"
+    assert fast.model.config._attn_implementation == CAUSAL_SDPA
     assert fast.optimizer.defaults["fused"] and not naive.optimizer.defaults["foreach"]
     s1, s2 = _stream(), _stream()
     got = [(float(fast.train_step(s1)), naive.train_step(s2)) for _ in range(4)]
@@ -140,3 +140,36 @@ def test_the_cuda_step_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(np.isfinite(float(v)) for v in losses)
+
+
+def test_the_lm_builds_no_attention_mask_and_matches_plain_sdpa(monkeypatch):
+    """No per-forward packed-sequence check (a host-device sync on a GPU, a materialized
+    mask under compile): SDPA runs causal with no mask, and the outputs are those of
+    transformers' own "sdpa" attention."""
+    import transformers.masking_utils as masking
+
+    model = _model().eval()
+    ids = torch.randint(0, VOCAB, (3, T))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        model.set_attn_implementation("sdpa")
+        theirs = model(input_ids=ids).logits
+        model.set_attn_implementation(CAUSAL_SDPA)
+
+        def no_mask_work(*args, **kwargs):
+            raise AssertionError("a causal mask was prepared")
+
+        monkeypatch.setattr(masking, "find_packed_sequence_indices", no_mask_work)
+        monkeypatch.setattr(masking, "sdpa_mask", no_mask_work)
+        again = model(input_ids=ids).logits
+    assert model.config._attn_implementation == CAUSAL_SDPA
+    assert torch.equal(ours, theirs) and torch.equal(ours, again)
+
+
+def test_the_vocabulary_is_padded_to_the_configured_multiple(tmp_path):
+    model = build_lm(TINY_MODEL.model_copy(update={"vocab_multiple": 128}), 50277, T, eos_id=0)
+    assert model.get_input_embeddings().num_embeddings == 50304
+    assert model.get_output_embeddings().out_features == 50304
+    assert build_lm(TINY_MODEL, 50277, T, eos_id=0).get_input_embeddings().num_embeddings == 50277
+    model.save_pretrained(tmp_path)  # an exported model names no attention of ours
+    assert CAUSAL_SDPA not in (tmp_path / "config.json").read_text()

@@ -15,6 +15,7 @@ same inputs, timed alternately so that machine noise hits both arms alike.
 
 from __future__ import annotations
 
+import gc
 import logging
 import platform
 import shutil
@@ -288,9 +289,11 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
     }
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, reps: int = 10) -> dict[str, float]:
+def matmul_gflops(device: torch.device, n: int | None = None, reps: int = 10) -> dict[str, float]:
     """GFLOP/s of an n x n matrix product in fp32 and bf16: the ceiling that bf16 can lift a
-    model-bound path by on this machine (about 2.3x on AVX-512 BF16, more with AMX)."""
+    model-bound path by on this machine (about 2.3x on AVX-512 BF16, more with AMX). n
+    defaults to 1024 on a CPU, 8192 on a GPU (smaller products only time the launches)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(n, n, dtype=dtype, device=device)
@@ -351,7 +354,7 @@ def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
 # against torch.cuda.get_device_name in this order; --peak-tflops overrides it.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
                     ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
-PRESET_VOCAB = 50304  # Pythia's padded vocabulary, for presets whose tokenizer is not here
+PRESET_VOCAB = 50277  # Pythia's tokenizer, for presets whose tokenizer is not here (the preset pads it)
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -380,9 +383,8 @@ class RandomTokens:
         self.vocab_size, self.seq_tokens = vocab_size, seq_tokens
         self.gen = torch.Generator().manual_seed(seed)
 
-    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-        block = torch.randint(0, self.vocab_size, (n_sequences, self.seq_tokens + 1), generator=self.gen)
-        return block[:, :-1], block[:, 1:]  # (n, T) each
+    def next_block(self, n_sequences: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, (n_sequences, self.seq_tokens + 1), generator=self.gen)
 
 
 def bench_preset(config: Path, device: str, steps: int, peak: float | None) -> dict[str, Any]:
@@ -392,6 +394,10 @@ def bench_preset(config: Path, device: str, steps: int, peak: float | None) -> d
 
     cfg = load_config(config, [f"device={device}"])
     dev = resolve_device(cfg.device)
+    if dev.type == "cuda":  # this preset's peak memory, not an earlier section's
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
     tc, mc = cfg.train, cfg.model
     vocab = cfg.data.vocab_size if cfg.data.tokenizer == "train-bpe" else PRESET_VOCAB
     torch.manual_seed(cfg.seed)

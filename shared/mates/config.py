@@ -64,6 +64,10 @@ class DataConfig(_Section):
     )
 
 
+# (section, field) added after the first runs were made: see RunConfig.fingerprint
+ADDED_FIELDS = (("model", "vocab_multiple"),)
+
+
 class ModelConfig(_Section):
     hidden_size: int = Field(256, ge=8, description="Transformer width.")
     num_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
@@ -71,6 +75,10 @@ class ModelConfig(_Section):
     intermediate_size: int | None = Field(None, ge=8, description="MLP width (default 4x hidden).")
     rotary_pct: float = Field(0.25, gt=0, le=1, description="Fraction of head dims with RoPE.")
     init_std: float = Field(0.02, gt=0, description="Initializer standard deviation.")
+    vocab_multiple: int = Field(
+        1, ge=1, description="Pad the LM's vocabulary (embedding and output rows) up to a multiple "
+        "of this; 128 keeps the output layer's GPU matmuls on aligned tensor-core kernels "
+        "(Pythia pads its 50,277 tokens to 50,304).")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -215,8 +223,16 @@ class RunConfig(_Section):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
     def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections (all when none), to tell comparable runs apart."""
+        """Short hash of the named sections (all when none), to tell comparable runs apart.
+
+        A field added after runs were made with this code (ADDED_FIELDS) counts only when
+        it is set away from its default: a run made before it existed keeps its fingerprint,
+        and so can still be resumed.
+        """
         dumped = self.model_dump(mode="json")
+        for section, name in ADDED_FIELDS:
+            if dumped[section].get(name) == type(self).model_fields[section].annotation.model_fields[name].default:
+                dumped[section].pop(name, None)
         if sections:
             dumped = {s: dumped[s] for s in sections}
         blob = json.dumps(dumped, sort_keys=True).encode()

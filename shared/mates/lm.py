@@ -6,16 +6,28 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mates.config import ModelConfig
 from mates.data.reference import IGNORE, ReferenceSet
 
+# SDPA attention under a name transformers has no mask function for, so that it builds no
+# mask at all and SDPA runs with is_causal=True. Under the name "sdpa", every forward
+# without an attention mask checks the position ids for packed sequences, a `.all()` on
+# a device tensor: one host-device sync per forward on a GPU, and, under torch.compile,
+# a materialized (B, 1, T, T) mask that rules out the flash kernel. This model is only ever
+# called without an attention mask (training sequences are packed, reference rows are
+# right-padded and their padding is never scored), which is what makes that safe.
+CAUSAL_SDPA = "mates_causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
 
 def build_lm(cfg: ModelConfig, vocab_size: int, seq_tokens: int, eos_id: int) -> GPTNeoXForCausalLM:
-    """A randomly initialised GPT-NeoX from config (the paper pretrains from scratch)."""
+    """A randomly initialised GPT-NeoX from config (the paper pretrains from scratch), with
+    `vocab_size` rounded up to `cfg.vocab_multiple` (the extra rows are never a target)."""
     hf_cfg = GPTNeoXConfig(
-        vocab_size=vocab_size,
+        vocab_size=-(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
@@ -29,7 +41,7 @@ def build_lm(cfg: ModelConfig, vocab_size: int, seq_tokens: int, eos_id: int) ->
         use_cache=False,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
-        attn_implementation="sdpa",
+        attn_implementation=CAUSAL_SDPA,
     )
     return GPTNeoXForCausalLM(hf_cfg)
 

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ from mates.train import Callback, StepInfo, Trainer, world
 log = logging.getLogger(__name__)
 
 STAGE0_SECTIONS = ("seed", "data", "model", "train", "stages")
+DDP_CANCEL_EVERY = 10  # steps between cancel checks under torchrun (each is a device sync)
 
 
 class Cancelled(MatesError):
@@ -94,7 +96,10 @@ class _EvalAndLog(Callback):
         if ck and info.stage_step % ck == 0 and info.stage_step < self.run.stage_steps(self.stage):
             self.run.save_checkpoint(self.stage, info.stage_step, complete=False,
                                      losses_since_log=self.losses)
-        self.run.check_cancel()
+        # alone, a stat per step; under DDP the ranks agree through an all-reduce whose
+        # read-back waits for the device, so only every DDP_CANCEL_EVERY steps
+        if self.run.world_size == 1 or info.stage_step % DDP_CANCEL_EVERY == 0:
+            self.run.check_cancel()
 
     def train_end(self, trainer: Trainer, info: StepInfo | None) -> None:
         self.bar.close()
@@ -120,14 +125,34 @@ def init_run(cfg: RunConfig, root: Path) -> Manifest:
                            cfg.stages.num_stages, run_id=run_id)
 
 
+# How long a rank waits at a collective. The non-primary ranks wait at a barrier while
+# rank 0 tokenizes the corpus of a fresh run, which takes longer than the NCCL default
+# (10 minutes) on a large pool.
+DIST_TIMEOUT = timedelta(hours=2)
+
+
+def init_distributed(device_name: str) -> None:
+    """Join the torchrun process group for a run configured with `device` `device_name`:
+    NCCL with one GPU per local rank when the run is on CUDA, gloo when it is on the CPU
+    (whatever GPUs the machine has)."""
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun local rank {local_rank} has no GPU of its own: this machine "
+                              f"has {torch.cuda.device_count()}; use --nproc-per-node at most that, "
+                              "or set `device: cpu`")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+
+
 def train_stage_process(run_dir: Path, k: int) -> None:
     """Train stage k of an existing run in this process: alone, or as one rank under
     `torchrun --nproc-per-node N` (DDP: gloo on CPU, NCCL on CUDA; rank 0 writes)."""
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        manifest = read_json(RunPaths(Path(run_dir)).manifest)
+        init_distributed(str(manifest["config"].get("device", "auto")))
         started = True
     try:
         run = Run.open(Path(run_dir), progress=False)

@@ -155,12 +155,15 @@ class Trainer:
 
     def _micro_batches(self, stream: PackedStream):
         micro = self.cfg.micro_batch_sequences or self.cfg.batch_sequences
-        pin = self.device.type == "cuda"  # pinned host memory: the copy is truly asynchronous
         for _ in range(self.cfg.batch_sequences // micro):
-            x, y = stream.next_batch(micro)
-            if pin:
-                x, y = x.pin_memory(), y.pin_memory()
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            block = stream.next_block(micro)  # (micro, T+1): inputs and labels overlap
+            if self.device.type == "cuda":
+                # one copy of the contiguous block from pinned memory, truly asynchronous;
+                # inputs and labels are sliced on the device (pinning the two strided views
+                # would keep their strides, and their copies would go through pageable
+                # temporaries)
+                block = block.pin_memory().to(self.device, non_blocking=True)
+            yield block[:, :-1], block[:, 1:]
 
     def _begin_step(self) -> int:
         """Sets the step's lr; returns the number of micro-batches."""
@@ -279,7 +282,10 @@ class Trainer:
             raise ArtifactError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            # one state per GPU the saving process saw; this process may see fewer (a
+            # checkpoint from a multi-GPU machine resumed on one GPU): those it has
+            for i, state in enumerate(list(rng["cuda"])[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, i)
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
         return meta
 

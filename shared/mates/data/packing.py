@@ -49,15 +49,20 @@ class PackedStream:
             self._buffer.extend(self.corpus.token_ids(doc).tolist())
             self._buffer.append(self.eos_id)
 
-    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), each (n, T); labels are inputs shifted by one token."""
+    def next_block(self, n_sequences: int) -> torch.Tensor:
+        """The next n sequences of T+1 tokens, (n, T+1): row i's inputs are its first T
+        tokens and its labels its last T (`next_batch`)."""
         T = self.seq_tokens
         rows = []
         for _ in range(n_sequences):
             self._refill(T + 1)
             rows.append(self._buffer[: T + 1])
             del self._buffer[:T]  # the last target is the next sequence's first input
-        block = torch.tensor(rows, dtype=torch.long)  # (n, T+1)
+        return torch.tensor(rows, dtype=torch.long)
+
+    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels), each (n, T); labels are inputs shifted by one token."""
+        block = self.next_block(n_sequences)
         return block[:, :-1], block[:, 1:]
 
     @property
