@@ -35,7 +35,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
@@ -107,13 +106,7 @@ dispatches = Table(
     Column("stage", Integer, primary_key=True),
     Column("at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),  # null: claimed, not yet known to be published
-    # the broker instance it was published into (Redis's run_id; null: unknown), so that a
-    # broker found emptied strands only the runs whose last task went to an earlier instance
-    Column("broker", String(64), nullable=True),
 )
-
-# Columns added after a table first shipped: created in an existing database at start-up.
-ADDED_COLUMNS = {"dispatches": ("broker",)}
 
 # How often each attempt of a task was delivered to a worker: a retry is a new attempt, a
 # redelivery (the worker died holding it) is not, so a count above one means lost workers.
@@ -246,31 +239,11 @@ class Store:
         for attempt in range(attempts):
             try:
                 metadata.create_all(self.engine, checkfirst=True)
-                self._add_missing_columns()
                 return
             except (OperationalError, ProgrammingError, IntegrityError):
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
-
-    def _add_missing_columns(self) -> None:
-        """ALTER TABLE ... ADD COLUMN for each column in ADDED_COLUMNS that a database made by
-        an earlier version lacks (all are nullable, so existing rows stay valid)."""
-        inspector = sa_inspect(self.engine)
-        for table, names in ADDED_COLUMNS.items():
-            have = {c["name"] for c in inspector.get_columns(table)}
-            for name in names:
-                if name in have:
-                    continue
-                column = metadata.tables[table].c[name]
-                kind = column.type.compile(dialect=self.engine.dialect)
-                try:
-                    with self.engine.begin() as conn:
-                        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
-                except (OperationalError, ProgrammingError):
-                    # another process starting beside this one added it first
-                    if name not in {c["name"] for c in sa_inspect(self.engine).get_columns(table)}:
-                        raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -455,20 +428,17 @@ class Store:
         return and_(dispatches.c.run_id == run_id, dispatches.c.generation == generation,
                     dispatches.c.task == task, dispatches.c.stage == stage)
 
-    def mark_sent(self, run_id: str, generation: int, task: str, stage: int,
-                  broker: str | None = None) -> None:
-        """Confirm that a claimed task was published (into broker instance `broker`)."""
+    def mark_sent(self, run_id: str, generation: int, task: str, stage: int) -> None:
+        """Confirm that a claimed task was published."""
         with self.engine.begin() as conn:
             conn.execute(update(dispatches).where(self._dispatch_key(run_id, generation, task, stage))
-                         .values(sent_at=_now(), broker=broker))
+                         .values(sent_at=_now()))
 
-    def last_sent(self, run_id: str) -> tuple[float, str | None] | None:
-        """(when, broker instance) of the run's latest published task; None: never sent."""
+    def last_sent_at(self, run_id: str) -> float | None:
+        """When the run's latest task was published (None: never)."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(dispatches.c.sent_at, dispatches.c.broker)
-                               .where(dispatches.c.run_id == run_id, dispatches.c.sent_at.is_not(None))
-                               .order_by(dispatches.c.sent_at.desc()).limit(1)).first()
-        return None if row is None else (float(row[0]), row[1])
+            return conn.execute(select(func.max(dispatches.c.sent_at))
+                                .where(dispatches.c.run_id == run_id)).scalar()
 
     # ------------------------------------------------------------------ deliveries
 

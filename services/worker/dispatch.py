@@ -39,32 +39,6 @@ class PublishPending(MatesError):
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
-_broker_clients: dict[str, object] = {}
-
-
-def broker_instance(settings: Settings) -> str | None:
-    """The broker instance a task published now goes into: Redis's `run_id`, new at every
-    start of the server. None for another kind of broker, or when Redis does not answer
-    (publishing then fails too).
-
-    Recorded with each dispatch, read *before* publishing: should Redis restart in between,
-    the task is recorded under the earlier instance and counts as stranded when the loss is
-    found, so the run is failed (resumably) rather than left waiting for a task that is gone.
-    """
-    if not settings.broker_url.startswith(("redis://", "rediss://")):
-        return None
-    import redis
-
-    client = _broker_clients.get(settings.broker_url)
-    if client is None:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
-        _broker_clients[settings.broker_url] = client
-    try:
-        return str(client.info("server")["run_id"])
-    except (redis.RedisError, OSError, KeyError):
-        return None
-
-
 def claim(store: Store, run_id: str, generation: int, task: str, stage: int) -> bool:
     """True: publish `task` now. False: it was published already. PublishPending: another
     process claimed it and has not confirmed yet (retry later: a dead claimer's claim goes
@@ -88,14 +62,13 @@ def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int
 
     if not claim(store, run_id, generation, task, stage):
         return False
-    broker = broker_instance(settings)
     try:
         app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
                                     retry=True, retry_policy=PUBLISH_RETRY, ignore_result=True)
     except Exception as e:  # kombu/redis raise many types for "broker unreachable"
         raise BrokerUnavailable(
             f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}") from e
-    store.mark_sent(run_id, generation, task, stage, broker=broker)
+    store.mark_sent(run_id, generation, task, stage)
     return True
 
 

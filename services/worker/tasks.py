@@ -27,13 +27,7 @@ from mates.run import Cancelled, Run
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
 from services.worker.celery_app import app
-from services.worker.dispatch import (
-    BrokerUnavailable,
-    PublishPending,
-    broker_instance,
-    claim,
-    enqueue,
-)
+from services.worker.dispatch import BrokerUnavailable, PublishPending, claim, enqueue
 from services.worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -215,7 +209,6 @@ def fan_out(store: Store, run_id: str, stage: int, shards: int, generation: int)
     scores whatever is missing itself."""
     if not claim(store, run_id, generation, "score_shard", stage):
         return
-    broker = broker_instance(get_settings())
     after = select.si(run_id, stage, generation)
     after.link_error(select.si(run_id, stage, generation))
     try:
@@ -223,7 +216,7 @@ def fan_out(store: Store, run_id: str, stage: int, shards: int, generation: int)
     except Exception as e:  # the broker or the result backend refused the chord
         raise BrokerUnavailable(f"could not enqueue the shards of run {run_id} stage {stage}: "
                                 f"{type(e).__name__}: {e}") from e
-    store.mark_sent(run_id, generation, "score_shard", stage, broker=broker)
+    store.mark_sent(run_id, generation, "score_shard", stage)
 
 
 # --------------------------------------------------------------------------- score

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 import redis
@@ -49,24 +50,25 @@ def broker_lost(client: redis.Redis, store: Store) -> bool:
     return remembered is not None  # no marker ever: a first deployment, nothing was lost
 
 
-def broker_id(client: redis.Redis) -> str:
-    """The Redis server instance answering now (its `run_id`, new at every start)."""
-    return str(client.info("server")["run_id"])
+def broker_started_at(client: redis.Redis) -> float:
+    """When the (restarted) broker came up: tasks published since then are in it.
 
-
-def fail_stranded_runs(store: Store, broker: str) -> list[str]:
-    """Fail (or, if a cancel was asked, cancel) each active run whose last task was not
-    published into broker instance `broker`, the one found emptied; returns their IDs.
-
-    The instance, not a time: a run resumed after the restart but before a watch tick
-    found the loss has its new task in the new broker, and Redis reports its uptime in
-    whole seconds only, too coarse to tell the two apart by the clock.
+    Not the time a watch noticed the loss: a run resumed between the restart and that
+    tick has its new tasks in the new broker. Redis reports whole seconds of uptime, so
+    this is at most a second after the real start (a task published in that second is
+    failed too, and resumable; never the other way round, which would strand it).
     """
+    return time.time() - float(client.info("server")["uptime_in_seconds"])
+
+
+def fail_stranded_runs(store: Store, since: float) -> list[str]:
+    """Fail (or, if a cancel was asked, cancel) each active run whose last task was published
+    before `since`, when the broker was found empty; returns their IDs."""
     ended = []
     for status in WAITING_ON_BROKER:
         for row in store.list_runs(status=status, limit=100_000):
-            sent = store.last_sent(row["id"])
-            if sent is not None and sent[1] == broker:
+            sent = store.last_sent_at(row["id"])
+            if sent is not None and sent >= since:
                 continue  # published into the new broker: its task is there
             end_run(store, row["id"], "cancelled" if status == "cancelling" else "failed", REASON)
             ended.append(row["id"])
@@ -83,7 +85,7 @@ def watch(settings: Settings, store: Store, stop: threading.Event) -> None:
     while True:
         try:
             if client is not None and broker_lost(client, store):
-                ended = fail_stranded_runs(store, broker_id(client))
+                ended = fail_stranded_runs(store, since=broker_started_at(client))
                 log.warning("the broker lost its queued tasks; runs ended (resume them): %s",
                             ", ".join(ended) or "none")
         except (redis.RedisError, OSError):
