@@ -50,17 +50,6 @@ def broker_lost(client: redis.Redis, store: Store) -> bool:
     return remembered is not None  # no marker ever: a first deployment, nothing was lost
 
 
-def broker_started_at(client: redis.Redis) -> float:
-    """When the (restarted) broker came up: tasks published since then are in it.
-
-    Not the time a watch noticed the loss: a run resumed between the restart and that
-    tick has its new tasks in the new broker. Redis reports whole seconds of uptime, so
-    this is at most a second after the real start (a task published in that second is
-    failed too, and resumable; never the other way round, which would strand it).
-    """
-    return time.time() - float(client.info("server")["uptime_in_seconds"])
-
-
 def fail_stranded_runs(store: Store, since: float) -> list[str]:
     """Fail (or, if a cancel was asked, cancel) each active run whose last task was published
     before `since`, when the broker was found empty; returns their IDs."""
@@ -85,7 +74,7 @@ def watch(settings: Settings, store: Store, stop: threading.Event) -> None:
     while True:
         try:
             if client is not None and broker_lost(client, store):
-                ended = fail_stranded_runs(store, since=broker_started_at(client))
+                ended = fail_stranded_runs(store, since=time.time())
                 log.warning("the broker lost its queued tasks; runs ended (resume them): %s",
                             ", ".join(ended) or "none")
         except (redis.RedisError, OSError):
