@@ -231,8 +231,8 @@ class RunConfig(_Section):
         """
         dumped = self.model_dump(mode="json")
         for section, name in ADDED_FIELDS:
-            if dumped[section].get(name) == type(self).model_fields[section].annotation.model_fields[name].default:
-                dumped[section].pop(name, None)
+            if getattr(getattr(self, section), name) == type(getattr(self, section)).model_fields[name].default:
+                del dumped[section][name]
         if sections:
             dumped = {s: dumped[s] for s in sections}
         blob = json.dumps(dumped, sort_keys=True).encode()
