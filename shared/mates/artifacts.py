@@ -73,6 +73,10 @@ class RunPaths:
         """End-of-stage (or latest mid-stage) training state of stage k."""
         return self.stage(k) / "checkpoint"
 
+    def cooldown(self, k: int) -> Path:
+        """Held-out evaluation of stage k's checkpoint after a learning-rate cooldown branch."""
+        return self.stage(k) / "cooldown.json"
+
     def probes(self, k: int) -> Path:
         """Oracle influences measured on stage k's checkpoint."""
         return self.stage(k) / "probes.jsonl"

@@ -79,8 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("run_dir", type=Path)
     res.add_argument("--no-progress", action="store_true")
 
-    cmp_ = sub.add_parser("compare", help="MATES and a random baseline, same seeds and budget")
+    cmp_ = sub.add_parser("compare", help="selection methods (arms) over seeds against random, "
+                          "same stage 0, pools and token budget; intervals, tokens and compute to match")
     _add_config_args(cmp_)
+    cmp_.add_argument("--arms", default=None, help="comma-separated arms (default `compare.arms`): "
+                      "random, mates, static, dsir, perplexity, label, random-aa")
+    cmp_.add_argument("--seeds", type=int, default=None, help="seeds per arm (default `compare.seeds`)")
 
     score = sub.add_parser("score", help="score documents with an influence model")
     score.add_argument("--model", type=Path, required=True, help="influence-model directory")
@@ -212,15 +216,17 @@ def _print_stages(data: dict) -> None:
 
 
 def cmd_compare(args) -> int:
-    from mates.compare import compare
+    from mates.compare import compare, format_table
 
+    if args.arms is not None:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        args.overrides.append(f"compare.arms=[{','.join(arms)}]")
+    if args.seeds is not None:
+        args.overrides.append(f"compare.seeds={args.seeds}")
     cfg, out = _load(args)
     s = compare(cfg, out, progress=not args.no_progress)
-    print(f"\n{'arm':<8} {'final held-out loss':>20} {'tokens':>12}")
-    for arm in ("random", "mates"):
-        print(f"{arm:<8} {s[arm]['final_heldout_loss']:>20.4f} {s[arm]['final_tokens']:>12}")
-    ratio = s["tokens_to_match_ratio"]
-    print(f"tokens_to_match_ratio: {'never reached' if ratio is None else f'{ratio:.3f}'}")
+    print()
+    print(format_table(s))
     print(f"wrote {out / 'comparison.json'}, {out / 'comparison.png'} and {out / 'report.html'}")
     return 0
 

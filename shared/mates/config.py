@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -41,13 +42,32 @@ FilePath = Annotated[Path, BeforeValidator(_no_nul)]
 PathText = Annotated[str, BeforeValidator(_no_nul)]
 
 
+class HeldoutSetConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Set name in metrics.")
+    path: FilePath = Field(description="JSONL {context, continuation} (cloze), JSONL {text} or .txt (text).")
+    kind: Literal["cloze", "text"] = Field(
+        description="'cloze': loss and top-1 accuracy of the continuation only; 'text': mean "
+        "per-token loss over every token of whole documents (long ones cut into sequences).")
+    max_documents: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
 class DataConfig(_Section):
     pool: FilePath = Field(description="Candidate pool: JSONL or Parquet rows {id, text, ...}.")
     reference: FilePath = Field(
         description="Reference task probed by the oracle: JSONL {context, continuation} or plain text."
     )
-    heldout: FilePath = Field(
-        description="Held-out evaluation set (same formats), never used for probing."
+    heldout: FilePath | None = Field(
+        None, description="Held-out evaluation set (same formats), never used for probing; "
+        "the set named 'heldout' (optional when `heldout_sets` lists others).",
+    )
+    heldout_sets: list[HeldoutSetConfig] = Field(
+        default_factory=list,
+        description="More named held-out sets, each cloze (continuation loss and top-1 accuracy) "
+        "or full text (mean per-token loss over whole documents).",
+    )
+    primary_heldout: str | None = Field(
+        None, description="Name of the held-out set that `heldout_loss` and comparisons read "
+        "(default: the first of `heldout_sets`, else 'heldout').",
     )
     tokenizer: PathText = Field(
         "train-bpe",
@@ -63,9 +83,39 @@ class DataConfig(_Section):
         "error", description="Corrupt corpus rows: fail naming file and line, or skip and count."
     )
 
+    @model_validator(mode="after")
+    def _heldout_named(self) -> DataConfig:
+        names = ["heldout"] if self.heldout is not None else []
+        names += [h.name for h in self.heldout_sets]
+        if not names:
+            raise ValueError("`data.heldout` or `data.heldout_sets` must name a held-out set")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"held-out set names must be unique, got {dup} twice")
+        if self.primary_heldout is not None and self.primary_heldout not in names:
+            raise ValueError(f"`data.primary_heldout` {self.primary_heldout!r} names no held-out set "
+                             f"(sets: {names})")
+        return self
+
+    @property
+    def primary(self) -> str:
+        if self.primary_heldout:
+            return self.primary_heldout
+        return self.heldout_sets[0].name if self.heldout_sets else "heldout"
+
+    def heldout_specs(self) -> list[HeldoutSetConfig]:
+        """Every held-out set, `data.heldout` first as the set named 'heldout'."""
+        specs = list(self.heldout_sets)
+        if self.heldout is not None:
+            kind = "text" if self.heldout.suffix == ".txt" else "cloze"
+            specs.insert(0, HeldoutSetConfig(name="heldout", path=self.heldout, kind=kind))
+        return specs
+
 
 # (section, field) added after the first runs were made: see RunConfig.fingerprint
-ADDED_FIELDS = (("model", "vocab_multiple"),)
+ADDED_FIELDS = (("model", "vocab_multiple"), ("data", "heldout_sets"), ("data", "primary_heldout"),
+                ("train", "cooldown_fraction"), ("selection", "sampler"), ("selection", "seed"),
+                ("selection", "target_labels"), ("selection", "label_field"), ("compare", None))
 
 
 class ModelConfig(_Section):
@@ -115,6 +165,12 @@ class TrainConfig(_Section):
     )
     compile: bool = Field(
         False, description="torch.compile the training forward (the first steps pay the compile)."
+    )
+    cooldown_fraction: float = Field(
+        0.1, ge=0, le=1,
+        description="At each stage end, branch from the checkpoint, decay the lr linearly to zero "
+        "over this share of a stage's steps on the stage's own selection, evaluate every held-out "
+        "set and throw the branch away (warmup-stable-decay evaluation); 0 turns it off.",
     )
 
     @model_validator(mode="after")
@@ -194,18 +250,82 @@ class InfluenceConfig(_Section):
     )
 
 
+SELECTION_METHODS = ("mates", "static", "dsir", "perplexity", "label", "random", "gumbel", "topk")
+
+
 class SelectionConfig(_Section):
-    method: Literal["gumbel", "topk", "random"] = Field(
-        "gumbel", description="Gumbel-top-k from softmax(-score/tau), top-k, or uniform random."
+    method: Literal["mates", "static", "dsir", "perplexity", "label", "random", "gumbel", "topk"] = Field(
+        "gumbel",
+        description="'mates': an influence model fitted on each stage's checkpoint ('gumbel' and "
+        "'topk' are 'mates' with that sampler); 'static': the model fitted at stage 0, reused "
+        "for every later stage; 'dsir': hashed n-gram importance resampling toward the reference "
+        "set; 'perplexity': keep the pool documents with the lowest per-token loss under the "
+        "stage-0 checkpoint; 'label': keep documents whose label is in `target_labels`; "
+        "'random': uniform.",
     )
+    sampler: Literal["gumbel", "topk"] = Field(
+        "gumbel", description="How 'mates' and 'static' keep documents by score: Gumbel-top-k "
+        "from softmax(-score/tau), or the k lowest scores.")
     ratio: float = Field(0.2, description="Fraction of the pool kept, in (0, 1].")
     temperature: float = Field(0.5, gt=0, description="Softmax temperature tau for 'gumbel'.")
+    seed: int | None = Field(
+        None, ge=0, description="Seed of the selections after stage 0 (default: the run's seed); "
+        "another value gives an A/A arm.")
+    target_labels: list[str] = Field(
+        default_factory=list, description="'label': labels to keep; a label also matches the "
+        "labels below it ('news' matches 'news/sports').")
+    label_field: str | None = Field(
+        None, description="'label': corpus column holding the label (default `data.domain_field`).")
+
+    @property
+    def model_based(self) -> bool:
+        """Scores come from a fitted influence model."""
+        return self.method in ("mates", "static", "gumbel", "topk")
+
+    @property
+    def score_sampler(self) -> str:
+        return "topk" if self.method == "topk" else "gumbel" if self.method == "gumbel" else self.sampler
 
     @field_validator("ratio")
     @classmethod
     def _ratio_in_range(cls, v: float) -> float:
         if not 0 < v <= 1:
             raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+
+COMPARE_ARMS = ("random", "mates", "static", "dsir", "perplexity", "label", "random-aa")
+
+
+class CompareConfig(_Section):
+    arms: list[str] = Field(
+        default_factory=lambda: ["random", "mates", "static", "dsir", "random-aa"],
+        description=f"Arms of `mates compare`, from {list(COMPARE_ARMS)}; 'random-aa' is random "
+        "again with another selection seed (the null spread).")
+    intervals: bool = Field(True, description="Report 95% intervals over seeds (needs 2+ seeds).")
+    seeds: int = Field(3, ge=1, description="Seeds per arm (the run's seed, seed+1, ...).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Interval coverage.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of held-out documents.")
+    target_labels: list[str] = Field(
+        default_factory=list, description="Labels the 'label' arm keeps (`selection.target_labels`).")
+    aa_seed_offset: int = Field(1000, ge=1, description="'random-aa': selection seed = seed + this.")
+
+    @field_validator("arms")
+    @classmethod
+    def _known_arms(cls, v: list[str]) -> list[str]:
+        unknown = [a for a in v if a not in COMPARE_ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown}; known arms: {list(COMPARE_ARMS)}")
+        if len(set(v)) != len(v) or not v:
+            raise ValueError(f"must list each arm once and at least one, got {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_for_intervals(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("intervals", True) and v < 2:
+            raise ValueError(f"must be at least 2 for intervals over seeds, got {v} "
+                             "(set `compare.intervals: false` for a single-seed comparison)")
         return v
 
 
@@ -221,6 +341,7 @@ class RunConfig(_Section):
     probing: ProbingConfig = Field(default_factory=ProbingConfig)
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none), to tell comparable runs apart.
@@ -231,7 +352,12 @@ class RunConfig(_Section):
         """
         dumped = self.model_dump(mode="json")
         for section, name in ADDED_FIELDS:
-            if getattr(getattr(self, section), name) == type(getattr(self, section)).model_fields[name].default:
+            if name is None:  # a whole section
+                if getattr(self, section) == type(getattr(self, section))():
+                    del dumped[section]
+                continue
+            sec = getattr(self, section)
+            if getattr(sec, name) == type(sec).model_fields[name].get_default(call_default_factory=True):
                 del dumped[section][name]
         if sections:
             dumped = {s: dumped[s] for s in sections}
@@ -291,8 +417,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
     if base_dir is not None:
         for name in ("pool", "reference", "heldout"):
             p = getattr(cfg.data, name)
-            if not p.is_absolute():
+            if p is not None and not p.is_absolute():
                 setattr(cfg.data, name, (base_dir / p).resolve())
+        for h in cfg.data.heldout_sets:
+            if not h.path.is_absolute():
+                h.path = (base_dir / h.path).resolve()
         tok = cfg.data.tokenizer
         if tok != "train-bpe" and not Path(tok).is_absolute():
             cfg.data.tokenizer = str((base_dir / tok).resolve())

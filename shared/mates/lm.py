@@ -84,3 +84,34 @@ def reference_loss(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences
             total += lm_loss(model, ids, labels, reduction="sum").double()
     model.train(was_training)
     return float(total) / ref.scored_tokens
+
+
+@torch.no_grad()
+def row_losses(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int,
+               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a reference set: summed loss (float64), scored tokens, and whether every
+    scored token is the model's top-1 prediction (a cloze row is then answered correctly)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(ref), dtype=torch.float64)
+    counts = torch.zeros(len(ref), dtype=torch.long)
+    correct = torch.zeros(len(ref), dtype=torch.long)
+    for start in range(0, len(ref), batch_sequences):
+        end = min(start + batch_sequences, len(ref))
+        width = int(ref.lengths[start:end].max())
+        ids = ref.input_ids[start:end, :width].to(device, non_blocking=True)
+        labels = ref.labels[start:end, :width].to(device, non_blocking=True)
+        mask = labels != IGNORE  # (B, T)
+        with autocast(device, precision):
+            hidden = model.base_model(input_ids=ids).last_hidden_state  # (B, T, C)
+            logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V)
+        targets = labels[mask]
+        ce = F.cross_entropy(logits, targets, reduction="none").double().cpu()  # (M,)
+        hit = (logits.argmax(-1) == targets).long().cpu()
+        rows = mask.nonzero()[:, 0].cpu() + start  # (M,) the row of each scored token
+        sums.index_add_(0, rows, ce)
+        counts.index_add_(0, rows, torch.ones_like(rows))
+        correct.index_add_(0, rows, hit)
+    model.train(was_training)
+    return sums, counts, correct == counts

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from mates.artifacts import (
@@ -40,7 +41,7 @@ from mates.artifacts import (
 from mates.config import RunConfig, config_from_dict
 from mates.data.corpus import TokenizedCorpus, iter_corpus, tokenize_corpus
 from mates.data.packing import PackedStream
-from mates.data.reference import load_reference
+from mates.data.reference import load_heldout, load_reference, reference_texts
 from mates.data.tokenizer import load_tokenizer, train_bpe
 from mates.errors import ArtifactError, ConfigError, MatesError, RunStateError, StageFailed
 from mates.influence import (
@@ -50,10 +51,12 @@ from mates.influence import (
     load_encoder,
     report_dict,
 )
-from mates.lm import build_lm, reference_loss
+from mates.flops import TransformerCost, encoder_cost, exact_probe_flops, first_order_probe_flops, \
+    lm_cost, reference_gradient_flops
+from mates.lm import build_lm, reference_loss, row_losses
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle, FirstOrderOracle
-from mates.selection import join_scores, select_indices
+from mates.selection import join_scores, label_matches, label_selection, select_indices
 from mates.stats import spearman
 from mates.train import Callback, StepInfo, Trainer, world
 
@@ -243,7 +246,9 @@ class Run:
         self._record_corpus()
         T = cfg.train.seq_tokens
         self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples)
-        self.heldout = load_reference(d.heldout, self.tokenizer, T)
+        self.heldout_specs = {h.name: h for h in d.heldout_specs()}
+        self.heldouts = {name: load_heldout(h, self.tokenizer, T) for name, h in self.heldout_specs.items()}
+        self.heldout = self.heldouts[d.primary]
         self.eos = self.tokenizer.eos_token_id
         st = cfg.stages
         if st.pool_mode == "disjoint" and st.num_stages * st.pool_docs > len(self.corpus):
@@ -251,6 +256,8 @@ class Run:
                 f"`stages.pool_docs` ({st.pool_docs}) x {st.num_stages} stages exceeds the corpus "
                 f"({len(self.corpus)} documents); lower it or use `stages.pool_mode: resample`")
         self._order = np.random.default_rng([cfg.seed, 7]).permutation(len(self.corpus))
+        if cfg.selection.method == "label":
+            self._label_mask()  # a target that matches nothing fails here, before any training
 
     def _record_corpus(self) -> None:
         """The corpus's counts in run.json, rows skipped under `data.on_bad_row: skip` included."""
@@ -414,6 +421,7 @@ class Run:
             self._barrier()
         with self._state(k, "training"):
             self._train(k)
+        self._cooldown_eval(k)
 
     def after_training(self, k: int) -> str:
         """What follows stage k's training: 'fit' once probes are written, else stage k is done.
@@ -428,12 +436,14 @@ class Run:
             return "last"
         if not p.pool(k + 1).is_file():
             self._write_pool(k + 1)
-        if not p.selection(k + 1).is_file() and self.cfg.selection.method == "random":
+        if not p.selection(k + 1).is_file() and not self.cfg.selection.model_based:
             with self._state(k, "selecting"):
-                self._select(k + 1, scores=None, method="random")
+                self._select_without_model(k + 1)
         if p.selection(k + 1).is_file():
             self.manifest.transition(k, "done")
             return "next"
+        if self.cfg.selection.method == "static" and k > 0:
+            return "fit"  # stage 0's model is reused: nothing to probe
         with self._state(k, "probing"):
             if not p.probes(k).is_file():
                 self._probe(k)
@@ -494,8 +504,12 @@ class Run:
                     self.manifest.add_timing(k, "scoring", time.time() - started[-1])
             if not p.scores(k).is_file():
                 self._merge_scores(k)
+            per_doc = self.manifest.stage(k)["metrics"].get("encoder_flops_per_doc")
+            if per_doc is not None:  # every pool document counted at influence.max_tokens
+                self._record_flops(k, "score", per_doc * len(read_json(p.pool(k + 1))["ids"]))
             with self._state(k, "selecting"):
-                self._select(k + 1, scores=read_jsonl(p.scores(k)), method=self.cfg.selection.method)
+                s = self.cfg.selection
+                self._select(k + 1, scores=read_jsonl(p.scores(k)), method=s.method, sampler=s.score_sampler)
         self.manifest.transition(k, "done")
 
     def finish(self) -> None:
@@ -522,32 +536,193 @@ class Run:
             raise StageFailed(f"stage {k}: no unused documents left for the pool")
         write_json(self.paths.pool(k), {"stage": k, "ids": [self.corpus.ids[i] for i in idx]})
 
-    def _select(self, k: int, scores: list[dict] | None, method: str) -> None:
-        """Write selection(k) from pool(k); scores are joined to the pool by document ID."""
+    def _select(self, k: int, scores: list[dict] | None, method: str,
+                sampler: str | None = None, temperature: float | None = None,
+                extra: dict | None = None, chosen: np.ndarray | None = None) -> None:
+        """Write selection(k) from pool(k); scores are joined to the pool by document ID.
+
+        `method` names the selection method, `sampler` how scores become a selection
+        (gumbel, topk or random; default: the method itself); `chosen` skips sampling.
+        """
         s = self.cfg.selection
         pool_ids = read_json(self.paths.pool(k))["ids"]
         arr = join_scores(pool_ids, scores) if scores is not None else None
-        seed = [self.cfg.seed, k, 11]
-        chosen = select_indices(arr, len(pool_ids), ratio=s.ratio, method=method,
-                                temperature=s.temperature, seed=seed)
+        sampler = sampler or method
+        temperature = s.temperature if temperature is None else temperature
+        seed = self._selection_seed(k)
+        if chosen is None:
+            chosen = select_indices(arr, len(pool_ids), ratio=s.ratio, method=sampler,
+                                    temperature=temperature, seed=seed)
         ids = [pool_ids[i] for i in chosen]
         idx = self.corpus.indices_of(ids)
         pool_idx = self.corpus.indices_of(pool_ids)
         manifest = {
-            "stage": k, "method": method, "seed": seed, "ratio": s.ratio,
-            "temperature": s.temperature if method == "gumbel" else None,
-            "model_version": f"{self.manifest.run_id}/{k - 1}" if scores is not None else None,
+            "stage": k, "method": method, "sampler": sampler, "seed": seed, "ratio": s.ratio,
+            "temperature": temperature if sampler == "gumbel" else None,
+            "model_version": self._model_version(k - 1) if scores is not None and s.model_based else None,
             "pool_size": len(pool_ids), "selected": len(ids),
             "selected_tokens": int(self.corpus.num_tokens(idx).sum()),
             "stage_tokens": self.stage_steps(k) * self.cfg.train.batch_sequences * self.cfg.train.seq_tokens,
             "domains": self._domain_counts(idx), "pool_domains": self._domain_counts(pool_idx),
+            **(extra or {}),
             "ids": ids,
         }
         write_json(self.paths.selection(k), manifest)
         self.manifest.update_metrics(k, selection={key: v for key, v in manifest.items() if key != "ids"})
 
+    def _selection_seed(self, k: int) -> list[int]:
+        """Stage 0's random selection takes the run's seed in every arm (it is shared);
+        later ones `selection.seed` where set (an A/A arm)."""
+        s = self.cfg.selection
+        return [self.cfg.seed if k == 0 or s.seed is None else s.seed, k, 11]
+
+    def _model_version(self, k: int) -> str:
+        """The version of the influence model that scored stage k+1's pool ('static':
+        stage 0's, whose meta it copied)."""
+        meta = self.paths.influence_model(k) / "meta.json"
+        version = read_json(meta).get("version") if meta.is_file() else None
+        return version or f"{self.manifest.run_id}/{k}"
+
+    def _select_without_model(self, k: int) -> None:
+        """Selection(k) by a method that fits no influence model (random and the baselines)."""
+        method = self.cfg.selection.method
+        if method == "random":
+            self._select(k, scores=None, method="random")
+            return
+        pool_ids = read_json(self.paths.pool(k))["ids"]
+        idx = self.corpus.indices_of(pool_ids)
+        t0 = time.perf_counter()
+        if method == "label":
+            mask = self._label_mask()[idx]
+            chosen, filled = label_selection(mask, ratio=self.cfg.selection.ratio,
+                                             seed=self._selection_seed(k))
+            self._select(k, scores=None, method="label", sampler="label", chosen=chosen,
+                         extra={"target_labels": self.cfg.selection.target_labels,
+                                "pool_matching": int(mask.sum()), "filled_at_random": filled})
+            return
+        if method == "dsir":
+            from mates.dsir import dsir_scores
+
+            ref = reference_texts(self.cfg.data.reference, self.cfg.probing.max_reference_examples)
+            values = dsir_scores(ref, [self.corpus.text(int(i)) for i in idx])
+            # importance resampling proper: Gumbel-top-k at tau = 1 draws in proportion to the weight
+            sampler, temperature = "gumbel", 1.0
+        elif method == "perplexity":
+            values = self._stage0_losses(idx, k - 1)
+            sampler, temperature = "topk", None  # keep the lowest per-token losses
+        else:  # pragma: no cover - config validation lists the methods
+            raise ConfigError(f"`selection.method` {method!r} needs an influence model")
+        rows = [{"id": d, "score": float(v)} for d, v in zip(pool_ids, values, strict=True)]
+        self._select(k, scores=rows, method=method, sampler=sampler, temperature=temperature,
+                     extra={"score_seconds": round(time.perf_counter() - t0, 3)})
+        write_jsonl(self.paths.stage(k - 1) / f"{method}-scores.jsonl", rows)
+
+    def _label_mask(self) -> np.ndarray:
+        """Corpus documents whose label matches `selection.target_labels` (or a label below one)."""
+        if getattr(self, "_labels", None) is not None:
+            return self._labels
+        s, field = self.cfg.selection, self.cfg.data.domain_field
+        if not s.target_labels:
+            raise ConfigError("`selection.target_labels` must name at least one label for method 'label'")
+        if not field:
+            raise ConfigError("method 'label' needs a label column: set `data.domain_field`")
+        labels = [self.corpus.domain(i) for i in range(len(self.corpus))]
+        if not any(labels):
+            raise ConfigError(f"method 'label': the corpus has no `{field}` column values")
+        self._labels = label_matches(labels, s.target_labels)
+        if not self._labels.any():
+            found = sorted({lab for lab in labels if lab})[:10]
+            raise ConfigError(f"`selection.target_labels` {s.target_labels} match no document's "
+                              f"`{field}` (labels found: {found})")
+        return self._labels
+
+    def _stage0_losses(self, idx: np.ndarray, k: int) -> np.ndarray:
+        """Per-token loss of each document (its first `seq_tokens`) under the stage-0 checkpoint."""
+        from mates.data.reference import _pack_rows
+
+        T = self.cfg.train.seq_tokens
+        rows = [([self.eos] + self.corpus.token_ids(int(i))[: T - 1].tolist(), 0) for i in idx]
+        rows = [(t, len(t) - 1) for t, _ in rows]
+        ref = _pack_rows(rows, "pool", list(range(len(rows))))
+        model = build_lm(self.cfg.model, len(self.tokenizer), T, self.eos)
+        model.load_state_dict(load_file(self.paths.checkpoint(0) / "model.safetensors"))
+        model.to(self.device)
+        tc = self.cfg.train
+        sums, counts, _ = row_losses(model, ref, tc.eval_batch_sequences, tc.precision)
+        per_doc = np.zeros(len(rows))
+        per_doc[ref.docs.numpy()] = (sums / counts.clamp(min=1)).numpy()
+        self._record_flops(k, "select",
+                           self._lm_cost().forward(int(counts.sum()) + len(rows), int(counts.sum())))
+        return per_doc
+
     def _domain_counts(self, idx: np.ndarray) -> dict[str, int]:
         return dict(sorted(Counter(self.corpus.domain(int(i)) or "-" for i in idx).items()))
+
+    # -- compute ledger and cooldown evaluation ------------------------------------
+
+    def _lm_cost(self) -> TransformerCost:
+        if self.trainer is None:
+            self.trainer = self._build_trainer()
+        m = self.cfg.model
+        return lm_cost(self.trainer.model, m.num_layers, m.hidden_size, self.cfg.train.seq_tokens)
+
+    def _record_flops(self, k: int, phase: str, flops: float) -> None:
+        """Stage k's analytic FLOPs of one phase (train, probe, fit, score, select, cooldown_eval)."""
+        if not self.primary:
+            return
+        ledger = dict(self.manifest.stage(k)["metrics"].get("flops") or {})
+        ledger[phase] = float(flops)
+        self.manifest.update_metrics(k, flops=ledger)
+
+    def _eval_flops(self, ref) -> float:
+        scored = ref.scored_tokens
+        return self._lm_cost().forward(int(ref.lengths.sum()), scored)
+
+    def _cooldown_eval(self, k: int) -> None:
+        """Branch from stage k's end, decay the lr linearly to zero over `train.cooldown_fraction`
+        of a stage on its own selection, evaluate every held-out set, discard the branch."""
+        frac = self.cfg.train.cooldown_fraction
+        if not frac or not self.primary or self.paths.cooldown(k).is_file():
+            return
+        self.check_cancel()
+        t0 = time.perf_counter()
+        self._load_end_of(k)
+        assert self.trainer is not None
+        tc = self.cfg.train
+        steps = max(1, round(frac * self.stage_steps(k)))
+        ids = read_json(self.paths.selection(k))["ids"]
+        stream = PackedStream(self.corpus, self.corpus.indices_of(ids), tc.seq_tokens, self.eos,
+                              seed=self.cfg.seed * 1000 + k + 500_000)
+        branch = self.trainer.cooldown_branch(stream, steps)
+        sets = {}
+        eval_flops = 0.0
+        for name, ref in self.heldouts.items():
+            sums, counts, correct = row_losses(branch, ref, tc.eval_batch_sequences, tc.precision)
+            docs = ref.docs.numpy()
+            doc_sums = np.bincount(docs, weights=sums.numpy(), minlength=ref.num_docs)
+            doc_counts = np.bincount(docs, weights=counts.numpy(), minlength=ref.num_docs)
+            kind = self.heldout_specs[name].kind
+            sets[name] = {
+                "kind": kind, "loss": round(float(sums.sum() / counts.sum()), 5),
+                "accuracy": round(float(correct.float().mean()), 5) if kind == "cloze" else None,
+                "scored_tokens": int(counts.sum()), "documents": int(ref.num_docs),
+                "doc_sums": [round(float(x), 4) for x in doc_sums],
+                "doc_counts": [int(x) for x in doc_counts],
+            }
+            eval_flops += self._eval_flops(ref)
+        del branch
+        seconds = time.perf_counter() - t0
+        cooldown_tokens = steps * tc.batch_sequences * tc.seq_tokens
+        primary = self.cfg.data.primary
+        write_json(self.paths.cooldown(k), {
+            "stage": k, "step": self.trainer.step, "tokens": self.trainer.tokens,
+            "cooldown_steps": steps, "cooldown_tokens": cooldown_tokens, "primary": primary,
+            "seconds": round(seconds, 3), "sets": sets,
+        })
+        self.manifest.add_timing(k, "cooldown_eval", seconds)
+        self.manifest.update_metrics(k, cooldown={n: v["loss"] for n, v in sets.items()}
+                                     | {"primary": primary, "steps": steps})
+        self._record_flops(k, "cooldown_eval", self._lm_cost().train(cooldown_tokens) + eval_flops)
 
     # -- training ------------------------------------------------------------
 
@@ -615,6 +790,8 @@ class Run:
                 k, steps=self.trainer.step, tokens=self.trainer.tokens,
                 heldout_loss=last["heldout_loss"], reference_loss=last["reference_loss"],
                 train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1)
+            tc = self.cfg.train
+            self._record_flops(k, "train", self._lm_cost().train(self.stage_steps(k) * tc.batch_sequences * tc.seq_tokens))
 
     def save_checkpoint(self, k: int, stage_step: int, complete: bool,
                         losses_since_log: Sequence[float] = ()) -> None:
@@ -631,10 +808,12 @@ class Run:
         assert self.trainer is not None
         tc = self.cfg.train
         model = self.trainer.model
+        sets = {name: round(reference_loss(model, ref, tc.eval_batch_sequences, tc.precision), 5)
+                for name, ref in self.heldouts.items()}
         return {
             "stage": k, "step": step, "tokens": tokens, "time": time.time(),
             "reference_loss": round(reference_loss(model, self.reference, tc.eval_batch_sequences, tc.precision), 5),
-            "heldout_loss": round(reference_loss(model, self.heldout, tc.eval_batch_sequences, tc.precision), 5),
+            "heldout_loss": sets[self.cfg.data.primary], "heldout": sets,
         }
 
     # -- probing, fitting, scoring -------------------------------------------
@@ -688,6 +867,7 @@ class Run:
                 row["exact"] = float(exact_of[j])
             rows.append(row)
         write_jsonl(self.paths.probes(k), rows)
+        self._record_flops(k, "probe", self._probe_flops(tokens, exact_idx))
         summary = self._probe_summary(rows, oracle)
         summary.update(method=pc.method, seconds=round(seconds, 3),
                        probes_per_s=round(n / seconds, 3) if seconds > 0 else None)
@@ -706,6 +886,16 @@ class Run:
                                                      "event": "first_order_disagrees", "message": msg,
                                                      "spearman": float(rho)})
         self.manifest.update_metrics(k, probes=summary)
+
+    def _probe_flops(self, tokens: list[torch.Tensor], exact_idx: list[int]) -> float:
+        lm, ref = self._lm_cost(), self.reference
+        ref_tokens, ref_scored = int(ref.lengths.sum()), ref.scored_tokens
+        total = lm.forward(ref_tokens, ref_scored)  # the base reference loss
+        if self.cfg.probing.method != "exact":
+            total += reference_gradient_flops(lm, ref_tokens, ref_scored)
+            total += sum(first_order_probe_flops(lm, len(t) - 1) for t in tokens)
+        total += sum(exact_probe_flops(lm, len(tokens[j]) - 1, ref_tokens, ref_scored) for j in exact_idx)
+        return total
 
     def _each(self, oracle, tokens: list[torch.Tensor], desc: str) -> list[float]:
         out = []
@@ -743,6 +933,9 @@ class Run:
                                precision=ic.precision)
 
     def _fit(self, k: int) -> None:
+        if self.cfg.selection.method == "static" and k > 0:
+            self._reuse_stage0_model(k)
+            return
         rows = read_jsonl(self.paths.probes(k))
         scorer = self._new_scorer(k)
         texts = [self.corpus.text(self.corpus.index_of(r["id"])) for r in rows]
@@ -755,6 +948,24 @@ class Run:
         scorer.save(self.paths.influence_model(k), self.cfg.influence.encoder, self.cfg.influence.train_encoder)
         self.manifest.update_metrics(k, influence_model=report_dict(report))
         self._scorer = (k, scorer)
+        ic = self.cfg.influence
+        enc = encoder_cost(scorer.model.encoder, ic.max_tokens)
+        # frozen: one forward per probe document; fine-tuned: forward and backward per epoch
+        per_doc = enc.train(ic.max_tokens) * ic.epochs if ic.train_encoder else enc.forward(ic.max_tokens)
+        self._record_flops(k, "fit", per_doc * len(rows))
+        self.manifest.update_metrics(k, encoder_flops_per_doc=enc.forward(ic.max_tokens))
+
+    def _reuse_stage0_model(self, k: int) -> None:
+        """'static': stage k scores with the influence model fitted at stage 0, unchanged."""
+        src = self.paths.influence_model(0)
+        if not (src / "meta.json").is_file():
+            raise ArtifactError(f"stage {k}: 'static' needs stage 0's influence model ({src})")
+        with atomic_path(self.paths.influence_model(k)) as tmp:
+            shutil.copytree(src, tmp)
+        stage0 = self.manifest.stage(0)["metrics"]
+        self.manifest.update_metrics(k, influence_model={"reused_from_stage": 0},
+                                     encoder_flops_per_doc=stage0.get("encoder_flops_per_doc"))
+        self._scorer = None
 
     def _score_locally(self, k: int, ids: list[str]) -> np.ndarray:
         if self._scorer is not None and self._scorer[0] == k:
@@ -800,16 +1011,23 @@ class Run:
         theirs = config_from_dict(read_json(src.manifest)["config"])
         if theirs.fingerprint(*STAGE0_SECTIONS) != self.cfg.fingerprint(*STAGE0_SECTIONS):
             raise ConfigError(f"cannot share stage 0 with {other}: its data/model/train/stages/seed differ")
-        for path in (src.pool(0), src.selection(0), src.checkpoint(0)):  # the checkpoint last
+        for path in (src.pool(0), src.selection(0), src.cooldown(0), src.checkpoint(0)):  # the checkpoint last
+            if path == src.cooldown(0) and not path.is_file():
+                continue
             with atomic_path(self.paths.stage(0) / path.name) as tmp:
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp)
         rows = [r for r in read_jsonl(src.metrics) if r["stage"] == 0]
         write_jsonl(self.paths.metrics, rows)
         theirs_stage0 = read_json(src.manifest)["stages"][0]
-        self.manifest.stage(0)["timings"]["training"] = theirs_stage0["timings"].get("training", 0.0)
+        for name in ("training", "cooldown_eval"):
+            if name in theirs_stage0["timings"]:
+                self.manifest.stage(0)["timings"][name] = theirs_stage0["timings"][name]
+        flops = {k: v for k, v in (theirs_stage0["metrics"].get("flops") or {}).items()
+                 if k in ("train", "cooldown_eval")}
         self.manifest.update_metrics(0, **{k: v for k, v in theirs_stage0["metrics"].items()
-                                           if k not in ("probes", "influence_model", "scores")},
-                                     shared_from=str(other))
+                                           if k not in ("probes", "influence_model", "scores", "flops",
+                                                        "encoder_flops_per_doc")},
+                                     flops=flops, shared_from=str(other))
 
     def _export(self) -> None:
         """The final LM in `save_pretrained` form, loadable by AutoModelForCausalLM."""

@@ -60,6 +60,27 @@ def select_indices(scores: np.ndarray | None, pool_size: int, *, ratio: float, m
     return gumbel_top_k(scores, k, temperature, rng)
 
 
+def label_matches(labels: Sequence[str | None], targets: Sequence[str]) -> np.ndarray:
+    """Which labels are a target or sit below one ('news' matches 'news/sports')."""
+    wanted = tuple(targets)
+    below = tuple(t.rstrip("/") + "/" for t in wanted)
+    return np.array([bool(lab) and (lab in wanted or lab.startswith(below)) for lab in labels], dtype=bool)
+
+
+def label_selection(matching: np.ndarray, *, ratio: float, seed) -> tuple[np.ndarray, int]:
+    """k = ratio × pool documents, drawn at random among the matching ones; when fewer
+    match, all of them plus random others (the stage's token budget is fixed either way).
+    Returns the indices and how many were filled in at random."""
+    matching = np.asarray(matching, dtype=bool)
+    k = num_selected(len(matching), ratio)
+    rng = np.random.default_rng(seed)
+    hits = rng.permutation(np.flatnonzero(matching))
+    if len(hits) >= k:
+        return hits[:k], 0
+    rest = rng.permutation(np.flatnonzero(~matching))[: k - len(hits)]
+    return np.concatenate([hits, rest]), int(len(rest))
+
+
 def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
     """Scores aligned to `pool_ids` by document ID; every ID exactly once, no strangers."""
     by_id: dict[str, float] = {}

@@ -10,6 +10,7 @@ no checkpoint or eval hook ever runs on weights past an unchecked loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -248,6 +249,34 @@ class Trainer:
         for cb in callbacks:
             cb.train_end(self, info)
         return info
+
+    def cooldown_branch(self, stream: PackedStream, steps: int) -> torch.nn.Module:
+        """A copy of the model trained `steps` more steps with the lr decaying linearly from
+        the current lr to zero (the decay of a warmup-stable-decay schedule); this trainer's
+        model, optimizer, counters and stream are untouched. Single process: under DDP the
+        primary rank calls it alone, so it never enters a collective."""
+        self.read_losses()
+        model = copy.deepcopy(self.model)
+        opt = make_optimizer(model, self.cfg, self.device)
+        # a deep copy: load_state_dict would otherwise share the moment tensors with ours
+        opt.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        loss_fn = _LossModule(model)
+        base = self.current_lr
+        micro = self.cfg.micro_batch_sequences or self.cfg.batch_sequences
+        n_micro = self.cfg.batch_sequences // micro
+        model.train()
+        for i in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = base * (steps - i) / steps
+            for x, y in self._micro_batches(stream):
+                with autocast(self.device, self.cfg.precision):
+                    loss = loss_fn(x, y) / n_micro
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        return model
 
     # -- checkpoints ---------------------------------------------------------
 
