@@ -218,3 +218,105 @@ def test_the_runs_list_reads_a_metrics_log_again_only_once_it_changed(tmp_path, 
     assert dashboard._latest_loss(str(tmp_path)) == 6.25
     assert len(reads) == 2
     assert dashboard._latest_loss(str(tmp_path / "gone")) is None
+
+
+# --------------------------------------------------------------------------- a first reading
+
+
+def drawn(svg: str) -> list[str]:
+    """The texts matplotlib drew (it writes each as an SVG comment beside its glyphs)."""
+    return re.findall(r"<!-- (.*?) -->", svg)
+
+
+def test_run_page_shows_config_history_spearman_sizes_and_the_sign(client, tiny_dir, tiny_run):
+    run_id = register(client, tiny_dir)
+    text = client.get(f"/runs/{run_id}").text
+    cfg = tiny_run["cfg"]
+    config = re.search(r'<table class="config">.*?</table>', text, flags=re.S).group(0)
+    per_step = cfg.train.batch_sequences * cfg.train.seq_tokens
+    assert f"= {per_step:,} tokens per step" in config and f"{cfg.probing.num_probes} probes" in config
+    history = re.search(r'<ol class="history">(.*?)</ol>', text, flags=re.S).group(1)
+    assert "run created" in history and history.count("<li>") == 1 + len(tiny_run["manifest"]["stages"])
+    val_size = tiny_run["manifest"]["stages"][0]["metrics"]["influence_model"]["val_size"]
+    assert f"(n={val_size})" in text and ("too few to read" in text) == (val_size < 10)
+    assert 'id="sign"' in text and "LOWER influence / score = MORE HELPFUL" in text
+    assert any("lower = more helpful" in c for c in drawn(charts_of(text)["distribution-0"]))
+    assert any(c.startswith("kept by stage 1") for c in drawn(charts_of(text)["distribution-0"]))
+
+
+def test_run_page_shows_a_failure_and_the_resumption(client, tiny_dir, tmp_path):
+    run_dir = make_arm(tiny_dir, tmp_path / "resumed", "resumed-00000010", "resumed")
+    paths = RunPaths(run_dir)
+    m = read_json(paths.manifest)
+    t = m["stages"][1]["transitions"][1]["at"]
+    m["stages"][1]["transitions"][1:2] = [{"state": "training", "at": t},
+                                          {"state": "failed", "at": t + 1},
+                                          {"state": "training", "at": t + 2}]
+    write_json(paths.manifest, m)
+    paths.events.write_text(json.dumps({"at": t + 1, "stage": 1, "event": "failed",
+                                        "reason": f"boom {EVIL}"}) + "\n")
+    text = client.get(f"/runs/{register(client, run_dir)}").text
+    history = re.search(r'<ol class="history">(.*?)</ol>', text, flags=re.S).group(1)
+    assert "resumed (failed → training)" in history
+    assert "boom &lt;script&gt;" in history and EVIL not in text
+
+
+def comparison(tiny_dir: Path, tmp_path: Path) -> Path:
+    """`mates compare`'s layout for one seed: DIR/seed-0/{mates,random,dsir,static}."""
+    seed = tmp_path / "cmp" / "seed-0"
+    seed.mkdir(parents=True)
+    (seed / "mates").symlink_to(tiny_dir.resolve(), target_is_directory=True)
+    for i, arm in enumerate(("random", "dsir", "static")):
+        make_arm(tiny_dir, seed / arm, f"tiny-{arm}-0000002{i}", f"tiny-{arm}", loss_shift=0.05 * (i + 1))
+    write_json(tmp_path / "cmp" / "comparison.json", {"seeds": [0]})
+    return seed
+
+
+def test_every_arm_of_a_comparison_is_overlaid(client, tiny_dir, tmp_path):
+    from services.api.routes import dashboard
+
+    seed = comparison(tiny_dir, tmp_path)
+    run_id = register(client, seed / "mates")
+    dsir = register(client, seed / "dsir")  # the others are not in the store
+    run = client.app.state.store.get_run(run_id)
+    assert [label for label, _ in dashboard.find_arms(client.app.state.store, run)] == [
+        "random", "dsir", "static"]
+    assert dashboard.find_baseline(client.app.state.store, run) == seed / "random"
+    text = client.get(f"/runs/{run_id}").text
+    assert {"held-out, random", "held-out, dsir", "held-out, static"} <= set(drawn(charts_of(text)["loss"]))
+    assert has_baseline_curve(text)
+    note = re.search(r'<p class="notice" id="baseline">(.*?)</p>', text, flags=re.S).group(1)
+    assert f'<a href="/runs/{dsir}">dsir</a>' in note and "comparison arm" in note
+    assert "tiny-random-00000020" in note and 'href="/runs/tiny-random-00000020"' not in note
+    # an arm's page overlays its siblings, the random arm's too
+    assert {"held-out, mates", "held-out, random", "held-out, static"} <= set(
+        drawn(charts_of(client.get(f"/runs/{dsir}").text)["loss"]))
+    random_id = register(client, seed / "random")
+    assert "held-out, dsir" in drawn(charts_of(client.get(f"/runs/{random_id}").text)["loss"])
+    # ?baseline= still draws the one arm asked for
+    text = client.get(f"/runs/{run_id}", params={"baseline": dsir}).text
+    loss = drawn(charts_of(text)["loss"])
+    assert "held-out, tiny-dsir" in loss and "held-out, random" not in loss and "?baseline=" in text
+
+
+def test_a_broken_sibling_arm_does_not_break_the_page(client, tiny_dir, tmp_path):
+    seed = comparison(tiny_dir, tmp_path)
+    (seed / "static" / "run.json").write_text("{")
+    (seed / "notes").mkdir()
+    r = client.get(f"/runs/{register(client, seed / 'mates')}")
+    assert r.status_code == 200
+    loss = drawn(charts_of(r.text)["loss"])
+    assert "held-out, dsir" in loss and "held-out, static" not in loss
+
+
+def test_cooldown_points_on_the_loss_chart(client, tiny_dir, tmp_path):
+    run_dir = make_arm(tiny_dir, tmp_path / "cool", "cool-00000030", "cool")
+    m = read_json(RunPaths(run_dir).manifest)
+    write_json(RunPaths(run_dir).cooldown(0), {
+        "stage": 0, "tokens": m["stages"][0]["metrics"]["tokens"], "primary": "heldout",
+        "sets": {"heldout": {"kind": "text", "loss": 6.0, "accuracy": None}}})
+    text = client.get(f"/runs/{register(client, run_dir)}").text
+    assert "after lr cooldown (heldout)" in drawn(charts_of(text)["loss"])
+    bare = make_arm(tiny_dir, tmp_path / "bare", "bare-00000031", "bare")  # no cooldown files
+    text = client.get(f"/runs/{register(client, bare)}").text
+    assert not any("cooldown" in c for c in drawn(charts_of(text)["loss"]))

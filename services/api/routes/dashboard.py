@@ -270,20 +270,54 @@ def runs_rows(request: Request, store: StoreDep, settings: SettingsDep) -> HTMLR
 # --------------------------------------------------------------------------- a run
 
 
-def find_baseline(store: Store, run: dict[str, Any]) -> Path | None:
-    """The random arm of the comparison the run belongs to, if there is one: a sibling
-    `random/` of a run kept at `<dir>/mates` (the layout `mates compare` writes), else the
-    newest run in the store named `<name>-random` (the name it gives that arm)."""
-    if (run.get("config") or {}).get("selection", {}).get("method") == "random":
-        return None  # the run is a random arm itself
+def find_arms(store: Store, run: dict[str, Any]) -> list[tuple[str | None, Path]]:
+    """The other arms of the comparison the run belongs to, as (label, run dir): every
+    sibling arm of `mates compare`'s `DIR/seed-<s>/<arm>/` (labelled by its folder), or the
+    `random/` beside a `<dir>/mates`, else the newest run in the store named
+    `<name>-random` (the name `mates compare` gives that arm; labelled by its run name)."""
     here = Path(run["artifacts_dir"])
-    if here.name == "mates" and RunPaths(here.parent / "random").manifest.is_file():
-        return here.parent / "random"
+    siblings = report.sibling_arms(here)
+    if siblings:
+        return [(p.name, p) for p in siblings]
+    if (run.get("config") or {}).get("selection", {}).get("method") == "random":
+        return []  # the run is a random arm itself
     want = f"{run['name']}{RANDOM_SUFFIX}"[:64]
     arms = [r for r in store.list_runs(limit=500) if r["name"] == want and r["id"] != run["id"]]
     done = [r for r in arms if r["status"] == "done"]
     pick = (done or arms or [None])[0]
-    return Path(pick["artifacts_dir"]) if pick else None
+    return [(None, Path(pick["artifacts_dir"]))] if pick else []
+
+
+def find_baseline(store: Store, run: dict[str, Any]) -> Path | None:
+    """The first of `find_arms` (the random arm where there is one)."""
+    arms = find_arms(store, run)
+    return arms[0][1] if arms else None
+
+
+def _overlay_views(pairs: list[tuple[str | None, Path]]) -> list[dict[str, Any]]:
+    """The arms' curves; an arm found beside the run whose artifacts cannot be read is
+    left out rather than failing the run's page."""
+    out = []
+    for label, path in pairs:
+        try:
+            out.append(report.overlay_view(path, label))
+        except (MatesError, OSError, KeyError, ValueError, TypeError):
+            continue
+    return out
+
+
+def _arms_note(store: Store, arms: list[dict[str, Any]], chosen: bool) -> str:
+    """Which runs the dashed curves are, linked where the store knows them."""
+    if not arms:
+        return ""
+    links = []
+    for a in arms:
+        label, rid = html.escape(str(a["label"])), html.escape(a["run_id"])
+        links.append(f'<a href="/runs/{rid}">{label}</a> <span class="muted">{rid}</span>'
+                     if store.get_run(a["run_id"]) else f'{label} <span class="muted">{rid}</span>')
+    how = "chosen with ?baseline=" if chosen else "found as this run&#x27;s comparison arms"
+    return (f'<p class="notice" id="baseline">dashed: held-out loss of {", ".join(links)} '
+            f'({how})</p>')
 
 
 def _score_form(default_model: str, versions: list[str]) -> str:
@@ -314,24 +348,20 @@ def run_page(run_id: RunId, request: Request, store: StoreDep, settings: Setting
         other = store.get_run(baseline)
         if other is None:
             return _not_found(f"no baseline run {baseline!r}")
-        base_dir: Path | None = Path(other["artifacts_dir"])
+        pairs: list[tuple[str | None, Path]] = [(None, Path(other["artifacts_dir"]))]
     else:
-        base_dir = find_baseline(store, run)
+        pairs = find_arms(store, run)
     try:
         view = report.run_view(Path(run["artifacts_dir"]))
-        base = report.run_view(base_dir) if base_dir else None
+        arms = _overlay_views(pairs) if baseline is None else [report.overlay_view(pairs[0][1])]
         with _CHARTS:
-            svgs = report.charts(view, base)
+            svgs = report.charts(view, arms)
     except (MatesError, OSError) as e:
         return _page(run_id, f'<p class="error">cannot read the run\'s artifacts: '
                      f'{html.escape(str(e))}</p>', code=status.HTTP_500_INTERNAL_SERVER_ERROR)
-    note = ""
-    if base:
-        note = (f'<p class="notice" id="baseline">dashed grey: held-out loss of the random-selection '
-                f'arm <a href="/runs/{html.escape(base["run_id"])}">{html.escape(base["name"])}</a> '
-                f'({"chosen with ?baseline=" if baseline else "found as this run&#x27;s comparison arm"})</p>')
-    section = (f'<section id="run" data-status="{html.escape(view["status"])}">{note}'
-               f'{report.run_body(view, svgs)}</section>')
+    section = (f'<section id="run" data-status="{html.escape(view["status"])}">'
+               f'{_arms_note(store, arms, baseline is not None)}'
+               f'{report.run_body(view, svgs, arms)}</section>')
     versions = [m["version"] for m in store.list_models(run_id)]
     body = section + _score_form(f"{run_id}/latest", versions)
     return _page(f"{view['name']} ({run_id})", body, RUN_JS % {"ms": REFRESH_MS} + SCORE_JS)

@@ -12,8 +12,10 @@ Sources (nothing is downloaded):
 
 Outputs in `out_dir`: `pool.jsonl` (candidate pool: news, Shakespeare and generated web-style
 noise), `reference.jsonl` and `heldout.jsonl` (LAMBADA-style news examples cut from articles
-kept out of the pool), `manifest.json` and `SOURCES.md`. Everything is deterministic given
-the seed.
+kept out of the pool), `heldout-text.jsonl` (the held-out articles as full text: the
+primary evaluation), `offtarget-text.jsonl` (Shakespeare passages that are not in the
+pool: what selection toward news trades away), `manifest.json` and `SOURCES.md`.
+Everything is deterministic given the seed.
 """
 
 from __future__ import annotations
@@ -689,14 +691,31 @@ def write_outputs(
     ref: Sequence[dict],
     held: Sequence[dict],
     manifest: dict[str, Any],
+    texts: dict[str, Sequence[dict]] | None = None,
 ) -> None:
-    """Write the five output files, each atomically."""
+    """Write the output files, each atomically (the manifest last: `make` waits for it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "pool.jsonl", (d.row() for d in pool))
     write_jsonl(out_dir / "reference.jsonl", ref)
     write_jsonl(out_dir / "heldout.jsonl", held)
+    for name, rows in (texts or {}).items():
+        write_jsonl(out_dir / name, rows)
     write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     write_text(out_dir / "SOURCES.md", sources_markdown(manifest))
+
+
+def heldout_texts(articles: Sequence[Article], held: Sequence[dict]) -> list[dict[str, str]]:
+    """The held-out cloze examples' articles as whole documents (headline and body)."""
+    by_id = {a.id: a for a in articles}
+    return [{"id": r["id"], "text": by_id[r["id"].removeprefix("heldout-")].text} for r in held]
+
+
+def offtarget_texts(pool: Sequence[Doc], modern: Sequence[Doc], n: int, seed: int) -> list[dict[str, str]]:
+    """`n` modern-spelling Shakespeare passages that the pool does not hold."""
+    in_pool = {d.id for d in pool}
+    left = [d for d in modern if d.id not in in_pool]
+    chosen = sorted(_rng(seed, "offtarget").sample(left, min(n, len(left))), key=_by_id)
+    return [{"id": f"offtarget-{d.id}", "text": d.text} for d in chosen]
 
 
 def _check_args(target_domain: str, reference_examples: int, heldout_examples: int) -> None:
@@ -718,6 +737,7 @@ def build_demo(
     reference_examples: int = 128,
     heldout_examples: int = 256,
     pool_news_articles: int | None = None,
+    offtarget_documents: int = 48,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build pool.jsonl, reference.jsonl, heldout.jsonl, manifest.json and SOURCES.md.
@@ -738,7 +758,12 @@ def build_demo(
     pool = assemble_pool(rest, modern, folio, seed)
     manifest = build_manifest(seed, pool, ref, held, dropped)
     manifest["pool_news_articles"] = pool_news_articles
-    write_outputs(Path(out_dir), pool, ref, held, manifest)
+    texts = {"heldout-text.jsonl": heldout_texts(articles, held),
+             "offtarget-text.jsonl": offtarget_texts(pool, modern, offtarget_documents, seed)}
+    manifest["files"].update(heldout_text="heldout-text.jsonl", offtarget_text="offtarget-text.jsonl")
+    manifest["heldout_text_documents"] = len(texts["heldout-text.jsonl"])
+    manifest["offtarget_text_documents"] = len(texts["offtarget-text.jsonl"])
+    write_outputs(Path(out_dir), pool, ref, held, manifest, texts)
     log.info(
         "demo data in %s: %d documents, %d characters",
         out_dir,
