@@ -48,9 +48,14 @@ def test_every_shipped_config_loads_and_validates(path: Path):
     assert isinstance(cfg, RunConfig)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     for name in ("pool", "reference", "heldout"):
+        if name not in raw["data"]:
+            continue
         given = Path(raw["data"][name])
         want = given if given.is_absolute() else (REPO / given).resolve()
         assert getattr(cfg.data, name) == want, f"data.{name} did not resolve against base_dir"
+    for raw_set, h in zip(raw["data"].get("heldout_sets", []), cfg.data.heldout_sets, strict=True):
+        assert h.path == (REPO / raw_set["path"]).resolve() and h.name == raw_set["name"]
+    assert cfg.data.primary in {h.name for h in cfg.data.heldout_specs()}
     assert cfg.model.hidden_size % cfg.model.num_heads == 0
     assert 0 < cfg.selection.ratio <= 1
     assert cfg.probing.num_probes >= 4
@@ -228,16 +233,27 @@ def test_fingerprint_is_per_section():
 
 
 def test_a_field_added_later_leaves_older_runs_fingerprints_alone():
-    """model.vocab_multiple arrived after runs were made: at its default it is not hashed,
-    so a run.json written before it existed still matches its config; set, it counts."""
+    """Fields that arrived after runs were made (model.vocab_multiple, the comparison's
+    held-out sets, cooldown, samplers, the compare section): at their defaults they are not
+    hashed, so a run.json written before they existed still matches its config; set, they count."""
     import hashlib
     import json
 
+    from mates.config import ADDED_FIELDS
+
     cfg = config_from_dict(_raw())
     before = cfg.model_dump(mode="json")
-    del before["model"]["vocab_multiple"]  # what a run made before the field stored
+    for section, name in ADDED_FIELDS:  # what a run made before the fields stored
+        if name is None:
+            del before[section]
+        else:
+            del before[section][name]
     old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old
     padded = config_from_dict(_raw(model={"vocab_multiple": 128}))
     assert padded.fingerprint() != cfg.fingerprint()
     assert config_from_dict(padded.model_dump(mode="json")).fingerprint() == padded.fingerprint()
+    cooled = config_from_dict(_raw(train={"cooldown_fraction": 0.2}))
+    assert cooled.fingerprint() != cfg.fingerprint()
+    compared = config_from_dict(_raw(compare={"seeds": 4}))
+    assert compared.fingerprint() != cfg.fingerprint()

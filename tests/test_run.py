@@ -65,6 +65,7 @@ def test_timings_and_metrics_are_recorded_per_stage(tiny_run):
     steps = 0
     for k, st in enumerate(stages):
         expected = {"training"} if k == len(stages) - 1 else set(STAGE_STATES[1:-1])
+        expected.add("cooldown_eval")
         assert set(st["timings"]) == expected
         assert all(v >= 0 for v in st["timings"].values())
         m = st["metrics"]

@@ -88,10 +88,11 @@ class DataConfig(_Section):
         names = ["heldout"] if self.heldout is not None else []
         names += [h.name for h in self.heldout_sets]
         if not names:
-            raise ValueError("`data.heldout` or `data.heldout_sets` must name a held-out set")
+            raise ValueError("`data.heldout` is required (or list named sets in `data.heldout_sets`)")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"held-out set names must be unique, got {dup} twice")
+            raise ValueError(f"`data.heldout_sets` names must be unique ('heldout' is `data.heldout`), "
+                             f"got {dup} twice")
         if self.primary_heldout is not None and self.primary_heldout not in names:
             raise ValueError(f"`data.primary_heldout` {self.primary_heldout!r} names no held-out set "
                              f"(sets: {names})")
@@ -115,7 +116,7 @@ class DataConfig(_Section):
 # (section, field) added after the first runs were made: see RunConfig.fingerprint
 ADDED_FIELDS = (("model", "vocab_multiple"), ("data", "heldout_sets"), ("data", "primary_heldout"),
                 ("train", "cooldown_fraction"), ("selection", "sampler"), ("selection", "seed"),
-                ("selection", "target_labels"), ("selection", "label_field"), ("compare", None))
+                ("selection", "target_labels"), ("compare", None))
 
 
 class ModelConfig(_Section):
@@ -272,10 +273,8 @@ class SelectionConfig(_Section):
         None, ge=0, description="Seed of the selections after stage 0 (default: the run's seed); "
         "another value gives an A/A arm.")
     target_labels: list[str] = Field(
-        default_factory=list, description="'label': labels to keep; a label also matches the "
-        "labels below it ('news' matches 'news/sports').")
-    label_field: str | None = Field(
-        None, description="'label': corpus column holding the label (default `data.domain_field`).")
+        default_factory=list, description="'label': labels (`data.domain_field` values) to keep; "
+        "a label also matches the labels below it ('news' matches 'news/sports').")
 
     @property
     def model_based(self) -> bool:
@@ -371,7 +370,9 @@ def _format_validation_error(err: ValidationError) -> str:
         field = ".".join(str(p) for p in e["loc"]) or "<config>"
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        if e["type"] == "missing":
+        if msg.startswith("`"):  # the message names its own field(s)
+            lines.append(msg)
+        elif e["type"] == "missing":
             lines.append(f"`{field}` is required")
         elif e["type"] == "extra_forbidden":
             lines.append(f"`{field}` is not a known setting")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import hashlib
 import logging
 import os
 import shutil
@@ -64,6 +65,22 @@ log = logging.getLogger(__name__)
 
 STAGE0_SECTIONS = ("seed", "data", "model", "train", "stages")
 DDP_CANCEL_EVERY = 10  # steps between cancel checks under torchrun (each is a device sync)
+
+
+# Frozen-encoder features by (encoder weights, length, precision), then by document text.
+_FEATURES: dict[tuple, dict[bytes, torch.Tensor]] = {}
+
+
+def _encoder_key(scorer: InfluenceScorer) -> tuple:
+    """Tells encoders apart by their weights (a checksum), so two runs share features only
+    when their encoders would compute the same ones."""
+    with torch.no_grad():
+        total = sum(float(p.double().sum()) for p in scorer.model.encoder.parameters())
+    return (round(total, 6), scorer.max_tokens, scorer.resolved_precision())
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 class Cancelled(MatesError):
@@ -187,7 +204,6 @@ class Run:
         self.manifest.readonly = not self.primary
         self.trainer: Trainer | None = None
         self._trainer_at: tuple[int, int] | None = None  # (stage, stage_step) held in memory
-        self._features: dict[int, torch.Tensor] = {}  # frozen-encoder feature cache, by doc index
         self._stream_k: PackedStream | None = None  # the stream of the stage being trained
         self._scorer: tuple[int, InfluenceScorer] | None = None  # last fitted model, by stage
 
@@ -305,6 +321,8 @@ class Run:
         self.manifest.set_status("running")
         n = self.cfg.stages.num_stages
         with self.guard(0):
+            if seed_stage0_from is not None:
+                self._copy_prepared(Path(seed_stage0_from))
             self.prepare()
             if seed_stage0_from is not None:
                 self._copy_stage0(Path(seed_stage0_from))
@@ -682,9 +700,9 @@ class Run:
         """Branch from stage k's end, decay the lr linearly to zero over `train.cooldown_fraction`
         of a stage on its own selection, evaluate every held-out set, discard the branch."""
         frac = self.cfg.train.cooldown_fraction
+        # rank 0 alone under torchrun: nothing in here may enter a collective (no cancel check)
         if not frac or not self.primary or self.paths.cooldown(k).is_file():
             return
-        self.check_cancel()
         t0 = time.perf_counter()
         self._load_end_of(k)
         assert self.trainer is not None
@@ -994,14 +1012,30 @@ class Run:
                                                 "std": float(vals.std())})
 
     def _frozen_features(self, scorer: InfluenceScorer, idx: np.ndarray, bs: int, progress) -> torch.Tensor:
-        """A frozen encoder's features never change: compute each document's once per process."""
-        todo = [int(i) for i in idx if int(i) not in self._features]
+        """A frozen encoder's features never change: compute each document's once per process,
+        shared by every run in it that uses the same encoder weights (the arms of a comparison)."""
+        cache = _FEATURES.setdefault(_encoder_key(scorer), {})
+        keys = {int(i): _text_key(self.corpus.text(int(i))) for i in idx}
+        todo = [i for i, key in keys.items() if key not in cache]
         if todo:
             feats = scorer.features(scorer.tokenize([self.corpus.text(i) for i in todo]), bs, progress)
-            self._features.update(zip(todo, feats, strict=True))
-        return torch.stack([self._features[int(i)] for i in idx])
+            cache.update(zip((keys[i] for i in todo), feats, strict=True))
+        return torch.stack([cache[keys[int(i)]] for i in idx])
 
     # -- stage-0 sharing and export -----------------------------------------
+
+    def _copy_prepared(self, other: Path) -> None:
+        """Take the trained tokenizer and the tokenized corpus of a run on the same data (both
+        are deterministic functions of the data settings), instead of building them again."""
+        src = RunPaths(other)
+        theirs = config_from_dict(read_json(src.manifest)["config"])
+        if theirs.fingerprint("data") != self.cfg.fingerprint("data"):
+            return
+        for path, mine, marker in ((src.tokenizer, self.paths.tokenizer, "tokenizer.json"),
+                                   (src.tokenized, self.paths.tokenized, "meta.json")):
+            if (path / marker).is_file() and not mine.exists():
+                with atomic_path(mine) as tmp:
+                    shutil.copytree(path, tmp)
 
     def _copy_stage0(self, other: Path) -> None:
         """Reuse another arm's stage 0 (random data, same seed and settings: identical by construction)."""
