@@ -12,7 +12,15 @@ from safetensors.torch import load_file
 
 from mates.artifacts import RunPaths, read_json
 from mates.cli import main
-from mates.compare import _compute_at, _to_match, arm_config, arm_dir, check_arms, compare, format_table
+from mates.compare import (
+    _compute_at,
+    _to_match,
+    arm_config,
+    arm_dir,
+    check_arms,
+    compare,
+    format_table,
+)
 from mates.data.corpus import iter_corpus
 from mates.data.reference import _pack_rows
 from mates.errors import ConfigError

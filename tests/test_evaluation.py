@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from helpers import TINY_MODEL, tiny_train_config, write_jsonl
 
 from mates.artifacts import RunPaths, read_json
 from mates.config import HeldoutSetConfig, ModelConfig
-from mates.data.tokenizer import load_tokenizer
 from mates.data.packing import PackedStream
 from mates.data.reference import load_heldout, load_text_documents
+from mates.data.tokenizer import load_tokenizer
 from mates.errors import DataError
 from mates.flops import linear_params, lm_cost
 from mates.lm import build_lm, reference_loss, row_losses

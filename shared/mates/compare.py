@@ -25,8 +25,13 @@ from mates.data.corpus import iter_corpus
 from mates.errors import ConfigError
 from mates.run import Run
 from mates.selection import label_matches
-from mates.stats import Interval, bootstrap_paired_difference, censored_summary, t_interval, \
-    tokens_to_match
+from mates.stats import (
+    Interval,
+    bootstrap_paired_difference,
+    censored_summary,
+    t_interval,
+    tokens_to_match,
+)
 
 log = logging.getLogger(__name__)
 

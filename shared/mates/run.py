@@ -45,6 +45,14 @@ from mates.data.packing import PackedStream
 from mates.data.reference import load_heldout, load_reference, reference_texts
 from mates.data.tokenizer import load_tokenizer, train_bpe
 from mates.errors import ArtifactError, ConfigError, MatesError, RunStateError, StageFailed
+from mates.flops import (
+    TransformerCost,
+    encoder_cost,
+    exact_probe_flops,
+    first_order_probe_flops,
+    lm_cost,
+    reference_gradient_flops,
+)
 from mates.influence import (
     InfluenceModel,
     InfluenceScorer,
@@ -52,8 +60,6 @@ from mates.influence import (
     load_encoder,
     report_dict,
 )
-from mates.flops import TransformerCost, encoder_cost, exact_probe_flops, first_order_probe_flops, \
-    lm_cost, reference_gradient_flops
 from mates.lm import build_lm, reference_loss, row_losses
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle, FirstOrderOracle
