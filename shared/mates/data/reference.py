@@ -54,6 +54,13 @@ class ReferenceSet:
         )
 
 
+def _existing(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    return path
+
+
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
     pairs = []
     for lineno, obj, bad in iter_jsonl(path):
@@ -94,9 +101,7 @@ def load_reference(
     path: Path, tokenizer, seq_tokens: int, max_examples: int | None = None
 ) -> ReferenceSet:
     """Load a reference/held-out set; contexts are cut from the left to fit `seq_tokens`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"reference set {path} does not exist")
+    path = _existing(path, "reference set")
     if path.suffix == ".txt":
         return _load_plain(path, tokenizer, seq_tokens, max_examples)
     pairs = _read_pairs(path)[:max_examples]
@@ -147,9 +152,7 @@ def load_text_documents(path: Path, tokenizer, seq_tokens: int,
     A document is EOS + its tokens, cut into rows of `seq_tokens` that overlap by one
     token, so each token is predicted exactly once with as much context as a row allows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"held-out set {path} does not exist")
+    path = _existing(path, "held-out set")
     if path.suffix == ".txt":
         return _load_plain(path, tokenizer, seq_tokens, max_documents)
     texts = _read_texts(path)[:max_documents]
@@ -175,9 +178,7 @@ def load_heldout(spec, tokenizer, seq_tokens: int) -> ReferenceSet:
 
 def reference_texts(path: Path, max_examples: int | None = None) -> list[str]:
     """The reference set as raw text (context and continuation joined), for text-only methods."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"reference set {path} does not exist")
+    path = _existing(path, "reference set")
     if path.suffix == ".txt":
         try:
             return [path.read_text(encoding="utf-8")]
