@@ -295,7 +295,7 @@ def _censored(c: dict) -> str:
         return "-"
     if c["censored"] == c["n"]:
         return f"never (0/{c['n']})"
-    return f"{f(c['median'])} [{f(c['min'])}, {'>1' if c['max'] is None else f(c['max'])}]" + \
+    return f"{f(c['median'])} [{f(c['min'])}, {f(c['max'])}]" + \
         (f" ({c['censored']}/{c['n']} never)" if c["censored"] else "")
 
 
