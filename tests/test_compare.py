@@ -22,7 +22,7 @@ from mates.compare import (
     format_table,
 )
 from mates.data.corpus import iter_corpus
-from mates.data.reference import _pack_rows
+from mates.data.reference import pack_rows
 from mates.errors import ConfigError
 from mates.lm import build_lm, row_losses
 from mates.run import Run
@@ -110,7 +110,7 @@ def test_perplexity_keeps_the_lowest_stage0_loss_documents(comparison):
     model = build_lm(run.cfg.model, len(run.tokenizer), T, run.eos)
     model.load_state_dict(load_file(run.paths.checkpoint(0) / "model.safetensors"))
     toks = [[run.eos] + run.corpus.token_ids(run.corpus.index_of(r["id"]))[: T - 1].tolist() for r in rows]
-    ref = _pack_rows([(t, len(t) - 1) for t in toks], "x", list(range(len(toks))))
+    ref = pack_rows([(t, len(t) - 1) for t in toks], "x", list(range(len(toks))))
     sums, counts, _ = row_losses(model, ref, 8, run.cfg.train.precision)
     mine = np.zeros(len(toks))
     mine[ref.docs.numpy()] = (sums / counts).numpy()

@@ -24,7 +24,7 @@ from mates.config import RunConfig
 from mates.data.corpus import iter_corpus
 from mates.errors import ConfigError
 from mates.run import Run
-from mates.selection import label_matches
+from mates.selection import target_label_mask
 from mates.stats import (
     Interval,
     bootstrap_paired_difference,
@@ -63,22 +63,12 @@ def check_arms(cfg: RunConfig) -> None:
     """Refuse what cannot run, before any training starts."""
     arms = cfg.compare.arms
     if "label" in arms:
+        d = cfg.data
         targets = cfg.compare.target_labels or cfg.selection.target_labels
-        if not targets:
-            raise ConfigError("arm 'label' needs `compare.target_labels` (the labels it keeps)")
-        field = cfg.data.domain_field
-        if not field:
-            raise ConfigError("arm 'label' needs a label column: set `data.domain_field`")
-        labels = [r.domain for r in iter_corpus(cfg.data.pool, id_field=cfg.data.id_field,
-                                                text_field=cfg.data.text_field, domain_field=field,
-                                                on_bad_row=cfg.data.on_bad_row)]
-        if not any(labels):
-            raise ConfigError(f"arm 'label': the pool {cfg.data.pool} has no `{field}` column "
-                              "(`data.domain_field`)")
-        if not label_matches(labels, targets).any():
-            found = sorted({lab for lab in labels if lab})[:10]
-            raise ConfigError(f"`compare.target_labels` {targets} match no document's `{field}` "
-                              f"(labels found: {found})")
+        labels = [] if not targets or not d.domain_field else [
+            r.domain for r in iter_corpus(d.pool, id_field=d.id_field, text_field=d.text_field,
+                                          domain_field=d.domain_field, on_bad_row=d.on_bad_row)]
+        target_label_mask(labels, targets, setting="`compare.target_labels`", field=d.domain_field)
     if len(arms) > 1 and "random" not in arms:
         raise ConfigError(f"`compare.arms` must include 'random', the baseline every arm is paired "
                           f"with, got {arms}")

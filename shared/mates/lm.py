@@ -61,10 +61,26 @@ def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, labels: torch.Te
     positions go through the output layer, which matters for LAMBADA-style sets
     where one or two tokens per sequence count.
     """
+    logits, targets, _ = scored_logits(model, input_ids, labels)
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+def scored_logits(model: GPTNeoXForCausalLM, input_ids: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (M, V) and targets (M,) of the M scored positions, and the (B, T) mask of them."""
     hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, C)
     mask = labels != IGNORE  # (B, T)
-    logits = model.get_output_embeddings()(hidden[mask])  # (M, V)
-    return F.cross_entropy(logits.float(), labels[mask], reduction=reduction)
+    return model.get_output_embeddings()(hidden[mask]), labels[mask], mask
+
+
+def _batches(ref: ReferenceSet, batch_sequences: int, device: torch.device):
+    """(first row, input ids, labels) per batch, trimmed to the batch's longest row
+    (rows are length-sorted, so little padding is left)."""
+    for start in range(0, len(ref), batch_sequences):
+        end = min(start + batch_sequences, len(ref))
+        width = int(ref.lengths[start:end].max())
+        yield (start, ref.input_ids[start:end, :width].to(device, non_blocking=True),
+               ref.labels[start:end, :width].to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -75,11 +91,7 @@ def reference_loss(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences
     model.eval()
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(ref), batch_sequences):
-        end = min(start + batch_sequences, len(ref))
-        width = int(ref.lengths[start:end].max())  # rows are length-sorted: trim padding
-        ids = ref.input_ids[start:end, :width].to(device, non_blocking=True)
-        labels = ref.labels[start:end, :width].to(device, non_blocking=True)
+    for _, ids, labels in _batches(ref, batch_sequences, device):
         with autocast(device, precision):
             total += lm_loss(model, ids, labels, reduction="sum").double()
     model.train(was_training)
@@ -97,16 +109,10 @@ def row_losses(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: in
     sums = torch.zeros(len(ref), dtype=torch.float64)
     counts = torch.zeros(len(ref), dtype=torch.long)
     correct = torch.zeros(len(ref), dtype=torch.long)
-    for start in range(0, len(ref), batch_sequences):
-        end = min(start + batch_sequences, len(ref))
-        width = int(ref.lengths[start:end].max())
-        ids = ref.input_ids[start:end, :width].to(device, non_blocking=True)
-        labels = ref.labels[start:end, :width].to(device, non_blocking=True)
-        mask = labels != IGNORE  # (B, T)
+    for start, ids, labels in _batches(ref, batch_sequences, device):
         with autocast(device, precision):
-            hidden = model.base_model(input_ids=ids).last_hidden_state  # (B, T, C)
-            logits = model.get_output_embeddings()(hidden[mask]).float()  # (M, V)
-        targets = labels[mask]
+            logits, targets, mask = scored_logits(model, ids, labels)
+        logits = logits.float()  # (M, V)
         ce = F.cross_entropy(logits, targets, reduction="none").double().cpu()  # (M,)
         hit = (logits.argmax(-1) == targets).long().cpu()
         rows = mask.nonzero()[:, 0].cpu() + start  # (M,) the row of each scored token

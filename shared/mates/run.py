@@ -42,7 +42,7 @@ from mates.artifacts import (
 from mates.config import RunConfig, config_from_dict
 from mates.data.corpus import TokenizedCorpus, iter_corpus, tokenize_corpus
 from mates.data.packing import PackedStream
-from mates.data.reference import load_heldout, load_reference, reference_texts
+from mates.data.reference import load_heldout, load_reference, pack_rows, reference_texts
 from mates.data.tokenizer import load_tokenizer, train_bpe
 from mates.errors import ArtifactError, ConfigError, MatesError, RunStateError, StageFailed
 from mates.flops import (
@@ -63,7 +63,7 @@ from mates.influence import (
 from mates.lm import build_lm, reference_loss, row_losses
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle, FirstOrderOracle
-from mates.selection import join_scores, label_matches, label_selection, select_indices
+from mates.selection import join_scores, label_selection, select_indices, target_label_mask
 from mates.stats import spearman
 from mates.train import Callback, StepInfo, Trainer, world
 
@@ -212,6 +212,7 @@ class Run:
         self._trainer_at: tuple[int, int] | None = None  # (stage, stage_step) held in memory
         self._stream_k: PackedStream | None = None  # the stream of the stage being trained
         self._scorer: tuple[int, InfluenceScorer] | None = None  # last fitted model, by stage
+        self._labels: np.ndarray | None = None  # 'label': which corpus documents match
 
     # -- set-up --------------------------------------------------------------
 
@@ -270,7 +271,6 @@ class Run:
         self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples)
         self.heldout_specs = {h.name: h for h in d.heldout_specs()}
         self.heldouts = {name: load_heldout(h, self.tokenizer, T) for name, h in self.heldout_specs.items()}
-        self.heldout = self.heldouts[d.primary]
         self.eos = self.tokenizer.eos_token_id
         st = cfg.stages
         if st.pool_mode == "disjoint" and st.num_stages * st.pool_docs > len(self.corpus):
@@ -643,40 +643,25 @@ class Run:
 
     def _label_mask(self) -> np.ndarray:
         """Corpus documents whose label matches `selection.target_labels` (or a label below one)."""
-        if getattr(self, "_labels", None) is not None:
-            return self._labels
-        s, field = self.cfg.selection, self.cfg.data.domain_field
-        if not s.target_labels:
-            raise ConfigError("`selection.target_labels` must name at least one label for method 'label'")
-        if not field:
-            raise ConfigError("method 'label' needs a label column: set `data.domain_field`")
-        labels = [self.corpus.domain(i) for i in range(len(self.corpus))]
-        if not any(labels):
-            raise ConfigError(f"method 'label': the corpus has no `{field}` column values")
-        self._labels = label_matches(labels, s.target_labels)
-        if not self._labels.any():
-            found = sorted({lab for lab in labels if lab})[:10]
-            raise ConfigError(f"`selection.target_labels` {s.target_labels} match no document's "
-                              f"`{field}` (labels found: {found})")
+        if self._labels is None:
+            self._labels = target_label_mask(
+                [self.corpus.domain(i) for i in range(len(self.corpus))], self.cfg.selection.target_labels,
+                setting="`selection.target_labels`", field=self.cfg.data.domain_field)
         return self._labels
 
     def _stage0_losses(self, idx: np.ndarray, k: int) -> np.ndarray:
         """Per-token loss of each document (its first `seq_tokens`) under the stage-0 checkpoint."""
-        from mates.data.reference import _pack_rows
-
         T = self.cfg.train.seq_tokens
-        rows = [([self.eos] + self.corpus.token_ids(int(i))[: T - 1].tolist(), 0) for i in idx]
-        rows = [(t, len(t) - 1) for t, _ in rows]
-        ref = _pack_rows(rows, "pool", list(range(len(rows))))
+        tokens = [[self.eos] + self.corpus.token_ids(int(i))[: T - 1].tolist() for i in idx]
+        ref = pack_rows([(t, len(t) - 1) for t in tokens], "pool", list(range(len(tokens))))
         model = build_lm(self.cfg.model, len(self.tokenizer), T, self.eos)
         model.load_state_dict(load_file(self.paths.checkpoint(0) / "model.safetensors"))
         model.to(self.device)
         tc = self.cfg.train
         sums, counts, _ = row_losses(model, ref, tc.eval_batch_sequences, tc.precision)
-        per_doc = np.zeros(len(rows))
+        per_doc = np.zeros(len(tokens))
         per_doc[ref.docs.numpy()] = (sums / counts.clamp(min=1)).numpy()
-        self._record_flops(k, "select",
-                           self._lm_cost().forward(int(counts.sum()) + len(rows), int(counts.sum())))
+        self._record_flops(k, "select", self._eval_flops(ref))
         return per_doc
 
     def _domain_counts(self, idx: np.ndarray) -> dict[str, int]:
@@ -699,8 +684,8 @@ class Run:
         self.manifest.update_metrics(k, flops=ledger)
 
     def _eval_flops(self, ref) -> float:
-        scored = ref.scored_tokens
-        return self._lm_cost().forward(int(ref.lengths.sum()), scored)
+        """A forward over a token set whose loss is taken on its scored tokens only."""
+        return self._lm_cost().forward(int(ref.lengths.sum()), ref.scored_tokens)
 
     def _cooldown_eval(self, k: int) -> None:
         """Branch from stage k's end, decay the lr linearly to zero over `train.cooldown_fraction`
@@ -914,7 +899,7 @@ class Run:
     def _probe_flops(self, tokens: list[torch.Tensor], exact_idx: list[int]) -> float:
         lm, ref = self._lm_cost(), self.reference
         ref_tokens, ref_scored = int(ref.lengths.sum()), ref.scored_tokens
-        total = lm.forward(ref_tokens, ref_scored)  # the base reference loss
+        total = self._eval_flops(ref)  # the base reference loss
         if self.cfg.probing.method != "exact":
             total += reference_gradient_flops(lm, ref_tokens, ref_scored)
             total += sum(first_order_probe_flops(lm, len(t) - 1) for t in tokens)

@@ -67,6 +67,22 @@ def label_matches(labels: Sequence[str | None], targets: Sequence[str]) -> np.nd
     return np.array([bool(lab) and (lab in wanted or lab.startswith(below)) for lab in labels], dtype=bool)
 
 
+def target_label_mask(labels: Sequence[str | None], targets: Sequence[str], *, setting: str,
+                      field: str | None) -> np.ndarray:
+    """`label_matches`, refusing what cannot select anything: no targets (named by `setting`),
+    no label column (`field`, i.e. `data.domain_field`), or targets that match no label."""
+    if not targets:
+        raise ConfigError(f"{setting} must name at least one label for method 'label'")
+    if not field or not any(labels):
+        raise ConfigError("method 'label' needs a label column: set `data.domain_field` to a "
+                          f"corpus column that holds labels (now {field!r}, no values found)")
+    mask = label_matches(labels, targets)
+    if not mask.any():
+        found = sorted({lab for lab in labels if lab})[:10]
+        raise ConfigError(f"{setting} {list(targets)} match no document's `{field}` (labels found: {found})")
+    return mask
+
+
 def label_selection(matching: np.ndarray, *, ratio: float, seed) -> tuple[np.ndarray, int]:
     """k = ratio × pool documents, drawn at random among the matching ones; when fewer
     match, all of them plus random others (the stage's token budget is fixed either way).

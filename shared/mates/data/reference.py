@@ -78,7 +78,7 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pack_rows(rows: list[tuple[list[int], int]], source: str,
+def pack_rows(rows: list[tuple[list[int], int]], source: str,
                docs: list[int] | None = None) -> ReferenceSet:
     """rows: (tokens, number of trailing tokens to score). Sorted by length, right-padded."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -116,7 +116,7 @@ def load_reference(
         keep = seq_tokens - len(t_ids)
         c_ids = c_ids[-keep:] if c_ids else [tokenizer.eos_token_id]
         rows.append((c_ids + t_ids, len(t_ids)))
-    return _pack_rows(rows, str(path))
+    return pack_rows(rows, str(path))
 
 
 def _load_plain(path: Path, tokenizer, seq_tokens: int, max_examples: int | None) -> ReferenceSet:
@@ -129,7 +129,7 @@ def _load_plain(path: Path, tokenizer, seq_tokens: int, max_examples: int | None
     chunks = [c for c in chunks if len(c) >= 2][:max_examples]
     if not chunks:
         raise DataError(f"reference set {path} has no text")
-    return _pack_rows([(c, len(c) - 1) for c in chunks], str(path))
+    return pack_rows([(c, len(c) - 1) for c in chunks], str(path))
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -166,7 +166,7 @@ def load_text_documents(path: Path, tokenizer, seq_tokens: int,
             chunk = toks[start : start + seq_tokens]
             rows.append((chunk, len(chunk) - 1))
             docs.append(d)
-    return _pack_rows(rows, str(path), docs)
+    return pack_rows(rows, str(path), docs)
 
 
 def load_heldout(spec, tokenizer, seq_tokens: int) -> ReferenceSet:
