@@ -3,6 +3,8 @@ messages and the broker watch (against a stand-in for the Redis client)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytest.importorskip("celery")
@@ -78,6 +80,11 @@ class FakeRedis:
 
     def __init__(self):
         self.data: dict[str, bytes] = {}
+        self.uptime = 3600
+
+    def info(self, section):
+        assert section == "server"
+        return {"uptime_in_seconds": self.uptime}
 
     def get(self, key):
         return self.data.get(key)
@@ -115,6 +122,30 @@ def test_the_broker_watch_spares_runs_published_since(stored_run):
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     store.mark_sent(run_id, gen, "train_stage", 0)
     assert watch.fail_stranded_runs(store, since=0.0) == []
+    assert store.get_run(run_id)["status"] == "queued"
+
+
+def test_the_loss_cutoff_is_when_the_restarted_broker_came_up():
+    """A run resumed after the broker restarted, but before a watch tick noticed the loss,
+    published into the new broker: the cut-off (its start) spares it. A broker emptied in
+    place (up since before the marker was last seen) gives no start: the tick is the cut-off."""
+    broker = FakeRedis()
+    broker.uptime = 5
+    assert watch.loss_cutoff(broker, now=1000.0, marker_seen_at=990.0) == 994.0
+    assert watch.loss_cutoff(broker, now=1000.0, marker_seen_at=None) == 994.0
+    assert watch.loss_cutoff(broker, now=1000.0, marker_seen_at=997.0) == 1000.0
+
+
+def test_a_run_resumed_before_the_watch_noticed_the_restart_is_spared(stored_run):
+    store, run_id, _ = stored_run()
+    gen = store.bump_generation(run_id)
+    store.set_status(run_id, "queued")
+    store.claim_dispatch(run_id, gen, "train_stage", 0)
+    store.mark_sent(run_id, gen, "train_stage", 0)  # resumed into the restarted broker
+    broker = FakeRedis()
+    broker.uptime = 3  # it came up three seconds ago
+    since = watch.loss_cutoff(broker, now=time.time() + 1.0, marker_seen_at=None)
+    assert watch.fail_stranded_runs(store, since=since) == []
     assert store.get_run(run_id)["status"] == "queued"
 
 
