@@ -257,3 +257,9 @@ def test_a_field_added_later_leaves_older_runs_fingerprints_alone():
     assert cooled.fingerprint() != cfg.fingerprint()
     compared = config_from_dict(_raw(compare={"seeds": 4}))
     assert compared.fingerprint() != cfg.fingerprint()
+
+
+def test_too_few_probes_for_the_cross_validation_folds_is_named(tiny_config_factory):
+    with pytest.raises(Exception, match=r"`probing.num_probes` \(8\) must be at least 10.*cv_folds"):
+        tiny_config_factory("probing.num_probes=8")
+    assert tiny_config_factory("probing.num_probes=8", "influence.cv_folds=4").probing.num_probes == 8

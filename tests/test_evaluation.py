@@ -9,7 +9,7 @@ from helpers import TINY_MODEL, tiny_train_config, write_jsonl
 from mates.artifacts import RunPaths, read_json
 from mates.config import HeldoutSetConfig, ModelConfig
 from mates.data.packing import PackedStream
-from mates.data.reference import load_heldout, load_text_documents
+from mates.data.reference import load_heldout, load_reference, load_text_documents, reference_texts
 from mates.data.tokenizer import load_tokenizer
 from mates.errors import DataError
 from mates.flops import linear_params, lm_cost
@@ -29,6 +29,21 @@ def test_text_documents_score_every_token_once(bpe_tokenizer, tmp_path):
     assert per_doc.tolist() == lengths  # each document's tokens, each once
     assert len(ref) > 3  # the long document was cut into several rows
     assert load_text_documents(path, bpe_tokenizer, 8, max_documents=1).num_docs == 1
+
+
+def test_a_full_text_reference_scores_every_token_and_a_cloze_reader_names_the_setting(
+        bpe_tokenizer, tmp_path):
+    texts = ["the market shares rose sharply after the report " * 6, "players won the match"]
+    path = write_jsonl(tmp_path / "ref.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    ref = load_reference(path, bpe_tokenizer, 8, kind="text")
+    assert ref.num_docs == 2 and ref.scored_tokens == sum(
+        len(bpe_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert load_reference(path, bpe_tokenizer, 8, max_examples=1, kind="text").num_docs == 1
+    assert reference_texts(path, kind="text") == texts  # what DSIR targets
+    with pytest.raises(DataError, match="`data.reference_kind: text`"):
+        load_reference(path, bpe_tokenizer, 8)  # read as cloze: no `context`
+    with pytest.raises(DataError, match="reference set .* has no documents"):
+        load_reference(write_jsonl(tmp_path / "empty.jsonl", []), bpe_tokenizer, 8, kind="text")
 
 
 def test_text_set_errors_name_the_line(bpe_tokenizer, tmp_path):

@@ -113,6 +113,23 @@ def test_shifting_absorbs_the_momentum_part_of_a_large_step():
     assert err[True] < err[False] / 2
 
 
+@pytest.mark.parametrize("shift", [False, True], ids=["at-theta", "shifted"])
+def test_the_shared_step_effect_matches_a_zero_gradient_adamw_step(shift):
+    """The part of every probe's step that is the same for all documents (momentum, decay):
+    the first-order oracle's estimate agrees with the exact oracle's zero-gradient step, and
+    neither leaves the model or optimizer changed."""
+    lr = 1e-4
+    model, opt = warm_tiny_lm()
+    ref = synthetic_reference(8, 8)
+    before = _full_state(model, opt)
+    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
+                        eval_batch_sequences=3).shared_effect()
+    got = _first_order(model, opt, ref, lr, shift=shift).shared_effect()
+    assert exact != 0.0
+    assert got == pytest.approx(exact, rel=0.05)
+    _assert_same_state(before, model, opt)
+
+
 def _full_state(model, opt) -> dict:
     return {
         "params": [p.detach().clone() for p in model.parameters()],

@@ -13,10 +13,11 @@ from mates.errors import ArtifactError, DataError
 from mates.influence import (
     InfluenceModel,
     InfluenceScorer,
-    _split,
+    cv_folds_of,
     fit_influence_model,
     length_batches,
     load_encoder,
+    ridge_cv,
 )
 from mates.stats import spearman
 
@@ -43,29 +44,40 @@ def _scorer(seed: int = 0) -> InfluenceScorer:
     return InfluenceScorer(InfluenceModel(encoder), tok, max_tokens=32, device=CPU)
 
 
-def _cfg(train_encoder: bool) -> InfluenceConfig:
-    if train_encoder:
+def _cfg(kind: str) -> InfluenceConfig:
+    """'encoder' (fine-tuned), 'sgd' (frozen, AdamW head) or 'ridge' (frozen, closed form)."""
+    if kind == "encoder":
         return InfluenceConfig(encoder="tiny", max_tokens=32, train_encoder=True, epochs=8,
-                               lr=2e-3, head_lr=5e-3, batch_size=16, val_fraction=0.25)
-    return InfluenceConfig(encoder="tiny", max_tokens=32, train_encoder=False, epochs=100,
-                           head_lr=1e-2, batch_size=16, val_fraction=0.25)
+                               lr=2e-3, head_lr=5e-3, batch_size=16)
+    return InfluenceConfig(encoder="tiny", max_tokens=32, train_encoder=False, epochs=60,
+                           head_lr=1e-2, batch_size=16, head_fit=kind)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["frozen-features", "fine-tuned"])
+@pytest.fixture(scope="module", params=["ridge", "sgd", "encoder"],
+                ids=["frozen-ridge", "frozen-sgd", "fine-tuned"])
 def fitted(request):
     texts, y = synthetic(160, seed=0)
     scorer = _scorer()
     cfg = _cfg(request.param)
     report = fit_influence_model(scorer, texts, y, cfg, seed=3)
-    return {"scorer": scorer, "report": report, "texts": texts, "y": y, "cfg": cfg}
+    return {"scorer": scorer, "report": report, "texts": texts, "y": y, "cfg": cfg,
+            "kind": request.param}
 
 
 def test_fit_learns_the_keyword(fitted):
     report = fitted["report"]
+    assert report.fit == fitted["kind"]
     assert report.val_spearman > 0.5
-    assert report.train_size + report.val_size == 160
-    assert report.val_size == 40
-    assert 0 <= report.best_epoch < fitted["cfg"].epochs
+    assert report.cv_low <= report.val_spearman <= report.cv_high and report.cv_low > 0.3
+    # cross-validated: the final model trains on every probe, every probe is predicted out of fold
+    assert report.train_size == report.val_size == report.num_probes == 160
+    assert report.cv_folds == 5
+    if fitted["kind"] == "ridge":
+        assert report.best_epoch == -1 and report.epochs == 0 and report.nested
+        assert report.ridge_lambda > 0
+    else:
+        assert 0 <= report.best_epoch < fitted["cfg"].epochs == report.epochs
+        assert not report.nested and report.ridge_lambda is None
 
 
 def test_fitted_model_generalises_to_unseen_texts(fitted):
@@ -73,23 +85,26 @@ def test_fitted_model_generalises_to_unseen_texts(fitted):
     assert spearman(fitted["scorer"].score_texts(texts), y) > 0.5
 
 
-def test_reported_validation_spearman_is_that_of_the_kept_model(fitted):
-    _, va = _split(160, fitted["cfg"].val_fraction, seed=3)
-    preds = fitted["scorer"].score_texts([fitted["texts"][i] for i in va])
-    assert spearman(preds, fitted["y"][va]) == pytest.approx(fitted["report"].val_spearman, abs=1e-9)
+def test_reported_spearmans_are_those_of_the_kept_model_and_its_cross_validation(fitted):
+    scorer, texts, y, report = fitted["scorer"], fitted["texts"], fitted["y"], fitted["report"]
+    preds = scorer.score_texts(texts, batch_size=fitted["cfg"].batch_size)
+    assert spearman(preds, y) == pytest.approx(report.train_spearman, abs=1e-9)
+    if fitted["kind"] == "ridge":  # the nested estimate, recomputed from the frozen features
+        feats = scorer.features(scorer.tokenize(texts), 16).double().numpy()
+        z = (y - y.mean()) / y.std()
+        rf = ridge_cv(feats, z, cv_folds_of(160, 5, seed=3))
+        assert rf.cv_spearman == pytest.approx(report.val_spearman, abs=1e-9)
 
 
-def test_z_scoring_constants_are_those_of_the_training_split(fitted):
-    tr, va = _split(160, fitted["cfg"].val_fraction, seed=3)
-    assert len(set(tr.tolist()) & set(va.tolist())) == 0
+def test_z_scoring_constants_are_those_of_all_probes(fitted):
     y = fitted["y"]
     meta = fitted["scorer"].meta
-    assert meta["target_mean"] == pytest.approx(float(y[tr].mean()))
-    assert meta["target_std"] == pytest.approx(float(y[tr].std()))
+    assert meta["target_mean"] == pytest.approx(float(y.mean()))
+    assert meta["target_std"] == pytest.approx(float(y.std()))
     assert fitted["report"].target_mean == meta["target_mean"]
     assert fitted["report"].target_std == meta["target_std"]
-    # predictions are in z-units of the training targets: their mean sits near 0
-    preds = fitted["scorer"].score_texts([fitted["texts"][i] for i in tr])
+    # predictions are in z-units of the targets: their mean sits near 0
+    preds = fitted["scorer"].score_texts(fitted["texts"])
     assert abs(preds.mean()) < 0.5
 
 
@@ -130,13 +145,13 @@ def test_non_finite_influences_are_rejected():
     texts, y = synthetic(20, seed=0)
     y[3] = np.nan
     with pytest.raises(DataError, match="NaN or infinite"):
-        fit_influence_model(_scorer(), texts, y, _cfg(False), seed=0)
+        fit_influence_model(_scorer(), texts, y, _cfg("ridge"), seed=0)
 
 
 def test_too_few_probes_are_rejected():
-    texts, y = synthetic(3, seed=0)
-    with pytest.raises(DataError, match="need at least 4 probes"):
-        fit_influence_model(_scorer(), texts, y, _cfg(False), seed=0)
+    texts, y = synthetic(9, seed=0)
+    with pytest.raises(DataError, match=r"need at least 10 probes .*influence.cv_folds=5, got 9"):
+        fit_influence_model(_scorer(), texts, y, _cfg("ridge"), seed=0)
 
 
 def test_loading_a_non_model_dir_is_an_artifact_error(tmp_path):

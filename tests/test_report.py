@@ -216,7 +216,7 @@ def test_each_spearman_shows_its_points_and_too_few_are_flagged(tiny_run, tmp_pa
     st = view["stages"][0]
     assert st["val_n"] == fit["val_size"]
     text = render_report(view)
-    cell = spearman_text(st["val_spearman"], st["val_n"])
+    cell = spearman_text(st["val_spearman"], st["val_n"], interval=st.get("cv_interval"))
     assert f"(n={fit['val_size']})" in cell and ("too few to read" in cell) == (fit["val_size"] < 10)
     assert cell in text
 
@@ -224,7 +224,8 @@ def test_each_spearman_shows_its_points_and_too_few_are_flagged(tiny_run, tmp_pa
     run_dir = copy_run(tiny_run["dir"], tmp_path / "derived")
     m = read_json(RunPaths(run_dir).manifest)
     met = m["stages"][0]["metrics"]
-    del met["influence_model"]["val_size"]
+    for key in ("val_size", "cv_folds", "cv_low", "cv_high"):  # as fitted before cross-validation
+        del met["influence_model"][key]
     met["influence_model"]["val_spearman"] = 0.41
     met["probes"]["count"] = 130
     write_json(RunPaths(run_dir).manifest, m)

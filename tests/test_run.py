@@ -291,7 +291,7 @@ def test_cancelled_mid_stage_resumes_from_the_mid_stage_checkpoint(
 def test_disjoint_pools_are_disjoint_slices(tiny_config_factory, tmp_path):
     cfg = tiny_config_factory("stages.num_stages=2", "stages.pool_mode=disjoint",
                               "stages.pool_docs=100", "stages.stage0_steps=2",
-                              "stages.stage_steps=2", "probing.num_probes=4",
+                              "stages.stage_steps=2", "probing.num_probes=10",
                               "influence.epochs=1")
     Run(cfg, tmp_path / "disjoint", progress=False).execute()
     paths = RunPaths(tmp_path / "disjoint")
@@ -494,3 +494,27 @@ def test_first_order_runs_end_to_end(tiny_config_factory, tmp_path, method):
     assert m["status"] == "done"
     assert m["stages"][0]["metrics"]["probes"]["method"] == method
     assert "exact" not in read_jsonl(RunPaths(tmp_path / method).probes(0))[0]
+
+
+@pytest.mark.slow
+def test_an_influence_model_below_the_quality_gate_falls_back_to_random(tiny_config_factory, tmp_path):
+    """16 probes cannot clear a bar of 0.99: stage 1 selects at random, says so in its
+    selection manifest and in a run event, and the probes ran in fp32 with the shared-step
+    effect recorded."""
+    cfg = tiny_config_factory("stages.num_stages=2", "selection.fallback=random",
+                              "selection.min_cv_spearman=0.99", "train.precision=bf16")
+    m = Run(cfg, tmp_path / "gate", progress=False).execute().data
+    sel = read_json(RunPaths(tmp_path / "gate").selection(1))
+    assert sel["fallback"] == "random" and sel["sampler"] == "random" and sel["model_version"] is None
+    assert sel["gate"]["passed"] is False and sel["gate"]["min_cv_spearman"] == 0.99
+    events = read_jsonl(RunPaths(tmp_path / "gate").events)
+    assert [e["fallback"] for e in events if e["event"] == "influence_gate"] == ["random"]
+    fit = m["stages"][0]["metrics"]["influence_model"]
+    assert fit["cv_folds"] == 5 and fit["val_size"] == cfg.probing.num_probes
+    probes = m["stages"][0]["metrics"]["probes"]
+    assert probes["precision"] == "fp32" and np.isfinite(probes["shared_effect"])
+
+
+def test_model_based_selections_standardize_scores_and_record_the_gate(tiny_run):
+    sel = read_json(RunPaths(tiny_run["dir"]).selection(1))
+    assert sel["score_std"] > 0 and "gate" in sel and "fallback" not in sel

@@ -8,9 +8,13 @@ task never enqueues its downstream work twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import uuid
 from pathlib import Path
+
+import redis
 
 from mates.artifacts import RunPaths
 from mates.config import RunConfig
@@ -60,6 +64,7 @@ def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int
     """
     from services.worker.celery_app import app_for
 
+    check_broker_of(settings, store)  # a loss is claimed before anything goes into the new broker
     if not claim(store, run_id, generation, task, stage):
         return False
     try:
@@ -115,6 +120,7 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     process died (no heartbeat) is failed first, so it need not wait for the watch."""
     row = _get(store, run_id)
     end_silent_runs(store, settings, run_id)
+    check_broker_of(settings, store)  # first: a loss found by the enqueue below would end this run
     if not store.set_status_if(run_id, "queued", RESUMABLE):  # one resume wins
         status = _get(store, run_id)["status"]
         raise RunStateError(
@@ -124,6 +130,76 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     paths.cancel.unlink(missing_ok=True)
     _queue_from_next_stage(store, settings, Manifest.load(paths.manifest), generation)
     return store.get_run(run_id)
+
+
+# --------------------------------------------------------------------------- a broker that lost its data
+#
+# A Redis restarted without persistence comes back empty (see watch.py). The broker holds a
+# marker key whose value the run store remembers; marker missing while the store remembers
+# one: the broker lost its data. Whoever first finds that (`SET NX`) claims the loss and ends
+# the runs whose last task was published before the claim. Every publish checks first, so a
+# task published into the new broker is always published after the claim, and spared.
+
+MARKER = "mates:broker-marker"
+WAITING_ON_BROKER = ("queued", "running", "cancelling")
+REASON = ("the broker (Redis) lost its queued tasks (restarted without persistence?) while "
+          "this run was active; resume it to continue from its last completed step")
+
+
+def broker_lost(client: redis.Redis, store: Store) -> bool:
+    """True exactly once per loss of the broker's data, in the process that claims it."""
+    remembered = store.get_state(MARKER)
+    current = client.get(MARKER)
+    if current is not None:
+        if remembered is None:  # a fresh run store next to a broker that kept its data
+            store.put_state(MARKER, current.decode())
+        return False
+    token = uuid.uuid4().hex
+    if not client.set(MARKER, token, nx=True):
+        return False  # another process claimed this loss
+    store.put_state(MARKER, token)
+    return remembered is not None  # no marker ever: a first deployment, nothing was lost
+
+
+def fail_stranded_runs(store: Store, since: float) -> list[str]:
+    """Fail (or, if a cancel was asked, cancel) each active run whose last task was published
+    before `since`, when the broker was found empty; returns their IDs."""
+    ended = []
+    for status in WAITING_ON_BROKER:
+        for row in store.list_runs(status=status, limit=100_000):
+            sent = store.last_sent_at(row["id"])
+            if sent is not None and sent >= since:
+                continue  # published into the new broker: its task is there
+            end_run(store, row["id"], "cancelled" if status == "cancelling" else "failed", REASON)
+            ended.append(row["id"])
+    return ended
+
+
+def check_broker(client: redis.Redis, store: Store) -> list[str]:
+    """Claim a loss of the broker's data if there is one, and end the runs it stranded: those
+    whose last task went in before the claim (a publish after it checked first). Their IDs."""
+    claimed_at = time.time()  # before the claim: any publish that saw the new marker is later
+    if not broker_lost(client, store):
+        return []
+    ended = fail_stranded_runs(store, since=claimed_at)
+    log.warning("the broker lost its queued tasks; runs ended (resume them): %s",
+                ", ".join(ended) or "none")
+    return ended
+
+
+@functools.cache
+def _broker_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+
+def check_broker_of(settings: Settings, store: Store) -> None:
+    """`check_broker` on a Redis broker; unreachable, it is left to the publish to fail."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return
+    try:
+        check_broker(_broker_client(settings.broker_url), store)
+    except (redis.RedisError, OSError):
+        pass
 
 
 def end_run(store: Store, run_id: str, status: str, reason: str,

@@ -54,7 +54,13 @@ class HeldoutSetConfig(_Section):
 class DataConfig(_Section):
     pool: FilePath = Field(description="Candidate pool: JSONL or Parquet rows {id, text, ...}.")
     reference: FilePath = Field(
-        description="Reference task probed by the oracle: JSONL {context, continuation} or plain text."
+        description="Reference task probed by the oracle: JSONL {context, continuation} (cloze), "
+        "JSONL {text} documents or plain text (full text; see `reference_kind`)."
+    )
+    reference_kind: Literal["auto", "cloze", "text"] = Field(
+        "auto", description="How the oracle reads `reference`: 'cloze' (loss on each "
+        "continuation), 'text' (loss on every token of whole documents, long ones cut into "
+        "sequences); 'auto': text for a .txt file, else cloze.",
     )
     heldout: FilePath | None = Field(
         None, description="Held-out evaluation set (same formats), never used for probing; "
@@ -116,7 +122,9 @@ class DataConfig(_Section):
 # (section, field) added after the first runs were made: see RunConfig.fingerprint
 ADDED_FIELDS = (("model", "vocab_multiple"), ("data", "heldout_sets"), ("data", "primary_heldout"),
                 ("train", "cooldown_fraction"), ("selection", "sampler"), ("selection", "seed"),
-                ("selection", "target_labels"), ("compare", None))
+                ("selection", "target_labels"), ("compare", None),
+                ("data", "reference_kind"), ("probing", "precision"), ("influence", "head_fit"),
+                ("influence", "cv_folds"), ("selection", "fallback"), ("selection", "min_cv_spearman"))
 
 
 class ModelConfig(_Section):
@@ -224,6 +232,11 @@ class ProbingConfig(_Section):
     max_reference_examples: int | None = Field(
         None, ge=1, description="Cap on reference examples used by the oracle."
     )
+    precision: Literal["fp32", "train"] = Field(
+        "fp32", description="Arithmetic of the probes: 'fp32' whatever the training precision "
+        "(a small probe step on a bf16 forward partly measures rounding), or 'train' "
+        "(`train.precision`).",
+    )
 
 
 class InfluenceConfig(_Section):
@@ -240,7 +253,17 @@ class InfluenceConfig(_Section):
     lr: float = Field(5e-5, gt=0, description="Encoder fine-tuning lr (head uses head_lr).")
     head_lr: float = Field(1e-3, gt=0, description="Linear head lr.")
     batch_size: int = Field(16, ge=1, description="Examples per step when fitting/scoring.")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share for model selection.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Unused since model selection is cross-validated "
+        "(`cv_folds`); kept so that older configs still load.")
+    cv_folds: int = Field(
+        5, ge=2, description="Folds of the cross-validation that chooses the fit (ridge "
+        "penalty or epoch count) and measures the influence model's Spearman.")
+    head_fit: Literal["ridge", "sgd"] = Field(
+        "ridge", description="With a frozen encoder (`train_encoder: false`): 'ridge' fits the "
+        "linear head in closed form, its penalty chosen by cross-validation; 'sgd' trains it with "
+        "AdamW for `epochs` (the epoch count chosen by cross-validation).",
+    )
     warm_start: bool = Field(False, description="Start from the previous stage's model.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Scoring and frozen features: 'auto' is bf16 on CUDA and on CPUs with "
@@ -275,6 +298,14 @@ class SelectionConfig(_Section):
     target_labels: list[str] = Field(
         default_factory=list, description="'label': labels (`data.domain_field` values) to keep; "
         "a label also matches the labels below it ('news' matches 'news/sports').")
+    fallback: Literal["random", "none"] = Field(
+        "random", description="The quality gate of 'mates' and 'static': a stage whose influence "
+        "model's cross-validated Spearman has an interval reaching `min_cv_spearman` selects "
+        "this way instead ('random'; 'none' keeps the model's selection), recorded as a run event.",
+    )
+    min_cv_spearman: float = Field(
+        0.0, ge=-1, lt=1, description="The gate's bar: the lower end of the interval of the "
+        "cross-validated Spearman must lie above it.")
 
     @property
     def model_based(self) -> bool:
@@ -341,6 +372,14 @@ class RunConfig(_Section):
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+
+    @model_validator(mode="after")
+    def _enough_probes_per_fold(self) -> RunConfig:
+        need = max(2 * self.influence.cv_folds, 6)  # influence.min_probes, without importing torch
+        if self.probing.num_probes < need:
+            raise ValueError(f"`probing.num_probes` ({self.probing.num_probes}) must be at least {need}: "
+                             f"`influence.cv_folds` = {self.influence.cv_folds} needs two probes per fold")
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none), to tell comparable runs apart.

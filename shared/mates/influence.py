@@ -1,10 +1,18 @@
 """The data influence model: BERT-style encoder, mean pooling, linear head.
 
-Fitted with MSE on z-scored oracle influences, 90/10 split, keeping the epoch
-with the best validation Spearman (as in the MATES paper). Its predictions are
-in z-units of the stage's probe influences: lower is more helpful.
-With `train_encoder: false` the encoder is frozen and only the head is trained
-on cached pooled features, which is what a CPU demo can afford.
+Fitted on oracle influences z-scored with the mean and std of all probes; its
+predictions are in those z-units: lower is more helpful. Model selection is
+k-fold cross-validation (`influence.cv_folds`, a seeded permutation), and the
+reported Spearman is that of the pooled out-of-fold predictions, with a 95%
+interval (Fisher z, Bonett-Wright standard error), so every probe counts:
+- `train_encoder: false`, `head_fit: ridge`: the encoder is frozen and the head
+  is ridge regression on cached pooled features, in closed form; its penalty is
+  chosen by CV and the reported Spearman is nested CV (the penalty chosen on
+  inner folds of each outer training part), so it is not optimistic.
+- `train_encoder: false`, `head_fit: sgd`, or `train_encoder: true`: the head
+  (or encoder and head) is trained with AdamW; each fold trains a fresh copy for
+  `epochs` epochs, the epoch count with the best pooled out-of-fold Spearman is
+  kept, and the final model is trained on all probes for that many epochs.
 
 Scoring throughput: `InfluenceScorer.predict` is the fast path (length-sorted
 batches, `torch.inference_mode`, bf16 weights where the hardware has bf16);
@@ -18,10 +26,12 @@ import copy
 import importlib.util
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -118,9 +128,23 @@ class InfluenceModel(torch.nn.Module):
 
 @dataclass
 class FitReport:
-    val_spearman: float
-    val_pearson: float
-    train_spearman: float
+    """What `fit_influence_model` did and how well the fit predicts held-out probes.
+
+    `val_spearman`, `val_pearson`: of the pooled out-of-fold predictions (the names
+    predate cross-validation); None where undefined (constant predictions), as are
+    `cv_low`, `cv_high`, the 95% interval of `val_spearman`. `nested`: whether the
+    estimate is nested CV (ridge); otherwise the epoch count was picked on the same
+    folds, which makes it slightly optimistic. `train_spearman`: the final model on
+    all probes. `best_epoch`: the kept epoch count minus one ('sgd', 'encoder'), -1
+    for 'ridge'; `epochs`: epochs each fold trained (0 for 'ridge'). `train_size`,
+    `val_size` and `num_probes` are all the number of probes: the final model trains
+    on every probe and every probe is predicted out of fold. `ridge_lambda`: the
+    final head's penalty on the squared weights (None unless 'ridge').
+    """
+
+    val_spearman: float | None
+    val_pearson: float | None
+    train_spearman: float | None
     best_epoch: int
     epochs: int
     train_size: int
@@ -128,6 +152,13 @@ class FitReport:
     target_mean: float
     target_std: float
     seconds: float
+    cv_folds: int
+    cv_low: float | None
+    cv_high: float | None
+    fit: str  # 'ridge' | 'sgd' | 'encoder'
+    ridge_lambda: float | None
+    nested: bool
+    num_probes: int
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
@@ -376,6 +407,8 @@ def naive_predict(scorer: InfluenceScorer, texts: Sequence[str], batch_size: int
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 90/10 split fits used before cross-validation; kept because older fit reports
+    (no `val_size`) are read as this split sized them (`report._val_n`)."""
     n_val = max(2, int(round(n * val_fraction)))
     if n - n_val < 2:
         raise DataError(f"need at least {n_val + 2} probes to fit the influence model, got {n}")
@@ -383,42 +416,264 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return perm[n_val:], perm[:n_val]
 
 
+# -- cross-validation ------------------------------------------------------------
+
+# Ridge penalties, relative: lambda = alpha * trace(Xc'Xc) / d for the training rows Xc
+# (centred), i.e. alpha times the mean eigenvalue of Xc'Xc (rows x the mean per-feature
+# variance), so the same alpha means the same shrinkage whatever the encoder's scale or the
+# number of rows. alpha = 1 halves the fit along a direction of average variance; the grid
+# runs from almost least squares to a head that predicts (almost) the training mean.
+RIDGE_ALPHAS = np.logspace(-3, 4, 15)
+CONFIDENCE = 0.95
+
+
+def min_probes(cv_folds: int) -> int:
+    """Fewest probes a `cv_folds`-fold fit takes: two per fold (and at least six)."""
+    return max(2 * cv_folds, 6)
+
+
+def cv_folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """`k` near-equal folds of a seeded permutation of range(n)."""
+    return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
+def spearman_interval(r: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Interval of a Spearman correlation from `n` pairs: Fisher z with the standard
+    error of Bonett & Wright (2000), sqrt((1 + r^2/2) / (n - 3)); NaN if r is."""
+    if not np.isfinite(r):
+        return float("nan"), float("nan")
+    if n <= 3:
+        return -1.0, 1.0
+    r = float(np.clip(r, -0.9999, 0.9999))
+    half = NormalDist().inv_cdf((1 + confidence) / 2) * math.sqrt((1 + r * r / 2) / (n - 3))
+    return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+
+
+def _best(curve: np.ndarray, last: bool) -> int:
+    """Index of the highest value (NaN counts as lowest); ties: the last or the first."""
+    c = np.where(np.isnan(curve), -np.inf, curve)
+    return int(len(c) - 1 - np.argmax(c[::-1])) if last else int(np.argmax(c))
+
+
+def _spearmans(preds: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman of each column of `preds` (n, L) with y."""
+    return np.array([spearman(preds[:, j], y) for j in range(preds.shape[1])])
+
+
+def _centred_trace(X: np.ndarray) -> float:
+    return float(((X - X.mean(0)) ** 2).sum())
+
+
+class _Spectrum:
+    """Ridge with an unpenalised intercept on rows X, y, for any penalty, from one
+    eigendecomposition of the smaller Gram matrix of the centred rows Xc = X - mean.
+
+    Q = Xc V (= U S of the thin SVD) and s2 (the squared singular values) give the hat
+    matrix H(lam) = 11'/m + Q diag(1/(s2 + lam)) Q' of the fit with penalty lam.
+    """
+
+    def __init__(self, X: np.ndarray, y: np.ndarray):
+        self.m, self.d = X.shape
+        self.x_mean, self.y_mean = X.mean(0), float(y.mean())
+        self.Xc, self.y, self.yc = X - self.x_mean, y, y - self.y_mean
+        self.primal = self.m >= self.d
+        if self.primal:
+            s2, self.V = np.linalg.eigh(self.Xc.T @ self.Xc)
+            self.Q = self.Xc @ self.V
+        else:
+            s2, self.U = np.linalg.eigh(self.Xc @ self.Xc.T)
+            self.Q = self.U * np.sqrt(np.clip(s2, 0, None))
+        self.s2 = np.clip(s2, 0, None)
+        self.Qy = self.Q.T @ self.yc
+        self.trace = float(self.s2.sum())
+
+    def coef(self, lam: float) -> tuple[np.ndarray, float]:
+        """(weights, intercept) of the fit with penalty lam."""
+        inv = 1.0 / (self.s2 + lam)
+        if self.primal:
+            w = self.V @ (inv * self.Qy)
+        else:
+            w = self.Xc.T @ (self.U @ (inv * (self.U.T @ self.yc)))
+        return w, self.y_mean - float(self.x_mean @ w)
+
+    def left_out(self, fold: np.ndarray, lams: np.ndarray) -> np.ndarray:
+        """Predictions (len(fold), L) for the rows `fold` of the fits on the other rows,
+        one per penalty in `lams`: exact, by the leave-group-out identity of linear
+        smoothers, y_F - (I - H_FF)^-1 (y_F - yhat_F). Ridge predictions do not depend
+        on where the features are centred (the intercept is free), so the fits on the
+        other rows need no decomposition of their own."""
+        inv = 1.0 / (self.s2[None, :] + lams[:, None])  # (L, r)
+        qf = self.Q[fold]  # (f, r)
+        fitted = self.y_mean + (inv * self.Qy) @ qf.T  # (L, f)
+        hat = 1.0 / self.m + (qf[None] * inv[:, None, :]) @ qf.T  # (L, f, f)
+        resid = (self.y[fold][None] - fitted)[..., None]  # (L, f, 1)
+        eye = np.eye(len(fold))[None]
+        return (self.y[fold][:, None] - np.linalg.solve(eye - hat, resid)[..., 0].T)
+
+
+def _ridge_oof(spec: _Spectrum, folds: list[np.ndarray], alphas: np.ndarray) -> np.ndarray:
+    """Out-of-fold predictions (m, L) over `folds` (row indices of `spec`), one column per
+    alpha; each fold's penalty is alpha * the centred trace of its training rows / d."""
+    out = np.empty((spec.m, len(alphas)))
+    for fold in folds:
+        train = np.setdiff1d(np.arange(spec.m), fold, assume_unique=True)
+        scale = _centred_trace(spec.Xc[train]) / spec.d or 1.0
+        out[fold] = spec.left_out(fold, alphas * scale)
+    return out
+
+
+@dataclass
+class RidgeCV:
+    """A cross-validated ridge head (see `ridge_cv`)."""
+
+    coef: np.ndarray  # (d,) final weights, fitted on all rows
+    intercept: float
+    alpha: float  # the chosen relative penalty
+    lam: float  # the final fit's penalty: alpha * trace(Xc'Xc) / d of all rows
+    oof: np.ndarray  # (n,) nested out-of-fold predictions
+    cv_spearman: float  # of `oof`: the nested estimate
+    cv_pearson: float
+    curve: np.ndarray  # (L,) Spearman of the non-nested pooled out-of-fold predictions per alpha
+    alphas: np.ndarray  # (L,) the grid
+    outer_alphas: list[float]  # the alpha each outer fold's inner CV chose
+
+
+def ridge_cv(X: np.ndarray, y: np.ndarray, folds: list[np.ndarray],
+             alphas: np.ndarray = RIDGE_ALPHAS) -> RidgeCV:
+    """Ridge regression of y on X (intercept unpenalised), its penalty chosen by CV.
+
+    The penalty (alpha on the grid, ties to the larger) maximises the Spearman of the
+    pooled out-of-fold predictions over `folds`; the final fit uses it on all rows.
+    The nested out-of-fold predictions `oof` predict each outer fold from a fit on the
+    other folds whose penalty was chosen by CV over `len(folds)` inner folds of those
+    folds alone. One eigendecomposition per outer training part and one of all rows.
+    """
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    full = _Spectrum(X, y)
+    outer = _ridge_oof(full, folds, alphas)  # column j: each fold predicted by its alpha_j fit
+    curve = _spearmans(outer, y)
+    j = _best(curve, last=True)
+    oof, chosen = np.empty(len(y)), []
+    for o, fold in enumerate(folds):
+        train = np.concatenate([g for i, g in enumerate(folds) if i != o])  # random order
+        inner = np.array_split(np.arange(len(train)), len(folds))
+        spec = _Spectrum(X[train], y[train])
+        j_in = _best(_spearmans(_ridge_oof(spec, inner, alphas), y[train]), last=True)
+        chosen.append(float(alphas[j_in]))
+        oof[fold] = outer[fold, j_in]
+    lam = float(alphas[j]) * (full.trace / full.d or 1.0)
+    coef, intercept = full.coef(lam)
+    return RidgeCV(coef, intercept, float(alphas[j]), lam, oof, spearman(oof, y), pearson(oof, y),
+                   curve, alphas, chosen)
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
 def fit_influence_model(scorer: InfluenceScorer, texts: Sequence[str], influences: np.ndarray,
                         cfg: InfluenceConfig, seed: int,
                         progress: Callable[[int], None] | None = None) -> FitReport:
-    """Train `scorer` in place on (text, influence) pairs; keeps the best-val-Spearman epoch."""
+    """Fit `scorer` in place on (text, influence) pairs, model selection by k-fold CV.
+
+    See the module docstring for the three fits. `progress` is told of `cfg.epochs` units
+    in all: 'ridge' reports them at once at the end; 'sgd' and 'encoder' one per epoch of
+    the final training on all probes, the rest once it ends (the `cv_folds` trainings
+    before it report nothing).
+    """
     t0 = time.perf_counter()
     y = np.asarray(influences, dtype=np.float64)
     if not np.all(np.isfinite(y)):
         raise DataError("oracle influences contain NaN or infinite values")
-    tr, va = _split(len(y), cfg.val_fraction, seed)
-    mean, std = float(y[tr].mean()), float(y[tr].std()) or 1.0
-    z = torch.tensor((y - mean) / std, dtype=torch.float32)
+    n, k = len(y), cfg.cv_folds
+    if n < min_probes(k):
+        raise DataError(f"need at least {min_probes(k)} probes to fit the influence model with "
+                        f"influence.cv_folds={k}, got {n}")
+    # constant influences: std 1 (y.std() of equal values can be ~1e-17, not 0)
+    mean, std = float(y.mean()), (float(y.std()) if np.ptp(y) > 0 else 1.0)
+    z = (y - mean) / std
+    scorer.meta.update(target_mean=mean, target_std=std)
+    folds = cv_folds_of(n, k, seed)
     tokens = scorer.tokenize(texts)
-    torch.manual_seed(seed)
+    if not cfg.train_encoder and cfg.head_fit == "ridge":
+        feats = scorer.features(tokens, cfg.batch_size)
+        rf = ridge_cv(feats.double().numpy(), z, folds)
+        head = scorer.model.head
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(rf.coef, dtype=torch.float32).view(1, -1))
+            head.bias.fill_(rf.intercept)
+        rho, r_p, best_epoch, epochs = rf.cv_spearman, rf.cv_pearson, -1, 0
+        train_rho = spearman(scorer.predict_features(feats), y)
+        if progress:
+            progress(cfg.epochs)
+    else:
+        rho, r_p, best_epoch, train_rho = _fit_by_epochs(scorer, tokens, z, folds, cfg, seed, progress)
+        epochs = cfg.epochs
+        rf = None
+    low, high = spearman_interval(rho, n)
+    return FitReport(
+        val_spearman=_none_if_nan(rho), val_pearson=_none_if_nan(r_p),
+        train_spearman=_none_if_nan(train_rho), best_epoch=best_epoch, epochs=epochs,
+        train_size=n, val_size=n, target_mean=mean, target_std=std,
+        seconds=time.perf_counter() - t0, cv_folds=k, cv_low=_none_if_nan(low),
+        cv_high=_none_if_nan(high),
+        fit="ridge" if rf is not None else ("encoder" if cfg.train_encoder else "sgd"),
+        ridge_lambda=rf.lam if rf is not None else None, nested=rf is not None, num_probes=n)
+
+
+def _fit_by_epochs(scorer: InfluenceScorer, tokens: list[list[int]], z: np.ndarray,
+                   folds: list[np.ndarray], cfg: InfluenceConfig, seed: int,
+                   progress: Callable[[int], None] | None) -> tuple[float, float, int, float]:
+    """'sgd' and 'encoder': each fold trains a fresh copy of the model (the state it came
+    in) for `cfg.epochs` epochs, predicting its held-out fold after every epoch; the epoch
+    count e* with the best Spearman of the pooled out-of-fold predictions (ties: fewer) is
+    kept, and the model is trained on all probes for e* epochs.
+
+    Returns (CV Spearman, CV Pearson, e* - 1, Spearman of the final model on all probes).
+    The CV figures are those at e*, chosen on the same folds: slightly optimistic.
+    """
     model = scorer.model
+    initial = copy.deepcopy(model.state_dict())
+    zt = torch.tensor(z, dtype=torch.float32)
     if cfg.train_encoder:
-        step_fn = _encoder_trainer(scorer, tokens, z, cfg)
-        predict = lambda idx: scorer.predict([tokens[i] for i in idx], cfg.batch_size)  # noqa: E731
+        def trainer():
+            return _encoder_trainer(scorer, tokens, zt, cfg)
+
+        def predict(idx: np.ndarray) -> np.ndarray:
+            return scorer.predict([tokens[i] for i in idx], cfg.batch_size)
     else:
         feats = scorer.features(tokens, cfg.batch_size)
-        step_fn = _head_trainer(scorer, feats, z, cfg)
-        predict = lambda idx: scorer.predict_features(feats[idx])  # noqa: E731
-    rng = np.random.default_rng(seed)
-    best = (-2.0, -1, copy.deepcopy(model.state_dict()))
-    for epoch in range(cfg.epochs):
-        step_fn(rng.permutation(tr))
-        rho = spearman(predict(va), y[va])
-        rho = -1.0 if np.isnan(rho) else rho
-        if rho > best[0]:
-            best = (rho, epoch, copy.deepcopy(model.state_dict()))
-        if progress:
-            progress(1)
-    model.load_state_dict(best[2])
-    pv, pt = predict(va), predict(tr)
-    scorer.meta.update(target_mean=mean, target_std=std)
-    return FitReport(spearman(pv, y[va]), pearson(pv, y[va]), spearman(pt, y[tr]), best[1],
-                     cfg.epochs, len(tr), len(va), mean, std, time.perf_counter() - t0)
+
+        def trainer():
+            return _head_trainer(scorer, feats, zt, cfg)
+
+        def predict(idx: np.ndarray) -> np.ndarray:
+            return scorer.predict_features(feats[torch.from_numpy(idx)])
+
+    def train(rows: np.ndarray, epochs: int, after: Callable[[int], None]) -> None:
+        model.load_state_dict(initial)
+        torch.manual_seed(seed)
+        step, rng = trainer(), np.random.default_rng(seed)
+        for epoch in range(epochs):
+            step(rng.permutation(rows))
+            after(epoch)
+
+    oof = np.empty((cfg.epochs, len(z)))
+    for f, fold in enumerate(folds):
+        rows = np.concatenate([g for i, g in enumerate(folds) if i != f])
+
+        def record(epoch: int, fold: np.ndarray = fold) -> None:
+            oof[epoch, fold] = predict(fold)
+
+        train(rows, cfg.epochs, record)
+    curve = np.array([spearman(oof[e], z) for e in range(cfg.epochs)])
+    best = _best(curve, last=False)
+    tick = (lambda _: progress(1)) if progress else (lambda _: None)
+    train(np.arange(len(z)), best + 1, tick)
+    if progress and cfg.epochs > best + 1:
+        progress(cfg.epochs - best - 1)
+    return curve[best], pearson(oof[best], z), best, spearman(predict(np.arange(len(z))), z)
 
 
 def _head_trainer(scorer: InfluenceScorer, feats: torch.Tensor, z: torch.Tensor,

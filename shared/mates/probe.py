@@ -107,6 +107,20 @@ class ExactOracle(_Oracle):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def shared_effect(self) -> float:
+        """The reference-loss change of the step's part that is the same for every document
+        (momentum and weight decay: an AdamW step with a zero gradient), measured exactly."""
+        try:
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p)
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._ref_loss() - self.base_loss
+        finally:
+            restore_snapshot(self.model, self.optimizer, self.snapshot)
+
     def influence(self, tokens: torch.Tensor) -> float:
         """Influence of one example (its token IDs, EOS-terminated, at most seq+1 long)."""
         self._check_probe(tokens)
@@ -207,6 +221,7 @@ class FirstOrderOracle(_Oracle):
         self._denom_views = _views(self._denom, self._params)
         self.base_loss = self._ref_loss()
         self._offset = 0.0  # the influence of x is `_offset + ⟨∇L_ref, Δθ(x)⟩`
+        self._shifted_loss: float | None = None
         if shift:
             self._offset = self._linearise_at_shift()
         else:
@@ -241,7 +256,7 @@ class FirstOrderOracle(_Oracle):
         try:
             with torch.no_grad():
                 torch._foreach_add_(self._params, delta_c)
-            shifted_loss = self._ref_loss()
+            shifted_loss = self._shifted_loss = self._ref_loss()
             self._reference_grad()
         finally:
             with torch.no_grad():  # bit-exact: a copy back, not a subtraction
@@ -274,6 +289,14 @@ class FirstOrderOracle(_Oracle):
             if b.weight_decay:
                 torch._foreach_add_(num, b.params, alpha=-self.lr * b.weight_decay)
         return self._delta_views
+
+    def shared_effect(self) -> float:
+        """The reference-loss change of the step's part that is the same for every document
+        (momentum and weight decay, Δ_c): first order, ⟨∇L_ref, Δ_c⟩; exact when `shift`."""
+        if self._shifted_loss is not None:
+            return self._shifted_loss - self.base_loss
+        self._adam_delta(None)
+        return float(self._grad_ref.dot(self._delta))
 
     def _clipped_grads(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         """The training loss's gradient on one example, clipped by global norm as the trainer does.

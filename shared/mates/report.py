@@ -134,8 +134,9 @@ def _merge_failures(rows: list[dict], stage_errors: dict) -> list[dict]:
 
 
 def _val_n(fit: dict, probes: dict, cfg: dict) -> int | None:
-    """Points behind the influence model's validation Spearman: the fit's `val_size`, or
-    the held-out share of the probes as `influence._split` takes it."""
+    """Points behind the influence model's validation Spearman: the fit's `val_size` (every
+    probe, predicted out of fold, since fits are cross-validated), or for a run from before
+    that, the held-out share of the probes as the 90/10 split took it."""
     if _num(fit.get("val_size")):
         return int(fit["val_size"])
     count, frac = probes.get("count"), (cfg.get("influence") or {}).get("val_fraction", 0.1)
@@ -201,7 +202,11 @@ def _stage_view(paths: RunPaths, st: dict, cfg: dict, sel: dict | None, prev: di
         "probe_method": probes.get("method"), "probe_count": probes.get("count"),
         "first_order_spearman": fo, "first_order_n": probes.get("exact_subset") if fo is not None else None,
         "val_spearman": fit.get("val_spearman"), "val_n": _val_n(fit, probes, cfg),
+        "cv_interval": ([fit["cv_low"], fit["cv_high"]] if _num(fit.get("cv_low")) and _num(fit.get("cv_high"))
+                        else None),
+        "shared_effect": probes.get("shared_effect"),
         "selected": (met.get("selection") or {}).get("selected"),
+        "fallback": (met.get("selection") or {}).get("fallback"),
         "selection_method": (met.get("selection") or {}).get("method"),
         "overlap_with_previous": overlap,
         "domain_shift": _domain_shift(met.get("selection") or {}),
@@ -488,13 +493,17 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return html.escape(str(v))
 
 
-def spearman_text(rho: float | None, n: int | None, spec: str = ".2f") -> str:
-    """`0.41 (n=13)`, flagged when n is too small for the value to mean much."""
+def spearman_text(rho: float | None, n: int | None, spec: str = ".2f",
+                  interval: list[float] | None = None) -> str:
+    """`0.41 [0.26, 0.54] (n=128)`, flagged when n is too small for the value to mean much."""
     if rho is None:
         return "–"
+    text = _fmt(rho, spec)
+    if interval:
+        text += f" [{_fmt(interval[0], spec)}, {_fmt(interval[1], spec)}]"
     if n is None:
-        return _fmt(rho, spec)
-    text = f"{_fmt(rho, spec)} (n={_fmt(n, 'd')})"
+        return text
+    text = f"{text} (n={_fmt(n, 'd')})"
     if n < MIN_SPEARMAN_N:
         text += (f' <span class="warn" title="a rank correlation over fewer than {MIN_SPEARMAN_N} '
                  'points is mostly noise">too few to read</span>')
@@ -511,7 +520,8 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
 
 def stage_table(view: dict) -> str:
     head = ["stage", "state", *PHASES, "held-out loss", "after lr cooldown", "probes",
-            "val Spearman", "first-order Spearman", "selected", "overlap with previous"]
+            "influence-model Spearman (cross-validated)", "first-order Spearman", "selected",
+            "overlap with previous"]
     rows = []
     for st in view["stages"]:
         state = html.escape(str(st["state"]))
@@ -519,9 +529,12 @@ def stage_table(view: dict) -> str:
         rows.append([str(st["stage"]), f'<span class="state-{state}">{state}</span>',
                      *[_fmt(st["seconds"][p], ".1f") for p in PHASES], _fmt(st["heldout_loss"]),
                      _fmt(cool.get("loss")), _fmt(st["probe_count"], "d"),
-                     spearman_text(st["val_spearman"], st.get("val_n")),
+                     spearman_text(st["val_spearman"], st.get("val_n"), interval=st.get("cv_interval")),
                      spearman_text(st["first_order_spearman"], st.get("first_order_n"), ".3f"),
-                     _fmt(st["selected"], "d"), _fmt(st["overlap_with_previous"], ".0%")])
+                     _fmt(st["selected"], "d") + (
+                         f' <span class="warn" title="the influence model did not pass the quality gate">'
+                         f'{html.escape(str(st["fallback"]))} (gate)</span>' if st.get("fallback") else ""),
+                     _fmt(st["overlap_with_previous"], ".0%")])
     return _table(head, rows)
 
 
@@ -654,8 +667,9 @@ def _stage_sections(view: dict, svgs: dict[str, str]) -> list[str]:
         # and the selection it makes is the one stage k+1 trains on
         parts.append(f"<h3>Stage {k} → {k1}: probes at stage {k}'s checkpoint, "
                      f"stage {k1}'s pool scores and selection</h3>")
-        parts.append(f"<p class=\"muted\">influence-model validation Spearman "
-                     f"{spearman_text(st['val_spearman'], st.get('val_n'))}; stage {k1}'s selection shares "
+        parts.append(f"<p class=\"muted\">influence-model cross-validated Spearman "
+                     f"{spearman_text(st['val_spearman'], st.get('val_n'), interval=st.get('cv_interval'))}; "
+                     f"stage {k1}'s selection shares "
                      f"{_fmt(nxt['overlap_with_previous'], '.0%')} of its documents with stage {k}'s; "
                      f"lower influence / score = more helpful</p>")
         for name, key, svg in (("distribution", k, dist), ("domains", k1, dom)):

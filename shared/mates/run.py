@@ -268,7 +268,8 @@ class Run:
             text_field=d.text_field, domain_field=d.domain_field, on_bad_row=d.on_bad_row)
         self._record_corpus()
         T = cfg.train.seq_tokens
-        self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples)
+        self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples,
+                                        d.reference_kind)
         self.heldout_specs = {h.name: h for h in d.heldout_specs()}
         self.heldouts = {name: load_heldout(h, self.tokenizer, T) for name, h in self.heldout_specs.items()}
         self.eos = self.tokenizer.eos_token_id
@@ -533,8 +534,42 @@ class Run:
                 self._record_flops(k, "score", per_doc * len(read_json(p.pool(k + 1))["ids"]))
             with self._state(k, "selecting"):
                 s = self.cfg.selection
-                self._select(k + 1, scores=read_jsonl(p.scores(k)), method=s.method, sampler=s.score_sampler)
+                gate = self._quality_gate(k)
+                if gate["passed"] or s.fallback == "none":
+                    self._select(k + 1, scores=read_jsonl(p.scores(k)), method=s.method,
+                                 sampler=s.score_sampler, standardize=True, extra={"gate": gate})
+                else:
+                    self._select(k + 1, scores=None, method=s.method, sampler=s.fallback,
+                                 extra={"gate": gate, "fallback": s.fallback})
         self.manifest.transition(k, "done")
+
+    def _quality_gate(self, k: int) -> dict:
+        """Whether stage k's influence model may select: the lower end of the interval of its
+        cross-validated Spearman must lie above `selection.min_cv_spearman` ('static': stage
+        0's model). A failed gate is logged as a run event; the caller falls back."""
+        s = self.cfg.selection
+        fit_stage = 0 if s.method == "static" else k
+        fit = self.manifest.stage(fit_stage)["metrics"].get("influence_model") or {}
+        gate = {"stage": fit_stage, "cv_spearman": fit.get("val_spearman"), "cv_low": fit.get("cv_low"),
+                "cv_high": fit.get("cv_high"), "min_cv_spearman": s.min_cv_spearman}
+        if "cv_folds" not in fit:  # fitted before cross-validation was recorded: nothing to gate on
+            return {**gate, "passed": True, "reason": "no cross-validated Spearman recorded"}
+        low = fit.get("cv_low")
+        gate["passed"] = low is not None and low > s.min_cv_spearman
+        if not gate["passed"]:
+            rho = "undefined" if fit.get("val_spearman") is None else f"{fit['val_spearman']:.3f}"
+            interval = ("" if low is None else
+                        f" [{low:.3f}, {fit['cv_high']:.3f}] ")
+            msg = (f"stage {k}: the influence model's cross-validated Spearman {rho}{interval}does not "
+                   f"clear selection.min_cv_spearman = {s.min_cv_spearman}; stage {k + 1} selects "
+                   + ("with the model anyway (selection.fallback: none)" if s.fallback == "none"
+                      else f"by '{s.fallback}' instead (selection.fallback)"))
+            gate["reason"] = msg
+            log.warning(msg)
+            if self.primary:
+                append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "influence_gate",
+                                                 "message": msg, "fallback": s.fallback})
+        return gate
 
     def finish(self) -> None:
         """Export the final model and mark the run done."""
@@ -562,15 +597,22 @@ class Run:
 
     def _select(self, k: int, scores: list[dict] | None, method: str,
                 sampler: str | None = None, temperature: float | None = None,
-                extra: dict | None = None, chosen: np.ndarray | None = None) -> None:
+                extra: dict | None = None, chosen: np.ndarray | None = None,
+                standardize: bool = False) -> None:
         """Write selection(k) from pool(k); scores are joined to the pool by document ID.
 
         `method` names the selection method, `sampler` how scores become a selection
         (gumbel, topk or random; default: the method itself); `chosen` skips sampling.
+        `standardize` z-scores the pool's scores first, so that τ means the same in every
+        stage whatever the spread of the influence model's predictions.
         """
         s = self.cfg.selection
         pool_ids = read_json(self.paths.pool(k))["ids"]
         arr = join_scores(pool_ids, scores) if scores is not None else None
+        if standardize and arr is not None:
+            spread = float(arr.std())
+            extra = {**(extra or {}), "score_mean": float(arr.mean()), "score_std": spread}
+            arr = (arr - arr.mean()) / spread if spread > 0 else np.zeros_like(arr)
         sampler = sampler or method
         temperature = s.temperature if temperature is None else temperature
         seed = self._selection_seed(k)
@@ -627,7 +669,8 @@ class Run:
         if method == "dsir":
             from mates.dsir import dsir_scores
 
-            ref = reference_texts(self.cfg.data.reference, self.cfg.probing.max_reference_examples)
+            ref = reference_texts(self.cfg.data.reference, self.cfg.probing.max_reference_examples,
+                                  self.cfg.data.reference_kind)
             values = dsir_scores(ref, [self.corpus.text(int(i)) for i in idx])
             # importance resampling proper: Gumbel-top-k at tau = 1 draws in proportion to the weight
             sampler, temperature = "gumbel", 1.0
@@ -849,7 +892,8 @@ class Run:
         ids, docs, tokens = self.probe_documents(k)
         n = len(ids)
         kw = dict(lr=pc.lr or self.trainer.current_lr, grad_clip=tc.grad_clip,
-                  precision=tc.precision, eval_batch_sequences=tc.eval_batch_sequences)
+                  precision=tc.precision if pc.precision == "train" else "fp32",
+                  eval_batch_sequences=tc.eval_batch_sequences)
         model, opt = self.trainer.model, self.trainer.optimizer
         t0 = time.perf_counter()
         exact_idx: list[int] = []
@@ -878,7 +922,8 @@ class Run:
         write_jsonl(self.paths.probes(k), rows)
         self._record_flops(k, "probe", self._probe_flops(tokens, exact_idx))
         summary = self._probe_summary(rows, oracle)
-        summary.update(method=pc.method, seconds=round(seconds, 3),
+        summary.update(method=pc.method, seconds=round(seconds, 3), precision=kw["precision"],
+                       shared_effect=float(oracle.shared_effect()),
                        probes_per_s=round(n / seconds, 3) if seconds > 0 else None)
         if pc.method == "hybrid":
             fo = np.array([values[j] for j in exact_idx])
@@ -959,8 +1004,14 @@ class Run:
         self._scorer = (k, scorer)
         ic = self.cfg.influence
         enc = encoder_cost(scorer.model.encoder, ic.max_tokens)
-        # frozen: one forward per probe document; fine-tuned: forward and backward per epoch
-        per_doc = enc.train(ic.max_tokens) * ic.epochs if ic.train_encoder else enc.forward(ic.max_tokens)
+        # frozen: one forward per probe document (a ridge or SGD head on those features costs
+        # next to nothing); fine-tuned: each of the k fold fits trains on (k-1)/k of the probes
+        # for `epochs` and predicts its fold after each, then the refit trains best_epoch+1
+        if ic.train_encoder:
+            per_doc = (enc.train(ic.max_tokens) * ((ic.cv_folds - 1) * ic.epochs + report.best_epoch + 1)
+                       + enc.forward(ic.max_tokens) * ic.epochs)
+        else:
+            per_doc = enc.forward(ic.max_tokens)
         self._record_flops(k, "fit", per_doc * len(rows))
         self.manifest.update_metrics(k, encoder_flops_per_doc=enc.forward(ic.max_tokens))
 

@@ -35,7 +35,9 @@ pytestmark = pytest.mark.slow
 
 KEY = "faults-key-0123456789"
 TERMINAL = ("done", "failed", "cancelled")
-FAULT_RUN = ("name=faults", "stages.num_stages=2", "influence.epochs=30",
+# the fit must outlast the pool-process kill yet end well inside VISIBILITY_S (a longer task
+# is redelivered while it runs): 2 folds of 15 epochs and a refit, about 30 epochs' work
+FAULT_RUN = ("name=faults", "stages.num_stages=2", "influence.epochs=15", "influence.cv_folds=2",
              "influence.score_shard_docs=10")
 VISIBILITY_S = 8  # a task held by a dead worker is redelivered after this long
 SCORER_RETRIES = 8  # backoff 1, 2, 2, ... s: a scorer down for ~15 s fails the stage

@@ -3,8 +3,6 @@ messages and the broker watch (against a stand-in for the Redis client)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 pytest.importorskip("celery")
@@ -13,7 +11,7 @@ from mates.artifacts import RunPaths, read_json  # noqa: E402
 from mates.errors import RunStateError  # noqa: E402
 from mates.run import init_run  # noqa: E402
 from services.common.store import Store  # noqa: E402
-from services.worker import tasks, watch  # noqa: E402
+from services.worker import dispatch, tasks  # noqa: E402
 from services.worker.tasks import open_run, record_failure  # noqa: E402
 
 
@@ -80,11 +78,6 @@ class FakeRedis:
 
     def __init__(self):
         self.data: dict[str, bytes] = {}
-        self.uptime = 3600
-
-    def info(self, section):
-        assert section == "server"
-        return {"uptime_in_seconds": self.uptime}
 
     def get(self, key):
         return self.data.get(key)
@@ -103,12 +96,12 @@ def test_the_broker_watch_fails_runs_stranded_by_an_emptied_broker(stored_run):
     store.mark_sent(run_id, gen, "train_stage", 0)
     store.set_status(run_id, "running")
     broker = FakeRedis()
-    assert not watch.broker_lost(broker, store)  # first deployment: nothing was lost
-    assert not watch.broker_lost(broker, store)  # the marker is there
+    assert not dispatch.broker_lost(broker, store)  # first deployment: nothing was lost
+    assert not dispatch.broker_lost(broker, store)  # the marker is there
     broker.data.clear()  # Redis restarted without persistence
-    assert watch.broker_lost(broker, store)
-    assert not watch.broker_lost(broker, store)  # claimed once per loss
-    assert watch.fail_stranded_runs(store, since=9e12) == [run_id]
+    assert dispatch.broker_lost(broker, store)
+    assert not dispatch.broker_lost(broker, store)  # claimed once per loss
+    assert dispatch.fail_stranded_runs(store, since=9e12) == [run_id]
     row = store.get_run(run_id)
     assert row["status"] == "failed" and "lost its queued tasks" in row["error"]
     assert row["generation"] == gen + 1  # a task still running for it goes stale
@@ -121,31 +114,29 @@ def test_the_broker_watch_spares_runs_published_since(stored_run):
     store.set_status(run_id, "queued")
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     store.mark_sent(run_id, gen, "train_stage", 0)
-    assert watch.fail_stranded_runs(store, since=0.0) == []
+    assert dispatch.fail_stranded_runs(store, since=0.0) == []
     assert store.get_run(run_id)["status"] == "queued"
 
 
-def test_the_loss_cutoff_is_when_the_restarted_broker_came_up():
-    """A run resumed after the broker restarted, but before a watch tick noticed the loss,
-    published into the new broker: the cut-off (its start) spares it. A broker emptied in
-    place (up since before the marker was last seen) gives no start: the tick is the cut-off."""
-    broker = FakeRedis()
-    broker.uptime = 5
-    assert watch.loss_cutoff(broker, now=1000.0, marker_seen_at=990.0) == 994.0
-    assert watch.loss_cutoff(broker, now=1000.0, marker_seen_at=None) == 994.0
-    assert watch.loss_cutoff(broker, now=1000.0, marker_seen_at=997.0) == 1000.0
-
-
-def test_a_run_resumed_before_the_watch_noticed_the_restart_is_spared(stored_run):
+def test_a_loss_is_claimed_before_a_publish_so_a_resumed_run_is_spared(stored_run):
+    """The watch tick that notices a restarted broker may come after a run was resumed into
+    it. Every publish checks the marker first, so the claim comes first and the resumed run,
+    published after it, is not failed by that tick."""
     store, run_id, _ = stored_run()
+    broker = FakeRedis()
+    assert dispatch.check_broker(broker, store) == []  # first deployment
     gen = store.bump_generation(run_id)
+    store.claim_dispatch(run_id, gen, "train_stage", 0)
+    store.mark_sent(run_id, gen, "train_stage", 0)
+    store.set_status(run_id, "running")
+    broker.data.clear()  # restarted without persistence
+    assert dispatch.check_broker(broker, store) == [run_id]  # e.g. the resume's own check
+    assert store.get_run(run_id)["status"] == "failed"
+    gen = store.bump_generation(run_id)  # resumed: published after the claim
     store.set_status(run_id, "queued")
     store.claim_dispatch(run_id, gen, "train_stage", 0)
-    store.mark_sent(run_id, gen, "train_stage", 0)  # resumed into the restarted broker
-    broker = FakeRedis()
-    broker.uptime = 3  # it came up three seconds ago
-    since = watch.loss_cutoff(broker, now=time.time() + 1.0, marker_seen_at=None)
-    assert watch.fail_stranded_runs(store, since=since) == []
+    store.mark_sent(run_id, gen, "train_stage", 0)
+    assert dispatch.check_broker(broker, store) == []  # the late watch tick
     assert store.get_run(run_id)["status"] == "queued"
 
 

@@ -12,8 +12,9 @@ Sources (nothing is downloaded):
 
 Outputs in `out_dir`: `pool.jsonl` (candidate pool: news, Shakespeare and generated web-style
 noise), `reference.jsonl` and `heldout.jsonl` (LAMBADA-style news examples cut from articles
-kept out of the pool), `heldout-text.jsonl` (the held-out articles as full text: the
-primary evaluation), `offtarget-text.jsonl` (Shakespeare passages that are not in the
+kept out of the pool), `reference-text.jsonl` (the reference articles as full text: what
+the oracle probes against by default), `heldout-text.jsonl` (the held-out articles as full
+text: the primary evaluation), `offtarget-text.jsonl` (Shakespeare passages that are not in the
 pool: what selection toward news trades away), `manifest.json` and `SOURCES.md`.
 Everything is deterministic given the seed.
 """
@@ -679,7 +680,8 @@ _NOTES = """## Notes
   ICML 2006, is distributed for research. Use this demo for research only.
 - `reference.jsonl` and `heldout.jsonl` are LAMBADA-style (context, final word) examples cut
   from disjoint sets of news articles that are not in `pool.jsonl`; exact and same-headline
-  duplicate articles were dropped beforehand.
+  duplicate articles were dropped beforehand. `reference-text.jsonl` and `heldout-text.jsonl`
+  hold the same two sets of articles whole.
 - The web-style documents are generated: templates with seeded variation, or edits
   (near-duplicates, shuffled words, truncation) of pool documents.
 """
@@ -704,10 +706,11 @@ def write_outputs(
     write_text(out_dir / "SOURCES.md", sources_markdown(manifest))
 
 
-def heldout_texts(articles: Sequence[Article], held: Sequence[dict]) -> list[dict[str, str]]:
-    """The held-out cloze examples' articles as whole documents (headline and body)."""
+def article_texts(articles: Sequence[Article], rows: Sequence[dict], prefix: str) -> list[dict[str, str]]:
+    """The articles that cloze rows (IDs `<prefix><article id>`) were cut from, as whole
+    documents (headline and body)."""
     by_id = {a.id: a for a in articles}
-    return [{"id": r["id"], "text": by_id[r["id"].removeprefix("heldout-")].text} for r in held]
+    return [{"id": r["id"], "text": by_id[r["id"].removeprefix(prefix)].text} for r in rows]
 
 
 def offtarget_texts(pool: Sequence[Doc], modern: Sequence[Doc], n: int, seed: int) -> list[dict[str, str]]:
@@ -758,9 +761,11 @@ def build_demo(
     pool = assemble_pool(rest, modern, folio, seed)
     manifest = build_manifest(seed, pool, ref, held, dropped)
     manifest["pool_news_articles"] = pool_news_articles
-    texts = {"heldout-text.jsonl": heldout_texts(articles, held),
+    texts = {"heldout-text.jsonl": article_texts(articles, held, "heldout-"),
+             "reference-text.jsonl": article_texts(articles, ref, "ref-"),
              "offtarget-text.jsonl": offtarget_texts(pool, modern, offtarget_documents, seed)}
-    manifest["files"].update(heldout_text="heldout-text.jsonl", offtarget_text="offtarget-text.jsonl")
+    manifest["files"].update(heldout_text="heldout-text.jsonl", reference_text="reference-text.jsonl",
+                             offtarget_text="offtarget-text.jsonl")
     manifest["heldout_text_documents"] = len(texts["heldout-text.jsonl"])
     manifest["offtarget_text_documents"] = len(texts["offtarget-text.jsonl"])
     write_outputs(Path(out_dir), pool, ref, held, manifest, texts)

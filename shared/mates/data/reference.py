@@ -71,7 +71,8 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
             raise DataError(f"{where}: row must be a JSON object")
         ctx, cont = obj.get("context"), obj.get("continuation")
         if not isinstance(ctx, str):
-            raise DataError(f"{where}: missing or non-string `context`")
+            raise DataError(f"{where}: missing or non-string `context` (a reference of whole "
+                            "documents needs `data.reference_kind: text`)")
         if not isinstance(cont, str) or not cont.strip():
             raise DataError(f"{where}: missing or empty `continuation`")
         pairs.append((ctx, cont))
@@ -98,9 +99,15 @@ def pack_rows(rows: list[tuple[list[int], int]], source: str,
 
 
 def load_reference(
-    path: Path, tokenizer, seq_tokens: int, max_examples: int | None = None
+    path: Path, tokenizer, seq_tokens: int, max_examples: int | None = None, kind: str = "auto"
 ) -> ReferenceSet:
-    """Load a reference/held-out set; contexts are cut from the left to fit `seq_tokens`."""
+    """Load a reference/held-out set; cloze contexts are cut from the left to fit `seq_tokens`.
+
+    `kind` (`data.reference_kind`): 'cloze' scores each continuation, 'text' every token of
+    whole documents (`load_text_documents`); 'auto' is text for a .txt file, else cloze.
+    """
+    if kind == "text":
+        return load_text_documents(path, tokenizer, seq_tokens, max_examples, what="reference set")
     path = _existing(path, "reference set")
     if path.suffix == ".txt":
         return _load_plain(path, tokenizer, seq_tokens, max_examples)
@@ -146,18 +153,18 @@ def _read_texts(path: Path) -> list[str]:
 
 
 def load_text_documents(path: Path, tokenizer, seq_tokens: int,
-                        max_documents: int | None = None) -> ReferenceSet:
+                        max_documents: int | None = None, what: str = "held-out set") -> ReferenceSet:
     """A full-text set from JSONL `{"text"}` rows: every token of every document is scored.
 
     A document is EOS + its tokens, cut into rows of `seq_tokens` that overlap by one
     token, so each token is predicted exactly once with as much context as a row allows.
     """
-    path = _existing(path, "held-out set")
+    path = _existing(path, what)
     if path.suffix == ".txt":
         return _load_plain(path, tokenizer, seq_tokens, max_documents)
     texts = _read_texts(path)[:max_documents]
     if not texts:
-        raise DataError(f"held-out set {path} has no documents")
+        raise DataError(f"{what} {path} has no documents")
     rows, docs = [], []
     eos = tokenizer.eos_token_id
     for d, text in enumerate(texts):
@@ -176,9 +183,11 @@ def load_heldout(spec, tokenizer, seq_tokens: int) -> ReferenceSet:
     return load_reference(spec.path, tokenizer, seq_tokens, spec.max_documents)
 
 
-def reference_texts(path: Path, max_examples: int | None = None) -> list[str]:
+def reference_texts(path: Path, max_examples: int | None = None, kind: str = "auto") -> list[str]:
     """The reference set as raw text (context and continuation joined), for text-only methods."""
     path = _existing(path, "reference set")
+    if kind == "text" and path.suffix != ".txt":
+        return _read_texts(path)[:max_examples]
     if path.suffix == ".txt":
         try:
             return [path.read_text(encoding="utf-8")]
