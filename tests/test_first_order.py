@@ -19,12 +19,6 @@ CLIP = 1.0
 FP32_EPS = 2.0**-23
 
 
-
-
-
-
-
-
 def _mixed_documents(ref: ReferenceSet) -> list[torch.Tensor]:
     """Twelve probes of different kinds: random, copies of reference rows, degenerate, short."""
     docs = [random_tokens(seed) for seed in range(6)]
@@ -48,23 +42,39 @@ def _first_order(model, opt, ref, lr: float, clip: float = CLIP, **kw) -> FirstO
                             eval_batch_sequences=3, **kw)
 
 
-def _real_step_delta(model, opt, x: torch.Tensor, lr: float, clip: float) -> list[torch.Tensor]:
-    """θ_after − θ_before of a real AdamW step on x (on a deep copy), and θ_after."""
+def _real_step_delta(model, opt, x: torch.Tensor, lr: float, clip: float) -> list[tuple]:
+    """A real AdamW step on x (on a deep copy): per parameter θ_after − θ_before, θ_after and
+    the size of the update's own terms, |lr/bc1|·(β1|m| + (1−β1)|g|)/den (what `_bound` needs)."""
     twin_model, twin_opt = copy.deepcopy((model, opt))
     for group in twin_opt.param_groups:
         group["lr"] = lr
     lm_loss(twin_model, x[None, :-1].to(x.device), x[None, 1:]).backward()
     torch.nn.utils.clip_grad_norm_(twin_model.parameters(), clip)
+    terms = {}
+    for group in twin_opt.param_groups:
+        (b1, b2), eps = group["betas"], group["eps"]
+        for p in group["params"]:
+            state = twin_opt.state.get(p, {})
+            m = state.get("exp_avg", torch.zeros_like(p))
+            v = state.get("exp_avg_sq", torch.zeros_like(p))
+            step = int(state["step"]) + 1 if "step" in state else 1
+            g = p.grad
+            den = (b2 * v + (1 - b2) * g * g).sqrt() / (1 - b2**step) ** 0.5 + eps
+            terms[p] = lr / (1 - b1**step) * (b1 * m.abs() + (1 - b1) * g.abs()) / den
     twin_opt.step()
-    return [(after.detach() - before.detach(), after.detach()) for before, after
+    return [(after.detach() - before.detach(), after.detach(), terms[after]) for before, after
             in zip(model.parameters(), twin_model.parameters(), strict=True)]
 
 
 def _assert_same_update(got: list[torch.Tensor], real: list) -> None:
-    """Equal to 1e-6 relative, beyond the rounding of θ_after itself (about one ulp of θ)."""
-    for mine, (delta, after) in zip(got, real, strict=True):
-        bound = 1e-6 * delta.abs() + 2 * FP32_EPS * after.abs()
-        assert bool(((mine - delta).abs() <= bound).all()), float((mine - delta).abs().max())
+    """Equal up to fp32 rounding: one ulp of θ_after, which the real step's difference carries,
+    plus a few ulps of the update's own terms. The second matters where m' = β1·m + (1−β1)·g
+    nearly cancels: there the two implementations' roundings (torch's foreach order on CPU,
+    the fused kernel's on CUDA) differ by far more than 1e-6 of the small result."""
+    for mine, (delta, after, term) in zip(got, real, strict=True):
+        bound = 1e-6 * delta.abs() + 2 * FP32_EPS * after.abs() + 8 * FP32_EPS * term
+        err = (mine - delta).abs()
+        assert bool((err <= bound).all()), f"{float((err / bound).nan_to_num(0.0).max()):.3g}x the rounding bound"
         assert float((mine - delta).norm() / delta.norm()) < 1e-4
 
 
