@@ -11,7 +11,7 @@ from helpers import TINY_SEQ, TINY_VOCAB, random_tokens, synthetic_reference, wa
 
 from mates.data.reference import ReferenceSet
 from mates.lm import lm_loss, reference_loss
-from mates.probe import ExactOracle, FirstOrderOracle
+from mates.probe import ExactOracle, FirstOrderOracle, _views
 from mates.stats import spearman
 
 VOCAB, T = TINY_VOCAB, TINY_SEQ
@@ -216,3 +216,43 @@ def test_bf16_autocast_probes_rank_like_the_fp32_exact_oracle():
                               eval_batch_sequences=3, shift=True)
     assert spearman(oracle.influences(docs), expected) >= 0.9
     _assert_same_state(before, model, opt)
+
+
+def _adamw_update64(m, v, g, *, lr, beta1, beta2, eps, wd, theta, step):
+    """AdamW's Δθ for gradient g from state (m, v), in float64, written out independently."""
+    m2 = beta1 * m + (1 - beta1) * g
+    v2 = beta2 * v + (1 - beta2) * g * g
+    den = (v2 / (1 - beta2**step)).sqrt() + eps
+    return -lr / (1 - beta1**step) * m2 / den - lr * wd * theta
+
+
+def test_batch_probe_is_the_adamw_jacobian_at_the_momentum():
+    """`batch=True`: J·g_x equals the central difference of AdamW's update around g = m in
+    float64, and the influence is ⟨∇L_ref, J·g_x⟩, with no per-document clipping."""
+    model, opt = warm_tiny_lm(steps=3)
+    lr = 2e-3
+    ref = synthetic_reference(8, 8)
+    oracle = _first_order(model, opt, ref, lr, batch=True)
+    x = random_tokens(5)
+    got = [d.clone() for d in oracle.step_delta(x)]
+    assert oracle.clipped == 0
+    g_x = [g.double() for g in oracle._clipped_grads(x, clip=False)[0]]
+    group = opt.param_groups[0]
+    (b1, b2), eps = group["betas"], group["eps"]
+    h = 1e-6  # small enough to stay linear where m and v are tiny and g_x is not
+    for p, mine, gx in zip(model.parameters(), got, g_x, strict=True):
+        st = opt.state[p]
+        m, v, step = st["exp_avg"].double(), st["exp_avg_sq"].double(), int(st["step"]) + 1
+        wd = next(gr["weight_decay"] for gr in opt.param_groups if any(q is p for q in gr["params"]))
+        kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, wd=wd, theta=p.detach().double(), step=step)
+        fd = (_adamw_update64(m, v, m + h * gx, **kw) - _adamw_update64(m, v, m - h * gx, **kw)) / (2 * h)
+        assert float((mine.double() - fd).norm()) <= 1e-4 * float(fd.norm()) + 1e-12
+    expected = sum(float((r * d).sum()) for r, d in
+                   zip(_views(oracle._grad_ref, oracle._params), got, strict=True))
+    assert oracle.influence(x) == pytest.approx(expected, rel=1e-5)
+
+
+def test_batch_and_shift_do_not_combine():
+    model, opt = warm_tiny_lm(steps=1)
+    with pytest.raises(ValueError, match="not both"):
+        _first_order(model, opt, synthetic_reference(8, 8), 1e-3, shift=True, batch=True)

@@ -487,12 +487,14 @@ def test_hybrid_probing_records_agreement_and_warns_below_the_floor(tiny_config_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["first_order", "first_order_shift"])
+@pytest.mark.parametrize("method", ["first_order", "first_order_shift", "first_order_batch"])
 def test_first_order_runs_end_to_end(tiny_config_factory, tmp_path, method):
     cfg = tiny_config_factory(f"probing.method={method}", "stages.num_stages=2")
     m = Run(cfg, tmp_path / method, progress=False).execute().data
     assert m["status"] == "done"
     assert m["stages"][0]["metrics"]["probes"]["method"] == method
+    if method == "first_order_batch":  # the trainer clips the batch, not one document
+        assert m["stages"][0]["metrics"]["probes"]["clipped_fraction"] == 0.0
     assert "exact" not in read_jsonl(RunPaths(tmp_path / method).probes(0))[0]
 
 

@@ -213,11 +213,13 @@ class StagesConfig(_Section):
 
 
 class ProbingConfig(_Section):
-    method: Literal["exact", "first_order", "first_order_shift", "hybrid"] = Field(
+    method: Literal["exact", "first_order", "first_order_shift", "first_order_batch", "hybrid"] = Field(
         "exact",
         description="Oracle: 'exact' (one AdamW step per document, reference loss before and "
         "after), 'first_order' (<grad L_ref, AdamW update of the document>), "
-        "'first_order_shift' (linearised after the step's document-independent part), 'hybrid' "
+        "'first_order_shift' (linearised after the step's document-independent part), "
+        "'first_order_batch' (the document as one member of a training batch: its gradient "
+        "through the AdamW update's Jacobian at the momentum, unclipped), 'hybrid' "
         "(first-order for every probe, exact on `exact_subset` of them; agreement recorded).",
     )
     num_probes: int = Field(128, ge=4, description="Probe documents per stage.")

@@ -202,14 +202,30 @@ class FirstOrderOracle(_Oracle):
     `shift=True` linearises at θ_s = θ + Δ_c instead, where Δ_c is the part of the
     step that is the same for every x (weight decay and the β1·m momentum with
     v' ≈ β2·v): `I(x) ≈ [L_ref(θ_s) − L_ref(θ)] + ⟨∇L_ref(θ_s), Δθ(x) − Δ_c⟩`.
+
+    `batch=True` probes x as one member of a training batch instead of a step on x
+    alone. Training never steps on one document: x adds g_x/B to a batch gradient, and
+    its effect on the step is J·g_x/B with J = ∂Δθ/∂g, the AdamW update's Jacobian, at
+    the batch gradient. That gradient is taken to be the momentum m (the average of the
+    recent batch gradients), so per element, with s = lr/(1−β1^t), c = 1−β2^t,
+    V = β2·v + (1−β2)·m², D = √(V/c) + ε:
+        J = −s·[(1−β1)/D − (1−β2)·m² / (c·√(V/c)·D²)]
+    and `I(x) = ⟨J ⊙ ∇L_ref, g_x⟩` (the 1/B left out: it scales every probe alike). No
+    per-document clipping (the trainer clips the batch), and x's own g² never enters
+    the second moment: a single-document step puts it there at full weight, which damps
+    exactly the directions in which x's gradient is large.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
-                 eval_batch_sequences: int, shift: bool = False):
+                 eval_batch_sequences: int, shift: bool = False, batch: bool = False):
         super().__init__(model, reference, lr=lr, grad_clip=grad_clip, precision=precision,
                          eval_batch_sequences=eval_batch_sequences)
+        if shift and batch:
+            raise ValueError("first-order probes linearise either after the shared step (shift) "
+                             "or inside a batch (batch), not both")
         self.shift = shift
+        self.batch = batch
         self._params = list(model.parameters())
         self._buckets = _adam_buckets(model, optimizer)
         n = sum(p.numel() for p in self._params)
@@ -226,6 +242,11 @@ class FirstOrderOracle(_Oracle):
             self._offset = self._linearise_at_shift()
         else:
             self._reference_grad()
+        self._weights: torch.Tensor | None = None
+        if batch:  # J ⊙ ∇L_ref, once: each probe is then one dot product with its gradient
+            self._weights = torch.zeros(n, dtype=torch.float32, device=self.device)
+            self._batch_jacobian(_views(self._weights, self._params))
+            self._weights.mul_(self._grad_ref)
 
     def _reference_grad(self) -> None:
         """∇ of the mean reference loss into `_grad_ref`, batched as in `reference_loss`."""
@@ -290,6 +311,20 @@ class FirstOrderOracle(_Oracle):
                 torch._foreach_add_(num, b.params, alpha=-self.lr * b.weight_decay)
         return self._delta_views
 
+    @torch.no_grad()
+    def _batch_jacobian(self, out: list[torch.Tensor]) -> None:
+        """J = ∂Δθ/∂g at g = m, elementwise, into `out` (see the class docstring)."""
+        for b in self._buckets:
+            s, c = self.lr / (1 - b.beta1**b.step), 1 - b.beta2**b.step
+            for i, m, v in zip(b.index, b.exp_avg, b.exp_avg_sq, strict=True):
+                m = m.float()
+                root = (b.beta2 * v.float() + (1 - b.beta2) * m * m).div_(c).sqrt_()
+                den = root + b.eps
+                # root = 0 only where m = v = 0, and there the second term is 0
+                curvature = ((1 - b.beta2) / c) * m * m / root / den / den
+                curvature = torch.where(root > 0, curvature, 0.0)
+                out[i].copy_(-s * ((1 - b.beta1) / den - curvature))
+
     def shared_effect(self) -> float:
         """The reference-loss change of the step's part that is the same for every document
         (momentum and weight decay, Δ_c): first order, ⟨∇L_ref, Δ_c⟩; exact when `shift`."""
@@ -298,8 +333,9 @@ class FirstOrderOracle(_Oracle):
         self._adam_delta(None)
         return float(self._grad_ref.dot(self._delta))
 
-    def _clipped_grads(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
-        """The training loss's gradient on one example, clipped by global norm as the trainer does.
+    def _clipped_grads(self, tokens: torch.Tensor, clip: bool = True) -> tuple[list[torch.Tensor], list[int]]:
+        """The training loss's gradient on one example, clipped by global norm as the trainer does
+        (unless `clip` is false).
 
         Returns the gradients (zeros where a parameter got none) and those parameters' positions.
         """
@@ -317,14 +353,23 @@ class FirstOrderOracle(_Oracle):
         # contiguous: autograd may hand back a broadcast view, which cannot be scaled in place
         grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().contiguous()
                  for p, g in zip(self._params, grads, strict=True)]
-        norm = torch.nn.utils.get_total_norm(grads)
-        self.clipped += int(norm > self.grad_clip)
-        torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
+        if clip:
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.clipped += int(norm > self.grad_clip)
+            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
         return grads, missing
 
     def step_delta(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Δθ(x) per parameter (views into a buffer the next probe overwrites; clone to keep)."""
+        """Δθ(x) per parameter (views into a buffer the next probe overwrites; clone to keep);
+        with `batch`, J·g_x: x's first-order share of a batch step, times the batch size."""
         self._check_probe(tokens)
+        if self.batch:
+            grads, missing = self._clipped_grads(tokens, clip=False)
+            with torch.no_grad():
+                torch._foreach_copy_(self._delta_views, grads)
+                self._batch_jacobian(self._denom_views)
+                self._delta.mul_(self._denom)
+            return self._delta_views
         grads, missing = self._clipped_grads(tokens)
         delta = self._adam_delta(grads)
         for i in missing:  # AdamW leaves a parameter without a gradient alone
@@ -333,6 +378,12 @@ class FirstOrderOracle(_Oracle):
 
     def influence(self, tokens: torch.Tensor) -> float:
         """First-order influence of one example (its token IDs, EOS-terminated, at most seq+1 long)."""
+        if self._weights is not None:
+            self._check_probe(tokens)
+            grads, _ = self._clipped_grads(tokens, clip=False)
+            with torch.no_grad():
+                torch._foreach_copy_(self._delta_views, grads)
+            return float(self._weights.dot(self._delta))
         self.step_delta(tokens)
         return self._offset + float(self._grad_ref.dot(self._delta))
 

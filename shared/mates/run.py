@@ -903,7 +903,8 @@ class Run:
             exact_idx = list(range(n))
             exact_vals = values
         else:
-            oracle = FirstOrderOracle(model, opt, self.reference, shift=pc.method == "first_order_shift", **kw)
+            oracle = FirstOrderOracle(model, opt, self.reference, shift=pc.method == "first_order_shift",
+                                      batch=pc.method == "first_order_batch", **kw)
             values = self._each(oracle, tokens, f"stage {k} probe (first-order)")
             if pc.method == "hybrid":
                 m = min(pc.exact_subset, n)
