@@ -11,8 +11,10 @@ import logging
 import os
 from functools import lru_cache
 
+import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
+from kombu.transport import redis as kombu_redis
 
 from services.common.settings import Settings, get_settings
 
@@ -25,6 +27,34 @@ TASK_QUEUES = {
     "mates.score_shard": SCORE,
     "mates.select": FIT,
 }
+
+
+class ClosingSafeQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that failing to put unacknowledged tasks back while a
+    channel closes does not kill the worker's consumer.
+
+    When Redis dies under a worker holding a task, the consumer closes its connection,
+    and kombu (5.x) then tries to push the held tasks back to their queues through that
+    connection, whose client is already gone: `AttributeError: 'NoneType' object has no
+    attribute 'hostname'` in `_connparams`. Celery takes that for an unrecoverable error,
+    and the worker stays alive but consumes nothing (seen in tests/services/test_faults.py,
+    Redis with AOF killed mid-scoring: the run stayed `running`). Nothing needs pushing back
+    by hand: kombu wrote each delivered task to the broker's unacked hash, and the
+    visibility-timeout sweep redelivers it from there.
+    """
+
+    def restore_unacked(self, client=None):
+        try:
+            return super().restore_unacked(client)
+        except (AttributeError, OSError, redis.RedisError) as e:
+            log.warning("could not put %d unacknowledged task(s) back as the broker connection "
+                        "closed (%s: %s); the broker redelivers them after the visibility timeout",
+                        len(self._delivered), type(e).__name__, e)
+            self._delivered.clear()  # as a successful restore leaves it
+            return None
+
+
+kombu_redis.Channel.QoS = ClosingSafeQoS
 
 
 def transport_options(settings: Settings) -> dict:

@@ -241,3 +241,27 @@ def test_resume_of_a_live_running_run_is_still_refused(stored_run):
     with pytest.raises(RunStateError, match="only a failed or cancelled run can be resumed"):
         dispatch.resume_run(store, patient, run_id)
     assert store.get_run(run_id)["status"] == "running"
+
+
+class _ChannelWithoutClient:
+    """What a Redis channel looks like to its QoS once the broker died under it."""
+
+    def conn_or_acquire(self, client=None):
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+
+def test_putting_tasks_back_on_a_dead_connection_does_not_kill_the_consumer(caplog):
+    """The kombu failure that left a worker consuming nothing after a Redis kill: restoring
+    held tasks on close raises inside kombu. Ours logs it and leaves them to the broker's
+    visibility-timeout sweep (they are in its unacked hash), so the close completes."""
+    import kombu.transport.redis as kombu_redis
+
+    from services.worker.celery_app import ClosingSafeQoS
+
+    assert kombu_redis.Channel.QoS is ClosingSafeQoS  # installed for every Redis channel
+    qos = ClosingSafeQoS.__new__(ClosingSafeQoS)
+    qos.channel, qos._delivered = _ChannelWithoutClient(), {"tag-1": object(), "tag-2": object()}
+    with caplog.at_level("WARNING"):
+        assert qos.restore_unacked() is None
+    assert not qos._delivered
+    assert "could not put 2 unacknowledged task(s) back" in caplog.text
