@@ -15,6 +15,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from services.common.settings import Settings, get_settings
 
@@ -30,17 +31,19 @@ TASK_QUEUES = {
 
 
 class ClosingSafeQoS(kombu_redis.QoS):
-    """kombu's Redis QoS, except that failing to put unacknowledged tasks back while a
-    channel closes does not kill the worker's consumer.
+    """kombu's Redis QoS, except that a channel whose connection is already gone does not
+    kill the worker's consumer.
 
-    When Redis dies under a worker holding a task, the consumer closes its connection,
-    and kombu (5.x) then tries to push the held tasks back to their queues through that
-    connection, whose client is already gone: `AttributeError: 'NoneType' object has no
-    attribute 'hostname'` in `_connparams`. Celery takes that for an unrecoverable error,
-    and the worker stays alive but consumes nothing (seen in tests/services/test_faults.py,
-    Redis with AOF killed mid-scoring: the run stayed `running`). Nothing needs pushing back
-    by hand: kombu wrote each delivered task to the broker's unacked hash, and the
-    visibility-timeout sweep redelivers it from there.
+    When Redis dies under a worker holding tasks, the consumer closes its connection. kombu
+    (5.7) then reaches for that connection's client, which is None by then, in two places:
+    putting the held tasks back to their queues as the channel closes, and acknowledging a
+    task that finishes afterwards (`task_acks_late`). Both raise `AttributeError: 'NoneType'
+    object has no attribute 'hostname'` (or `'client'`) inside `_connparams`. Celery takes that
+    for an unrecoverable error, and the worker stays alive but consumes nothing (seen in
+    tests/services/test_faults.py, Redis killed mid-scoring: the run stayed `running`).
+    Nothing is lost by letting both go: kombu wrote each delivered task to the broker's
+    unacked hash, and the visibility-timeout sweep redelivers it from there (every task is
+    idempotent, so a finished one that could not be acknowledged just runs again).
     """
 
     def restore_unacked(self, client=None):
@@ -51,6 +54,24 @@ class ClosingSafeQoS(kombu_redis.QoS):
                         "closed (%s: %s); the broker redelivers them after the visibility timeout",
                         len(self._delivered), type(e).__name__, e)
             self._delivered.clear()  # as a successful restore leaves it
+            return None
+
+    def ack(self, delivery_tag):
+        try:
+            return super().ack(delivery_tag)
+        except AttributeError as e:  # the channel's connection is gone (see the class)
+            log.warning("could not acknowledge task %s on a closed broker connection (%s); the "
+                        "broker redelivers it after the visibility timeout", delivery_tag, e)
+            kombu_virtual.QoS.ack(self, delivery_tag)  # forget it here; the broker keeps it
+            return None
+
+    def reject(self, delivery_tag, requeue=False):
+        try:
+            return super().reject(delivery_tag, requeue=requeue)
+        except AttributeError as e:
+            log.warning("could not reject task %s on a closed broker connection (%s); the "
+                        "broker redelivers it after the visibility timeout", delivery_tag, e)
+            kombu_virtual.QoS.ack(self, delivery_tag)
             return None
 
 

@@ -265,3 +265,18 @@ def test_putting_tasks_back_on_a_dead_connection_does_not_kill_the_consumer(capl
         assert qos.restore_unacked() is None
     assert not qos._delivered
     assert "could not put 2 unacknowledged task(s) back" in caplog.text
+
+
+def test_acknowledging_on_a_dead_connection_does_not_kill_the_consumer(caplog):
+    """A task that finishes after the broker connection closed (late acknowledgement) cannot
+    be acknowledged; ours forgets it locally and leaves it to the broker's redelivery."""
+    from services.worker.celery_app import ClosingSafeQoS
+
+    qos = ClosingSafeQoS.__new__(ClosingSafeQoS)
+    qos.channel, qos._delivered, qos._dirty = _ChannelWithoutClient(), {"t": object()}, set()
+    qos._quick_ack = qos._dirty.add  # what QoS.__init__ sets up
+    with caplog.at_level("WARNING"):
+        assert qos.ack("t") is None
+        assert qos.reject("t", requeue=False) is None
+    assert qos._dirty == {"t"}  # dropped from this process's state at the next flush
+    assert caplog.text.count("on a closed broker connection") == 2
