@@ -263,3 +263,24 @@ def test_too_few_probes_for_the_cross_validation_folds_is_named(tiny_config_fact
     with pytest.raises(Exception, match=r"`probing.num_probes` \(8\) must be at least 10.*cv_folds"):
         tiny_config_factory("probing.num_probes=8")
     assert tiny_config_factory("probing.num_probes=8", "influence.cv_folds=4").probing.num_probes == 8
+
+
+def test_a_chunk_size_above_the_models_context_is_named():
+    msg = _error(_raw(data={**DATA, "chunk_tokens": 512}, train={"seq_tokens": 256}))
+    assert "`data.chunk_tokens` (512)" in msg and "`train.seq_tokens` = 256" in msg
+
+
+def test_token_budgets_come_together_and_alone():
+    assert "set together" in _error(_raw(stages={"stage_tokens": 1000}))
+    msg = _error(_raw(stages={"stage0_tokens": 1000, "stage_tokens": 500, "stage_steps": 7}))
+    assert "`stages.stage_steps` cannot be set beside token budgets" in msg
+    assert "needs token budgets" in _error(_raw(stages={"pool_multiple": 4}))
+
+
+def test_token_budgets_become_whole_steps_and_survive_a_saved_config():
+    cfg = config_from_dict(_raw(stages={"stage0_tokens": 5000, "stage_tokens": 4096},
+                                train={"seq_tokens": 128, "batch_sequences": 16}))
+    assert [cfg.stage_steps(k) for k in range(3)] == [3, 2, 2]
+    assert cfg.pool_multiple == pytest.approx(5.0)  # 1 / selection.ratio by default
+    again = config_from_dict(cfg.model_dump(mode="json"))  # how a run dir's manifest reloads
+    assert again.fingerprint() == cfg.fingerprint()

@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import read_jsonl
+import yaml
+from helpers import TINY_CONFIG, read_jsonl
 from safetensors.torch import load_file
 
 from mates.artifacts import RunPaths, read_json
+from mates.config import apply_overrides, config_from_dict
 from mates.errors import ConfigError, RunStateError, StageFailed
 from mates.manifest import STAGE_STATES
 from mates.run import Cancelled, Run
@@ -305,6 +307,68 @@ def test_impossible_disjoint_pools_fail_before_training(tiny_config_factory, tmp
     with pytest.raises((ConfigError, StageFailed), match="`stages.pool_docs`"):
         Run(cfg, out, progress=False).execute()
     assert not RunPaths(out).checkpoint(0).exists()
+
+
+def _token_budget_config(demo_base, *extra: str):
+    """configs/tiny.yaml with token budgets in place of its steps and pool size; seq 64 x
+    batch 8 = 512 tokens a step: stage 0 four steps, the later stages two each."""
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    for name in ("stage0_steps", "stage_steps", "pool_docs"):
+        del raw["stages"][name]
+    raw = apply_overrides(raw, ["stages.num_stages=3", "stages.pool_mode=disjoint",
+                                "stages.stage0_tokens=2000", "stages.stage_tokens=1024",
+                                "stages.pool_multiple=3", "data.chunk_tokens=64",
+                                "probing.num_probes=10", "influence.epochs=1", *extra])
+    return config_from_dict(raw, demo_base)
+
+
+def test_token_budgets_give_disjoint_pools_and_one_epoch_per_stage(demo_base, tmp_path):
+    cfg = _token_budget_config(demo_base)
+    assert [cfg.stage_steps(k) for k in range(3)] == [4, 2, 2]
+    run = Run(cfg, tmp_path / "tokens", progress=False)
+    manifest = run.execute().data
+    paths = RunPaths(tmp_path / "tokens")
+    corpus = run.corpus
+    assert corpus.meta["chunk_tokens"] == 64 and corpus.meta["chunked_documents"] > 0
+    assert int(corpus.num_tokens().max()) <= 64
+    pools = [read_json(paths.pool(k))["ids"] for k in range(3)]
+    assert not set(pools[0]) & set(pools[1]) and not set(pools[1]) & set(pools[2])
+    assert not set(pools[0]) & set(pools[2])
+
+    def tokens(ids):  # each unit followed by its EOS, as the stream reads it
+        return int((corpus.num_tokens(corpus.indices_of(ids)) + 1).sum())
+
+    for k in range(3):
+        need = cfg.stage_steps(k) * 8 * 64 + 1
+        pool_need = need if k == 0 else math.ceil(3 * need)
+        assert tokens(pools[k]) >= pool_need  # filled, and by the shortest prefix that fills
+        assert tokens(pools[k][:-1]) < pool_need
+        sel = read_json(paths.selection(k))
+        assert sel["budget_tokens"] == need and sel["filled"] and sel["ratio"] is None
+        assert tokens(sel["ids"]) >= need
+        # a selection stops at the document that fills its budget: one epoch, nothing repeated
+        assert manifest["stages"][k]["metrics"]["selection_epochs"] == 1
+    assert set(read_json(paths.selection(0))["ids"]) == set(pools[0])  # stage 0's pool is its budget
+
+
+def test_token_budgets_the_corpus_cannot_fill_fail_before_training(demo_base, tmp_path):
+    cfg = _token_budget_config(demo_base, "stages.stage_tokens=10000000")
+    out = tmp_path / "too-big-tokens"
+    with pytest.raises((ConfigError, StageFailed), match="`stages.stage_tokens`.*lower the budgets"):
+        Run(cfg, out, progress=False).execute()
+    assert not RunPaths(out).checkpoint(0).exists()
+
+
+def test_the_label_arm_fills_a_token_budget_with_matching_units_first(demo_base, tmp_path):
+    cfg = _token_budget_config(demo_base, "selection.method=label",
+                               "selection.target_labels=[news]")
+    run = Run(cfg, tmp_path / "label-tokens", progress=False)
+    run.execute()
+    sel = read_json(RunPaths(tmp_path / "label-tokens").selection(1))
+    matching = [d for d in sel["ids"] if (run.corpus.domain(run.corpus.index_of(d)) or "").startswith("news")]
+    assert len(sel["ids"]) - len(matching) == sel["filled_at_random"]
+    if sel["filled_at_random"]:  # too few news units: every one of them kept, then others
+        assert len(matching) == sel["pool_matching"]
 
 
 def test_failure_after_the_last_stage_is_recorded(tiny_config_factory, tmp_path, monkeypatch):

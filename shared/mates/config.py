@@ -88,6 +88,12 @@ class DataConfig(_Section):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="Corrupt corpus rows: fail naming file and line, or skip and count."
     )
+    chunk_tokens: int | None = Field(
+        None, ge=8, description="Split every document longer than this many tokens into chunks "
+        "at paragraph, line, sentence or word boundaries, once when the corpus is prepared (IDs "
+        "`<doc id>#<n>`), so the oracle, the influence model and the trainer see the same unit of "
+        "text; at most `train.seq_tokens`. None keeps whole documents.",
+    )
 
     @model_validator(mode="after")
     def _heldout_named(self) -> DataConfig:
@@ -124,7 +130,9 @@ ADDED_FIELDS = (("model", "vocab_multiple"), ("data", "heldout_sets"), ("data", 
                 ("train", "cooldown_fraction"), ("selection", "sampler"), ("selection", "seed"),
                 ("selection", "target_labels"), ("compare", None),
                 ("data", "reference_kind"), ("probing", "precision"), ("influence", "head_fit"),
-                ("influence", "cv_folds"), ("selection", "fallback"), ("selection", "min_cv_spearman"))
+                ("influence", "cv_folds"), ("selection", "fallback"), ("selection", "min_cv_spearman"),
+                ("data", "chunk_tokens"), ("stages", "stage0_tokens"), ("stages", "stage_tokens"),
+                ("stages", "pool_multiple"))
 
 
 class ModelConfig(_Section):
@@ -210,6 +218,35 @@ class StagesConfig(_Section):
         description="'disjoint': each stage a fresh slice of the corpus; 'resample': each stage "
         "samples from documents not yet trained on.",
     )
+    stage0_tokens: int | None = Field(
+        None, ge=1, description="Token budget of stage 0 (with `stage_tokens`, instead of steps and "
+        "pool documents): the stage trains ceil(tokens / (batch x seq)) steps, one epoch over a "
+        "random selection that fills the budget.")
+    stage_tokens: int | None = Field(
+        None, ge=1, description="Token budget of each later stage: its selection keeps documents "
+        "until their tokens fill one epoch of the stage's steps.")
+    pool_multiple: float | None = Field(
+        None, ge=1, description="With token budgets: each later stage's pool holds this many times "
+        "the stage's budget (default 1 / `selection.ratio`); stage 0's pool is its budget.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_budget(self) -> StagesConfig:
+        tokens = (self.stage0_tokens is not None, self.stage_tokens is not None)
+        if any(tokens) and not all(tokens):
+            raise ValueError("`stages.stage0_tokens` and `stages.stage_tokens` are set together")
+        # set away from its default (a saved config repeats the defaults, and must load)
+        steps = [n for n in ("stage0_steps", "stage_steps", "pool_docs")
+                 if getattr(self, n) != type(self).model_fields[n].default]
+        if all(tokens) and steps:
+            raise ValueError(f"`stages.{steps[0]}` cannot be set beside token budgets "
+                             "(`stages.stage0_tokens`, `stages.stage_tokens`): give the budget one way")
+        if self.pool_multiple is not None and not all(tokens):
+            raise ValueError("`stages.pool_multiple` needs token budgets (`stages.stage_tokens`)")
+        return self
+
+    @property
+    def token_budgets(self) -> bool:
+        return self.stage_tokens is not None
 
 
 class ProbingConfig(_Section):
@@ -374,6 +411,28 @@ class RunConfig(_Section):
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+
+    @model_validator(mode="after")
+    def _chunks_fit_the_context(self) -> RunConfig:
+        c, T = self.data.chunk_tokens, self.train.seq_tokens
+        if c is not None and c > T:
+            raise ValueError(f"`data.chunk_tokens` ({c}) is above the model's context "
+                             f"(`train.seq_tokens` = {T}): a chunk must fit one training sequence")
+        return self
+
+    def stage_steps(self, k: int) -> int:
+        """Optimizer steps of stage k: as configured, or its token budget in whole batches."""
+        st = self.stages
+        if not st.token_budgets:
+            return st.stage0_steps if k == 0 else st.stage_steps
+        tokens = st.stage0_tokens if k == 0 else st.stage_tokens
+        per_step = self.train.batch_sequences * self.train.seq_tokens
+        return max(1, -(-tokens // per_step))
+
+    @property
+    def pool_multiple(self) -> float:
+        """A later stage's pool over its budget (token budgets only)."""
+        return self.stages.pool_multiple or 1 / self.selection.ratio
 
     @model_validator(mode="after")
     def _enough_probes_per_fold(self) -> RunConfig:

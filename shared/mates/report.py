@@ -52,6 +52,21 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _budget_text(c: dict) -> str:
+    steps = (f"{_fmt(c.get('num_stages'), 'd')} stages: {_fmt(c.get('stage0_steps'), ',d')} steps "
+             f"in stage 0, {_fmt(c.get('stage_steps'), ',d')} in each later one")
+    if c.get("stage_tokens") is not None:
+        multiple = c.get("pool_multiple")
+        pool = (f"{_fmt(multiple, 'g')}x" if multiple is not None else "1 / ratio times")
+        budget = (f"token budgets of {_fmt(c.get('stage0_tokens'), ',d')} (stage 0) and "
+                  f"{_fmt(c.get('stage_tokens'), ',d')}, one epoch each; later pools {pool} the budget")
+    else:
+        budget = f"{_fmt(c.get('pool_docs'), ',d')} pool documents per stage"
+    chunks = c.get("chunk_tokens")
+    units = f"; documents cut into units of at most {_fmt(chunks, ',d')} tokens" if chunks else ""
+    return f"{steps}; {budget} ({_fmt(c.get('pool_mode'))} pools){units}{_cooldown_text(c)}"
+
+
 def config_summary(cfg: dict) -> dict[str, Any]:
     """The settings a reader of a run needs first, flat, from run.json's resolved config."""
     def get(section: str, key: str) -> Any:
@@ -60,6 +75,9 @@ def config_summary(cfg: dict) -> dict[str, Any]:
     seq, batch = get("train", "seq_tokens"), get("train", "batch_sequences")
     per_step = seq * batch if _num(seq) and _num(batch) else None
     n, s0, s = get("stages", "num_stages"), get("stages", "stage0_steps"), get("stages", "stage_steps")
+    t0, t = get("stages", "stage0_tokens"), get("stages", "stage_tokens")
+    if _num(t0) and _num(t) and per_step:  # token budgets: whole steps (RunConfig.stage_steps)
+        s0, s = max(1, -(-t0 // per_step)), max(1, -(-t // per_step))
     steps = s0 + (n - 1) * s if _num(n) and _num(s0) and _num(s) else None
     method = get("selection", "method")
     sampler = (method if method in ("gumbel", "topk")
@@ -72,8 +90,10 @@ def config_summary(cfg: dict) -> dict[str, Any]:
         "probe_lr": get("probing", "lr"),
         "influence_encoder": get("influence", "encoder"), "influence_epochs": get("influence", "epochs"),
         "train_encoder": get("influence", "train_encoder"),
-        "val_fraction": get("influence", "val_fraction"),
+        "head_fit": get("influence", "head_fit"), "cv_folds": get("influence", "cv_folds"),
         "num_stages": n, "stage0_steps": s0, "stage_steps": s, "pool_docs": get("stages", "pool_docs"),
+        "stage0_tokens": t0, "stage_tokens": t, "pool_multiple": get("stages", "pool_multiple"),
+        "pool_mode": get("stages", "pool_mode"), "chunk_tokens": get("data", "chunk_tokens"),
         "batch_sequences": batch, "seq_tokens": seq, "tokens_per_step": per_step,
         "total_steps": steps, "total_tokens": per_step * steps if per_step and steps else None,
     }
@@ -563,11 +583,10 @@ def _config_rows(c: dict) -> list[list[str]]:
         ["probing", f"{_fmt(c.get('probe_method'))}, {_fmt(c.get('num_probes'), ',d')} probes per stage, "
                     f"probe lr {'the current train lr' if lr is None else _fmt(lr, 'g')}"],
         ["influence model", f"encoder {_fmt(c.get('influence_encoder'))}{enc}, "
-                            f"{_fmt(c.get('influence_epochs'), 'd')} epochs, "
-                            f"{_fmt(c.get('val_fraction'), '.0%')} of the probes held out for validation"],
-        ["budget", f"{_fmt(c.get('num_stages'), 'd')} stages: {_fmt(c.get('stage0_steps'), ',d')} steps "
-                   f"in stage 0, {_fmt(c.get('stage_steps'), ',d')} in each later one; "
-                   f"{_fmt(c.get('pool_docs'), ',d')} pool documents per stage{_cooldown_text(c)}"],
+                            + ("ridge head, " if c.get("head_fit") == "ridge" and c.get("train_encoder") is False
+                               else f"{_fmt(c.get('influence_epochs'), 'd')} epochs, ")
+                            + f"chosen by {_fmt(c.get('cv_folds'), 'd')}-fold cross-validation"],
+        ["budget", _budget_text(c)],
         ["tokens", f"{_fmt(c.get('batch_sequences'), 'd')} sequences × {_fmt(c.get('seq_tokens'), ',d')} "
                    f"tokens = {_fmt(c.get('tokens_per_step'), ',d')} tokens per step; "
                    f"{_fmt(c.get('total_tokens'), ',d')} in {_fmt(c.get('total_steps'), ',d')} steps"],

@@ -63,7 +63,15 @@ from mates.influence import (
 from mates.lm import build_lm, reference_loss, row_losses
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle, FirstOrderOracle
-from mates.selection import join_scores, label_selection, select_indices, target_label_mask
+from mates.selection import (
+    fill_budget,
+    join_scores,
+    label_order,
+    label_selection,
+    select_indices,
+    selection_order,
+    target_label_mask,
+)
 from mates.stats import spearman
 from mates.train import Callback, StepInfo, Trainer, world
 
@@ -265,7 +273,8 @@ class Run:
         d = cfg.data
         self.corpus: TokenizedCorpus = tokenize_corpus(
             d.pool, self.tokenizer, self.paths.tokenized, id_field=d.id_field,
-            text_field=d.text_field, domain_field=d.domain_field, on_bad_row=d.on_bad_row)
+            text_field=d.text_field, domain_field=d.domain_field, on_bad_row=d.on_bad_row,
+            chunk_tokens=d.chunk_tokens)
         self._record_corpus()
         T = cfg.train.seq_tokens
         self.reference = load_reference(d.reference, self.tokenizer, T, cfg.probing.max_reference_examples,
@@ -274,13 +283,44 @@ class Run:
         self.heldouts = {name: load_heldout(h, self.tokenizer, T) for name, h in self.heldout_specs.items()}
         self.eos = self.tokenizer.eos_token_id
         st = cfg.stages
-        if st.pool_mode == "disjoint" and st.num_stages * st.pool_docs > len(self.corpus):
+        if st.pool_mode == "disjoint" and not st.token_budgets and st.num_stages * st.pool_docs > len(self.corpus):
             raise ConfigError(
                 f"`stages.pool_docs` ({st.pool_docs}) x {st.num_stages} stages exceeds the corpus "
                 f"({len(self.corpus)} documents); lower it or use `stages.pool_mode: resample`")
         self._order = np.random.default_rng([cfg.seed, 7]).permutation(len(self.corpus))
+        if st.token_budgets:
+            self._check_token_budgets()
         if cfg.selection.method == "label":
             self._label_mask()  # a target that matches nothing fails here, before any training
+
+    def stage_need(self, k: int) -> int:
+        """Tokens (each document counted with its EOS) that stage k's steps read in one epoch."""
+        tc = self.cfg.train
+        return self.stage_steps(k) * tc.batch_sequences * tc.seq_tokens + 1
+
+    def pool_need(self, k: int) -> int:
+        """Tokens of stage k's pool under token budgets: stage 0's budget, or a later stage's
+        times `stages.pool_multiple`."""
+        return self.stage_need(0) if k == 0 else int(np.ceil(self.cfg.pool_multiple * self.stage_need(k)))
+
+    def _check_token_budgets(self) -> None:
+        """Refuse budgets the corpus cannot fill before any training starts."""
+        st, n = self.cfg.stages, self.cfg.stages.num_stages
+        have = int(self.corpus.num_tokens().sum()) + len(self.corpus)  # an EOS after each unit
+        if st.pool_mode == "disjoint":
+            need = sum(self.pool_need(k) for k in range(n))
+            what = (f"disjoint pools (`stages.pool_mode`) of `stages.stage0_tokens` ({st.stage0_tokens:,}) "
+                    f"and {n - 1} x `stages.pool_multiple` ({self.cfg.pool_multiple:g}) x "
+                    f"`stages.stage_tokens` ({st.stage_tokens:,})")
+        else:  # a later pool draws from what earlier stages did not train on
+            need = sum(self.stage_need(k) for k in range(n - 1)) + (self.pool_need(n - 1) if n > 1 else 0)
+            what = (f"`stages.stage0_tokens` ({st.stage0_tokens:,}), the later stages' `stages.stage_tokens` "
+                    f"({st.stage_tokens:,}) and a last pool of `stages.pool_multiple` "
+                    f"({self.cfg.pool_multiple:g}) times that")
+        if need > have:
+            raise ConfigError(f"the corpus holds {have:,} tokens (EOS included) but {what} need {need:,} "
+                              f"(whole batches of `train.batch_sequences` x `train.seq_tokens`); "
+                              "lower the budgets or use a larger corpus")
 
     def _record_corpus(self) -> None:
         """The corpus's counts in run.json, rows skipped under `data.on_bad_row: skip` included."""
@@ -296,7 +336,7 @@ class Run:
             self.manifest.save()
 
     def stage_steps(self, k: int) -> int:
-        return self.cfg.stages.stage0_steps if k == 0 else self.cfg.stages.stage_steps
+        return self.cfg.stage_steps(k)
 
     def check_cancel(self) -> None:
         asked = self.paths.cancel.exists()
@@ -585,24 +625,50 @@ class Run:
         return seen
 
     def _write_pool(self, k: int) -> None:
-        n = self.cfg.stages.pool_docs
-        if self.cfg.stages.pool_mode == "disjoint":  # sizes checked up front in prepare()
+        st = self.cfg.stages
+        if st.token_budgets:
+            idx = self._token_pool(k)
+        elif st.pool_mode == "disjoint":  # sizes checked up front in prepare()
+            n = st.pool_docs
             idx = self._order[k * n : (k + 1) * n]
         else:
             used = self._selected_before(k)
-            idx = np.array([i for i in self._order if int(i) not in used][:n], dtype=np.int64)
+            idx = np.array([i for i in self._order if int(i) not in used][: st.pool_docs], dtype=np.int64)
         if len(idx) == 0:
             raise StageFailed(f"stage {k}: no unused documents left for the pool")
         write_json(self.paths.pool(k), {"stage": k, "ids": [self.corpus.ids[i] for i in idx]})
 
+    def _token_pool(self, k: int) -> np.ndarray:
+        """Stage k's pool under token budgets: the next units of the run's corpus order until
+        they hold `pool_need(k)` tokens; consecutive disjoint spans, or the units not yet
+        trained on (`stages.pool_mode`)."""
+        if self.cfg.stages.pool_mode == "disjoint":
+            ends = np.cumsum(self.corpus.num_tokens(self._order) + 1)
+            start = 0
+            for j in range(k + 1):
+                base = int(ends[start - 1]) if start else 0
+                end = min(int(np.searchsorted(ends, base + self.pool_need(j))) + 1, len(ends))
+                if j < k:
+                    start = end
+            return self._order[start:end]
+        used = self._selected_before(k)
+        candidates = np.array([i for i in self._order if int(i) not in used], dtype=np.int64)
+        if len(candidates) == 0:
+            return candidates
+        idx, _ = fill_budget(np.arange(len(candidates)), self.corpus.num_tokens(candidates), self.pool_need(k))
+        return candidates[idx]
+
     def _select(self, k: int, scores: list[dict] | None, method: str,
                 sampler: str | None = None, temperature: float | None = None,
                 extra: dict | None = None, chosen: np.ndarray | None = None,
-                standardize: bool = False) -> None:
+                order: np.ndarray | None = None, standardize: bool = False) -> None:
         """Write selection(k) from pool(k); scores are joined to the pool by document ID.
 
         `method` names the selection method, `sampler` how scores become a selection
-        (gumbel, topk or random; default: the method itself); `chosen` skips sampling.
+        (gumbel, topk or random; default: the method itself); `chosen` skips sampling, and
+        `order` (token budgets) gives the order in which documents are kept. Under token
+        budgets a selection keeps documents in that order until they fill one epoch of the
+        stage's steps; otherwise `selection.ratio` of the pool's documents.
         `standardize` z-scores the pool's scores first, so that τ means the same in every
         stage whatever the spread of the influence model's predictions.
         """
@@ -616,18 +682,29 @@ class Run:
         sampler = sampler or method
         temperature = s.temperature if temperature is None else temperature
         seed = self._selection_seed(k)
-        if chosen is None:
+        pool_idx = self.corpus.indices_of(pool_ids)
+        budget: dict = {}
+        if chosen is None and self.cfg.stages.token_budgets:
+            if order is None:
+                order = selection_order(arr, len(pool_ids), method=sampler, temperature=temperature, seed=seed)
+            chosen, filled = fill_budget(order, self.corpus.num_tokens(pool_idx), self.stage_need(k))
+            budget = {"budget_tokens": self.stage_need(k), "filled": filled}
+            if not filled:
+                log.warning("stage %d: the pool's %d documents do not fill the stage's %d tokens; "
+                            "the stage repeats some of them", k, len(pool_ids), self.stage_need(k))
+        elif chosen is None:
             chosen = select_indices(arr, len(pool_ids), ratio=s.ratio, method=sampler,
                                     temperature=temperature, seed=seed)
         ids = [pool_ids[i] for i in chosen]
         idx = self.corpus.indices_of(ids)
-        pool_idx = self.corpus.indices_of(pool_ids)
         manifest = {
-            "stage": k, "method": method, "sampler": sampler, "seed": seed, "ratio": s.ratio,
+            "stage": k, "method": method, "sampler": sampler, "seed": seed,
+            "ratio": None if budget else s.ratio, **budget,
             "temperature": temperature if sampler == "gumbel" else None,
             "model_version": self._model_version(k - 1) if scores is not None and s.model_based else None,
             "pool_size": len(pool_ids), "selected": len(ids),
             "selected_tokens": int(self.corpus.num_tokens(idx).sum()),
+            "pool_tokens": int(self.corpus.num_tokens(pool_idx).sum()),
             "stage_tokens": self.stage_steps(k) * self.cfg.train.batch_sequences * self.cfg.train.seq_tokens,
             "domains": self._domain_counts(idx), "pool_domains": self._domain_counts(pool_idx),
             **(extra or {}),
@@ -660,11 +737,17 @@ class Run:
         t0 = time.perf_counter()
         if method == "label":
             mask = self._label_mask()[idx]
+            extra = {"target_labels": self.cfg.selection.target_labels, "pool_matching": int(mask.sum())}
+            if self.cfg.stages.token_budgets:
+                order = label_order(mask, seed=self._selection_seed(k))
+                kept, _ = fill_budget(order, self.corpus.num_tokens(idx), self.stage_need(k))
+                self._select(k, scores=None, method="label", sampler="label", order=order,
+                             extra={**extra, "filled_at_random": int((~mask[kept]).sum())})
+                return
             chosen, filled = label_selection(mask, ratio=self.cfg.selection.ratio,
                                              seed=self._selection_seed(k))
             self._select(k, scores=None, method="label", sampler="label", chosen=chosen,
-                         extra={"target_labels": self.cfg.selection.target_labels,
-                                "pool_matching": int(mask.sum()), "filled_at_random": filled})
+                         extra={**extra, "filled_at_random": filled})
             return
         if method == "dsir":
             from mates.dsir import dsir_scores

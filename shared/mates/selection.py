@@ -60,6 +60,43 @@ def select_indices(scores: np.ndarray | None, pool_size: int, *, ratio: float, m
     return gumbel_top_k(scores, k, temperature, rng)
 
 
+def selection_order(scores: np.ndarray | None, pool_size: int, *, method: str, temperature: float,
+                    seed) -> np.ndarray:
+    """Every pool index in the order `method` would keep them: a seeded permutation
+    ('random'), the lowest scores first ('topk'), or Gumbel-top-k draw order ('gumbel').
+    A token budget keeps the shortest prefix that fills it (`fill_budget`)."""
+    if pool_size <= 0:
+        raise DataError("cannot select from an empty pool")
+    rng = np.random.default_rng(seed)
+    if method == "random":
+        return rng.permutation(pool_size)
+    if method not in METHODS:
+        raise ConfigError(f"`selection.method` must be one of {METHODS}, got {method!r}")
+    if scores is None or len(scores) != pool_size:
+        raise DataError(f"method {method!r} needs one score per pool document")
+    if not np.all(np.isfinite(scores)):
+        raise DataError("scores contain NaN or infinite values")
+    if method == "topk":
+        return top_k(scores, pool_size)
+    return gumbel_top_k(scores, pool_size, temperature, rng)
+
+
+def fill_budget(order: np.ndarray, lengths: np.ndarray, need: int) -> tuple[np.ndarray, bool]:
+    """The shortest prefix of `order` whose documents, each followed by an EOS, hold at least
+    `need` tokens; all of `order` when they never do. Returns it and whether it filled."""
+    total = np.cumsum(np.asarray(lengths, dtype=np.int64)[order] + 1)
+    n = int(np.searchsorted(total, need)) + 1
+    return order[: min(n, len(order))], bool(len(total) and total[-1] >= need)
+
+
+def label_order(matching: np.ndarray, *, seed) -> np.ndarray:
+    """The matching documents in random order, then the others in random order."""
+    matching = np.asarray(matching, dtype=bool)
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(np.flatnonzero(matching)),
+                           rng.permutation(np.flatnonzero(~matching))])
+
+
 def label_matches(labels: Sequence[str | None], targets: Sequence[str]) -> np.ndarray:
     """Which labels are a target or sit below one ('news' matches 'news/sports')."""
     wanted = tuple(targets)

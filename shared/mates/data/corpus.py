@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mates.artifacts import atomic_path, iter_jsonl, read_json, write_json
+from mates.data.chunking import chunk_text
 from mates.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -165,26 +166,53 @@ class TokenizedCorpus:
         return self.domain_names[code] if code >= 0 else None
 
 
-def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dtype) -> dict:
-    """Tokenize rows in batches and append to flat binary files; returns counts."""
+def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dtype,
+                  chunk_tokens: int | None = None) -> dict:
+    """Tokenize rows in batches and append to flat binary files; returns counts.
+
+    With `chunk_tokens`, a document longer than that is stored as its chunks, with IDs
+    `<id>#<n>` (`mates.data.chunking`)."""
     ids: list[str] = []
+    seen: dict[str, str] = {}  # unit ID -> the corpus row it came from
     domain_codes: list[int] = []
     domain_names: dict[str, int] = {}
     tok_off, txt_off = [0], [0]
+    chunked = 0
+
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def count(texts: Sequence[str]) -> list[int]:
+        return [len(t) for t in encode(texts)]
+
     with open(out / "tokens.bin", "wb") as ftok, open(out / "text.bin", "wb") as ftxt:
         batch: list[Row] = []
 
+        def emit(unit_id: str, row: Row, text: str, toks: list[int]) -> None:
+            if unit_id in seen:
+                raise DataError(f"corpus unit id {unit_id!r} (from document {row.id!r}) is also the id "
+                                f"of {'document' if seen[unit_id] == unit_id else 'a chunk of'} "
+                                f"{seen[unit_id]!r}: chunks are named `<id>#<n>`; rename one of them")
+            seen[unit_id] = row.id
+            raw = text.encode("utf-8")
+            ftxt.write(raw)
+            ftok.write(np.asarray(toks, dtype=token_dtype).tobytes())
+            tok_off.append(tok_off[-1] + len(toks))
+            txt_off.append(txt_off[-1] + len(raw))
+            ids.append(unit_id)
+            code = -1 if row.domain is None else domain_names.setdefault(row.domain, len(domain_names))
+            domain_codes.append(code)
+
         def flush() -> None:
-            encoded = tokenizer([r.text for r in batch], add_special_tokens=False)["input_ids"]
-            for r, toks in zip(batch, encoded, strict=True):
-                raw = r.text.encode("utf-8")
-                ftxt.write(raw)
-                ftok.write(np.asarray(toks, dtype=token_dtype).tobytes())
-                tok_off.append(tok_off[-1] + len(toks))
-                txt_off.append(txt_off[-1] + len(raw))
-                ids.append(r.id)
-                code = -1 if r.domain is None else domain_names.setdefault(r.domain, len(domain_names))
-                domain_codes.append(code)
+            nonlocal chunked
+            for r, toks in zip(batch, encode([r.text for r in batch]), strict=True):
+                if chunk_tokens is None or len(toks) <= chunk_tokens:
+                    emit(r.id, r, r.text, toks)
+                    continue
+                parts = chunk_text(r.text, count, chunk_tokens)
+                chunked += 1
+                for n, (text, part) in enumerate(zip(parts, encode(parts), strict=True)):
+                    emit(f"{r.id}#{n}", r, text, part)
             batch.clear()
 
         for row in rows:
@@ -197,7 +225,9 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
     np.save(out / "text_offsets.npy", np.asarray(txt_off, dtype=np.int64))
     np.save(out / "domains.npy", np.asarray(domain_codes, dtype=np.int16))
     (out / "ids.json").write_text(json.dumps(ids), encoding="utf-8")
-    return {"num_docs": len(ids), "num_tokens": tok_off[-1], "domain_names": list(domain_names)}
+    return {"num_docs": len(ids), "num_tokens": tok_off[-1], "domain_names": list(domain_names),
+            "chunk_tokens": chunk_tokens, "chunked_documents": chunked,
+            "source_documents": len(set(seen.values()))}
 
 
 def tokenize_corpus(
@@ -209,8 +239,11 @@ def tokenize_corpus(
     text_field: str = "text",
     domain_field: str | None = "domain",
     on_bad_row: str = "error",
+    chunk_tokens: int | None = None,
 ) -> TokenizedCorpus:
-    """Tokenize a corpus file once into `out` (atomically); reuse it when already there."""
+    """Tokenize a corpus file once into `out` (atomically); reuse it when already there.
+
+    With `chunk_tokens`, documents longer than that many tokens are stored as chunks."""
     out = Path(out)
     if (out / "meta.json").is_file():
         return TokenizedCorpus(out)
@@ -223,7 +256,7 @@ def tokenize_corpus(
     )
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        counts = _write_arrays(tmp, rows, tokenizer, token_dtype)
+        counts = _write_arrays(tmp, rows, tokenizer, token_dtype, chunk_tokens)
         if counts["num_docs"] == 0:
             raise DataError(f"corpus {path} has no usable documents (the pool is empty)")
         meta = {
