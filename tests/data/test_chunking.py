@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mates.data.chunking import chunk_text
+from mates.data.chunking import chunk_texts
 from mates.data.corpus import tokenize_corpus
 from mates.errors import DataError
 
@@ -18,12 +18,27 @@ def _counter(tok):
     return lambda texts: [len(t) for t in tok(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+def _encoder(tok):
+    backend = tok.backend_tokenizer
+    return lambda texts: [(e.ids, [a for a, _ in e.offsets])
+                          for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def chunk_text(text: str, tok, limit: int) -> list[str]:
+    encode = _encoder(tok)
+    ((_, starts),) = encode([text])
+    out = chunk_texts([text], [starts], encode, limit)[0]
+    for chunk, ids in out:  # each chunk carries exactly its own tokens
+        assert ids == tok(chunk, add_special_tokens=False)["input_ids"]
+    return [c for c, _ in out]
+
+
 def _words(text: str) -> list[str]:
     return text.split()
 
 
 def test_a_short_text_comes_back_whole(bpe_tokenizer):
-    assert chunk_text("  the market rose  ", _counter(bpe_tokenizer), 64) == ["the market rose"]
+    assert chunk_text("  the market rose  ", bpe_tokenizer, 64) == ["the market rose"]
 
 
 def test_paragraph_boundaries_are_preferred(bpe_tokenizer):
@@ -31,7 +46,7 @@ def test_paragraph_boundaries_are_preferred(bpe_tokenizer):
     par = " ".join(["the market shares rose sharply."] * 3)
     text = "\n\n".join([par] * 4)
     limit = count([par])[0] + 2  # one paragraph fits, two do not
-    chunks = chunk_text(text, count, limit)
+    chunks = chunk_text(text, bpe_tokenizer, limit)
     assert chunks == [par] * 4
 
 
@@ -39,10 +54,10 @@ def test_sentences_then_words_then_characters_when_nothing_coarser_fits(bpe_toke
     count = _counter(bpe_tokenizer)
     sentence = "the minister said players won the match."
     text = " ".join([sentence] * 6)
-    chunks = chunk_text(text, count, count([sentence])[0] + 1)
+    chunks = chunk_text(text, bpe_tokenizer, count([sentence])[0] + 1)
     assert chunks == [sentence] * 6
-    long_word = "x" * 400  # no boundary at all: halved by characters
-    parts = chunk_text(long_word, count, 8)
+    long_word = "x" * 400  # no boundary at all: cut between tokens
+    parts = chunk_text(long_word, bpe_tokenizer, 8)
     assert "".join(parts) == long_word and all(n <= 8 for n in count(parts))
 
 
@@ -53,7 +68,7 @@ def test_sentences_then_words_then_characters_when_nothing_coarser_fits(bpe_toke
 def test_chunks_respect_the_limit_and_keep_every_word_in_order(bpe_tokenizer, words, limit):
     count = _counter(bpe_tokenizer)
     text = " ".join(words)
-    chunks = chunk_text(text, count, limit)
+    chunks = chunk_text(text, bpe_tokenizer, limit)
     assert all(c and c == c.strip() for c in chunks)
     assert all(n <= limit for n in count(chunks))
     # nothing is lost or reordered: only whitespace between chunks may differ

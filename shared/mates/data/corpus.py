@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from mates.artifacts import atomic_path, iter_jsonl, read_json, write_json
-from mates.data.chunking import chunk_text
-from mates.errors import DataError
+from mates.data.chunking import chunk_texts
+from mates.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,20 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
     tok_off, txt_off = [0], [0]
     chunked = 0
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust core
+    if chunk_tokens is not None and backend is None:
+        raise ConfigError("`data.chunk_tokens` needs a fast (Rust) tokenizer, which measures pieces "
+                          f"of a document by its token offsets; {type(tokenizer).__name__} is not one")
+
     def encode(texts: Sequence[str]) -> list[list[int]]:
+        # the same IDs as tokenizer(texts)["input_ids"], without its per-call Python overhead
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
-    def count(texts: Sequence[str]) -> list[int]:
-        return [len(t) for t in encode(texts)]
+    def encode_with_starts(texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        return [(e.ids, [a for a, _ in e.offsets])
+                for e in backend.encode_batch(list(texts), add_special_tokens=False)]
 
     with open(out / "tokens.bin", "wb") as ftok, open(out / "text.bin", "wb") as ftxt:
         batch: list[Row] = []
@@ -205,13 +214,20 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
 
         def flush() -> None:
             nonlocal chunked
-            for r, toks in zip(batch, encode([r.text for r in batch]), strict=True):
-                if chunk_tokens is None or len(toks) <= chunk_tokens:
+            if chunk_tokens is None:
+                for r, toks in zip(batch, encode([r.text for r in batch]), strict=True):
                     emit(r.id, r, r.text, toks)
-                    continue
-                parts = chunk_text(r.text, count, chunk_tokens)
-                chunked += 1
-                for n, (text, part) in enumerate(zip(parts, encode(parts), strict=True)):
+                batch.clear()
+                return
+            encoded = encode_with_starts([r.text for r in batch])
+            long = [j for j, (toks, _) in enumerate(encoded) if len(toks) > chunk_tokens]
+            parts = dict(zip(long, chunk_texts([batch[j].text for j in long], [encoded[j][1] for j in long],
+                                               encode_with_starts, chunk_tokens), strict=True))
+            chunked += len(long)
+            for j, (r, (toks, _)) in enumerate(zip(batch, encoded, strict=True)):
+                if j not in parts:
+                    emit(r.id, r, r.text, toks)
+                for n, (text, part) in enumerate(parts.get(j, ())):
                     emit(f"{r.id}#{n}", r, text, part)
             batch.clear()
 

