@@ -83,6 +83,7 @@ def compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict:
     check_arms(cfg)
     out_dir = Path(out_dir)
     arms = sorted(cfg.compare.arms, key=lambda a: a != "random")  # random trains stage 0
+    prepared: Path | None = None  # the first run's tokenizer and corpus serve every seed
     for seed in seeds_of(cfg):
         first: Path | None = None
         for arm in arms:
@@ -90,8 +91,9 @@ def compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict:
             run = Run(arm_config(cfg, arm, seed), where, progress=progress)
             if run.manifest.data["status"] != "done":
                 log.info("seed %d: running arm %s into %s", seed, arm, where)
-                run.execute(seed_stage0_from=first)
+                run.execute(seed_stage0_from=first, prepared_from=prepared)
             first = first or where
+            prepared = prepared or where
     summary = summarize(cfg, out_dir)
     write_json(out_dir / "comparison.json", summary)
     plot(summary, out_dir / "comparison.png")

@@ -353,12 +353,16 @@ class Run:
 
     # -- driving (the embedded default) ---------------------------------------
 
-    def execute(self, seed_stage0_from: Path | None = None) -> Manifest:
-        """Run (or resume) every stage to the end in this process; returns the final manifest."""
-        with self._exclusive():
-            return self._execute(seed_stage0_from)
+    def execute(self, seed_stage0_from: Path | None = None, prepared_from: Path | None = None) -> Manifest:
+        """Run (or resume) every stage to the end in this process; returns the final manifest.
 
-    def _execute(self, seed_stage0_from: Path | None) -> Manifest:
+        `seed_stage0_from` copies stage 0 from another arm's run; that run, or
+        `prepared_from`, also lends its tokenizer and tokenized corpus when its data settings
+        are the same."""
+        with self._exclusive():
+            return self._execute(seed_stage0_from, prepared_from)
+
+    def _execute(self, seed_stage0_from: Path | None, prepared_from: Path | None = None) -> Manifest:
         if self.manifest.data["status"] == "done":
             raise RunStateError(f"run {self.manifest.run_id} is already done")
         removed = remove_stale_temporaries(self.paths.root)
@@ -368,8 +372,9 @@ class Run:
         self.manifest.set_status("running")
         n = self.cfg.stages.num_stages
         with self.guard(0):
-            if seed_stage0_from is not None:
-                self._copy_prepared(Path(seed_stage0_from))
+            lender = seed_stage0_from or prepared_from
+            if lender is not None:
+                self._copy_prepared(Path(lender))
             self.prepare()
             if seed_stage0_from is not None:
                 self._copy_stage0(Path(seed_stage0_from))
