@@ -74,6 +74,15 @@ def test_static_reuses_stage_0_model_and_mates_refits(comparison):
         assert not static.probes(1).exists() and mates.probes(1).is_file()
         # stage 0 is the same checkpoint, so stage 0's model chose the same stage-1 data
         assert read_json(static.selection(1))["ids"] == read_json(mates.selection(1))["ids"]
+        # ... from the same probes, measured once (mates) and lent to static with their cost
+        assert static.probes(0).read_bytes() == mates.probes(0).read_bytes()
+        s0, m0 = (read_json(p.manifest)["stages"][0] for p in (static, mates))
+        assert s0["metrics"]["probes_shared_from"] == str(_paths(comparison, seed, "mates").root)
+        assert s0["metrics"]["probes"] == m0["metrics"]["probes"]
+        assert s0["metrics"]["influence_model"] == m0["metrics"]["influence_model"]
+        assert s0["metrics"]["flops"]["probe"] == m0["metrics"]["flops"]["probe"] > 0
+        assert s0["timings"]["probing"] >= m0["timings"]["probing"]
+        assert read_json(static.influence_model(0) / "meta.json")["copied_from"] == f"{mid}/0"
 
 
 @pytest.mark.slow

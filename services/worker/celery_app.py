@@ -57,20 +57,19 @@ class ClosingSafeQoS(kombu_redis.QoS):
             return None
 
     def ack(self, delivery_tag):
-        try:
-            return super().ack(delivery_tag)
-        except AttributeError as e:  # the channel's connection is gone (see the class)
-            log.warning("could not acknowledge task %s on a closed broker connection (%s); the "
-                        "broker redelivers it after the visibility timeout", delivery_tag, e)
-            kombu_virtual.QoS.ack(self, delivery_tag)  # forget it here; the broker keeps it
-            return None
+        return self._settle("acknowledge", delivery_tag, super().ack, delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
+        return self._settle("reject", delivery_tag, super().reject, delivery_tag, requeue=requeue)
+
+    def _settle(self, what: str, delivery_tag, settle, *args, **kwargs):
+        """Ack or reject; on a closed connection (see the class) forget the task here and
+        leave it to the broker, which keeps it in its unacked hash."""
         try:
-            return super().reject(delivery_tag, requeue=requeue)
+            return settle(*args, **kwargs)
         except AttributeError as e:
-            log.warning("could not reject task %s on a closed broker connection (%s); the "
-                        "broker redelivers it after the visibility timeout", delivery_tag, e)
+            log.warning("could not %s task %s on a closed broker connection (%s); the broker "
+                        "redelivers it after the visibility timeout", what, delivery_tag, e)
             kombu_virtual.QoS.ack(self, delivery_tag)
             return None
 

@@ -86,14 +86,18 @@ def compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict:
     prepared: Path | None = None  # the first run's tokenizer and corpus serve every seed
     for seed in seeds_of(cfg):
         first: Path | None = None
+        probed: Path | None = None  # the first model-based arm's stage-0 probes serve the others
         for arm in arms:
             where = arm_dir(out_dir, seed, arm)
-            run = Run(arm_config(cfg, arm, seed), where, progress=progress)
+            acfg = arm_config(cfg, arm, seed)
+            run = Run(acfg, where, progress=progress)
             if run.manifest.data["status"] != "done":
                 log.info("seed %d: running arm %s into %s", seed, arm, where)
-                run.execute(seed_stage0_from=first, prepared_from=prepared)
+                run.execute(seed_stage0_from=first, prepared_from=prepared, probes_from=probed)
             first = first or where
             prepared = prepared or where
+            if probed is None and acfg.selection.model_based:
+                probed = where
     summary = summarize(cfg, out_dir)
     write_json(out_dir / "comparison.json", summary)
     plot(summary, out_dir / "comparison.png")

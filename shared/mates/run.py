@@ -353,16 +353,19 @@ class Run:
 
     # -- driving (the embedded default) ---------------------------------------
 
-    def execute(self, seed_stage0_from: Path | None = None, prepared_from: Path | None = None) -> Manifest:
+    def execute(self, seed_stage0_from: Path | None = None, prepared_from: Path | None = None,
+                probes_from: Path | None = None) -> Manifest:
         """Run (or resume) every stage to the end in this process; returns the final manifest.
 
         `seed_stage0_from` copies stage 0 from another arm's run; that run, or
         `prepared_from`, also lends its tokenizer and tokenized corpus when its data settings
-        are the same."""
+        are the same. `probes_from`, a model-based arm sharing that stage 0, lends the
+        stage-0 probes and influence model (the same computation on the same checkpoint)."""
         with self._exclusive():
-            return self._execute(seed_stage0_from, prepared_from)
+            return self._execute(seed_stage0_from, prepared_from, probes_from)
 
-    def _execute(self, seed_stage0_from: Path | None, prepared_from: Path | None = None) -> Manifest:
+    def _execute(self, seed_stage0_from: Path | None, prepared_from: Path | None = None,
+                 probes_from: Path | None = None) -> Manifest:
         if self.manifest.data["status"] == "done":
             raise RunStateError(f"run {self.manifest.run_id} is already done")
         removed = remove_stale_temporaries(self.paths.root)
@@ -378,6 +381,8 @@ class Run:
             self.prepare()
             if seed_stage0_from is not None:
                 self._copy_stage0(Path(seed_stage0_from))
+                if probes_from is not None:
+                    self._copy_stage0_probes(Path(probes_from))
         for k in range(n):
             if self.manifest.stage(k)["state"] != "done":
                 with self.guard(k):
@@ -1193,6 +1198,38 @@ class Run:
                                            if k not in ("probes", "influence_model", "scores", "flops",
                                                         "encoder_flops_per_doc")},
                                      flops=flops, shared_from=str(other))
+
+    def _copy_stage0_probes(self, other: Path) -> None:
+        """Take stage 0's probes and influence model from another model-based arm of the same
+        seed: both probe the shared stage-0 checkpoint with the same documents of the same
+        stage-1 pool, so the work would repeat bit for bit. Its metrics, FLOPs and wall
+        seconds are copied too, so this arm's ledger still charges them."""
+        p, src = self.paths, RunPaths(other)
+        if not self.cfg.selection.model_based or p.probes(0).is_file() or self._moved_past(0, "fitting"):
+            return
+        theirs = config_from_dict(read_json(src.manifest)["config"])
+        same = (*STAGE0_SECTIONS, "probing", "influence")
+        if (theirs.fingerprint(*same) != self.cfg.fingerprint(*same) or not theirs.selection.model_based
+                or not (src.influence_model(0) / "meta.json").is_file()):
+            return
+        stage0 = read_json(src.manifest)["stages"][0]
+        with atomic_path(p.influence_model(0)) as tmp:
+            shutil.copytree(src.influence_model(0), tmp)
+            meta = read_json(tmp / "meta.json")  # this run's version of the same model
+            meta.update(copied_from=meta.get("version"), run_id=self.manifest.run_id,
+                        version=f"{self.manifest.run_id}/0")
+            write_json(tmp / "meta.json", meta)
+        with atomic_path(p.probes(0)) as tmp:  # last: its presence skips the probing
+            shutil.copy2(src.probes(0), tmp)
+        metrics = stage0["metrics"]
+        flops = dict(self.manifest.stage(0)["metrics"].get("flops") or {})
+        flops.update({k: v for k, v in (metrics.get("flops") or {}).items() if k in ("probe", "fit")})
+        self.manifest.update_metrics(0, flops=flops, probes_shared_from=str(other),
+                                     **{k: metrics[k] for k in ("probes", "influence_model", "encoder_flops_per_doc")
+                                        if k in metrics})
+        for name in ("probing", "fitting"):
+            if name in stage0["timings"]:
+                self.manifest.add_timing(0, name, stage0["timings"][name])
 
     def _export(self) -> None:
         """The final LM in `save_pretrained` form, loadable by AutoModelForCausalLM."""
