@@ -302,7 +302,7 @@ def test_disjoint_pools_are_disjoint_slices(tiny_config_factory, tmp_path):
 
 
 def test_impossible_disjoint_pools_fail_before_training(tiny_config_factory, tmp_path):
-    cfg = tiny_config_factory("stages.pool_mode=disjoint", "stages.pool_docs=200")
+    cfg = tiny_config_factory("stages.pool_mode=disjoint", "stages.pool_docs=100000")
     out = tmp_path / "too-big"
     with pytest.raises((ConfigError, StageFailed), match="`stages.pool_docs`"):
         Run(cfg, out, progress=False).execute()
@@ -348,7 +348,9 @@ def test_token_budgets_give_disjoint_pools_and_one_epoch_per_stage(demo_base, tm
         assert tokens(sel["ids"]) >= need
         # a selection stops at the document that fills its budget: one epoch, nothing repeated
         assert manifest["stages"][k]["metrics"]["selection_epochs"] == 1
-    assert set(read_json(paths.selection(0))["ids"]) == set(pools[0])  # stage 0's pool is its budget
+    # stage 0's pool is its budget: the random selection that fills it takes (nearly) all
+    sel0 = read_json(paths.selection(0))["ids"]
+    assert set(sel0) <= set(pools[0]) and len(sel0) >= len(pools[0]) - 3
 
 
 def test_token_budgets_the_corpus_cannot_fill_fail_before_training(demo_base, tmp_path):

@@ -75,6 +75,16 @@ def scores_of(resp) -> np.ndarray:
     return np.array([s["score"] for s in resp.json()])
 
 
+def assert_same_scores(actual, expected) -> None:
+    """The service's scores are the library's up to float32 batching noise: its batches pad
+    documents to other lengths, which reorders the encoder's fp32 sums (~1e-6 in a
+    feature), and the fitted head scales that by its weights. Measured on the tiny run: up
+    to 1.04e-4 on scores spread 0.2, so the bar is 0.1% of the scores' range, far below
+    what could reorder a selection."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, atol=1e-3 * float(np.ptp(expected)), rtol=0)
+
+
 def version_of(resp) -> str:
     return resp.headers["X-Model-Version"]
 
@@ -89,7 +99,7 @@ def test_scores_equal_library_predict(client, run_id, expected):
     assert version_of(r) == f"{run_id}/0"
     assert isinstance(body, list) and all(set(row) == {"id", "score"} for row in body)
     assert [s["id"] for s in body] == [f"d{i}" for i in range(len(TEXTS))]
-    np.testing.assert_allclose(scores_of(r), expected[0], atol=1e-4, rtol=0)  # batching differs: fp32 sums in another order
+    assert_same_scores(scores_of(r), expected[0])
 
 
 def test_latest_resolves_to_the_highest_stage(client, run_id, expected):
@@ -97,7 +107,7 @@ def test_latest_resolves_to_the_highest_stage(client, run_id, expected):
                     json={"model": f"{run_id}/latest", "documents": docs(TEXTS)})
     assert r.status_code == 200, r.text
     assert version_of(r) == f"{run_id}/1"
-    np.testing.assert_allclose(scores_of(r), expected[1], atol=1e-4, rtol=0)  # batching differs: fp32 sums in another order
+    assert_same_scores(scores_of(r), expected[1])
 
 
 def test_concurrent_requests_get_their_own_results(tiny_run, run_id, expected):
@@ -128,7 +138,7 @@ def test_concurrent_requests_get_their_own_results(tiny_run, run_id, expected):
         assert r.status_code == 200, r.text
         assert version_of(r) == f"{run_id}/{stage}"
         assert [s["id"] for s in r.json()] == [f"r{i}-{j}" for j in rows]
-        np.testing.assert_allclose(scores_of(r), expected[stage][rows], atol=1e-4, rtol=0)  # batching differs: fp32 sums in another order
+        assert_same_scores(scores_of(r), expected[stage][rows])
     assert batches < n_requests  # some requests shared a forward pass
 
 
@@ -365,7 +375,7 @@ def test_lru_cache_of_size_one_evicts(tiny_run, run_id, expected):
             r = c.post("/v1/score", headers=AUTH,
                        json={"model": f"{run_id}/{stage}", "documents": docs(TEXTS)})
             assert r.status_code == 200, r.text
-            np.testing.assert_allclose(scores_of(r), expected[stage], atol=1e-4, rtol=0)  # batching differs: fp32 sums in another order
+            assert_same_scores(scores_of(r), expected[stage])
             assert cache.versions() == [f"{run_id}/{stage}"]
             assert cache.loads == [1, 1, 2, 3][n - 1]
 
