@@ -49,15 +49,7 @@ def select_indices(scores: np.ndarray | None, pool_size: int, *, ratio: float, m
     rng = np.random.default_rng(seed)
     if method == "random":
         return rng.choice(pool_size, size=k, replace=False)
-    if method not in METHODS:
-        raise ConfigError(f"`selection.method` must be one of {METHODS}, got {method!r}")
-    if scores is None or len(scores) != pool_size:
-        raise DataError(f"method {method!r} needs one score per pool document")
-    if not np.all(np.isfinite(scores)):
-        raise DataError("scores contain NaN or infinite values")
-    if method == "topk":
-        return top_k(scores, k)
-    return gumbel_top_k(scores, k, temperature, rng)
+    return _by_score(scores, pool_size, k, method=method, temperature=temperature, rng=rng)
 
 
 def selection_order(scores: np.ndarray | None, pool_size: int, *, method: str, temperature: float,
@@ -70,6 +62,12 @@ def selection_order(scores: np.ndarray | None, pool_size: int, *, method: str, t
     rng = np.random.default_rng(seed)
     if method == "random":
         return rng.permutation(pool_size)
+    return _by_score(scores, pool_size, pool_size, method=method, temperature=temperature, rng=rng)
+
+
+def _by_score(scores: np.ndarray | None, pool_size: int, k: int, *, method: str, temperature: float,
+              rng: np.random.Generator) -> np.ndarray:
+    """The first k pool indices that 'topk' or 'gumbel' keeps, after checking the scores."""
     if method not in METHODS:
         raise ConfigError(f"`selection.method` must be one of {METHODS}, got {method!r}")
     if scores is None or len(scores) != pool_size:
@@ -77,8 +75,8 @@ def selection_order(scores: np.ndarray | None, pool_size: int, *, method: str, t
     if not np.all(np.isfinite(scores)):
         raise DataError("scores contain NaN or infinite values")
     if method == "topk":
-        return top_k(scores, pool_size)
-    return gumbel_top_k(scores, pool_size, temperature, rng)
+        return top_k(scores, k)
+    return gumbel_top_k(scores, k, temperature, rng)
 
 
 def fill_budget(order: np.ndarray, lengths: np.ndarray, need: int) -> tuple[np.ndarray, bool]:
