@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mates import influence
+from mates import lm
 from mates.errors import ConfigError
 from mates.influence import (
     MINILM_PACKAGE,
@@ -130,14 +130,30 @@ def test_features_run_under_inference_mode(scorer):
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(influence, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", CPU) == "bf16"
-    monkeypatch.setattr(influence, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", CPU) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_training_autocast_follows_auto_precision(monkeypatch):
+    """`train.precision: auto` (the default) trains in bf16 only where the CPU computes it."""
+    from mates.config import TrainConfig
+
+    assert TrainConfig().precision == "auto"
+    monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: False)
+    with lm.autocast(CPU, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: True)
+    with lm.autocast(CPU, "auto"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with lm.autocast(CPU, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_unknown_precision_is_refused(scorer):

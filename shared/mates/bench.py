@@ -32,7 +32,7 @@ import torch
 
 from mates.config import load_config
 from mates.data.packing import PackedStream
-from mates.lm import autocast, lm_loss
+from mates.lm import autocast, lm_loss, resolve_precision
 from mates.probe import ExactOracle, FirstOrderOracle
 from mates.run import Run, resolve_device
 from mates.stats import spearman
@@ -344,7 +344,7 @@ def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
         steps += per
     tokens = steps * tc.batch_sequences * tc.seq_tokens
     return {
-        "precision": tc.precision, "batch": f"{tc.batch_sequences}x{tc.seq_tokens}",
+        "precision": resolve_precision(tc.precision, run.device), "batch": f"{tc.batch_sequences}x{tc.seq_tokens}",
         "parameters": sum(p.numel() for p in fast.model.parameters()),
         "steps": steps,
         "naive_tokens_per_s": tokens / t_naive,
@@ -423,7 +423,7 @@ def bench_preset(config: Path, device: str, steps: int, peak: float | None) -> d
         "config": str(config), "name": cfg.name, "device": str(dev),
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "batch": f"{tc.batch_sequences}x{tc.seq_tokens}", "micro_batch": tc.micro_batch_sequences,
-        "precision": tc.precision, "compile": tc.compile, "steps": steps,
+        "precision": resolve_precision(tc.precision, dev), "compile": tc.compile, "steps": steps,
         "seconds_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
         "flops_per_token": flops, "achieved_tflops": tokens_per_s * flops / 1e12,
         "peak_tflops": peak, "mfu": None if not peak else tokens_per_s * flops / (peak * 1e12),

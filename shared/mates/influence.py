@@ -41,15 +41,11 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from mates.artifacts import atomic_path, read_json
 from mates.config import InfluenceConfig
 from mates.errors import ArtifactError, ConfigError, DataError
-from mates.lm import autocast
+from mates.lm import PRECISIONS, autocast, cpu_has_native_bf16, resolve_precision  # noqa: F401 (re-exported)
 from mates.stats import pearson, spearman
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
-# CPU capability flags (torch.cpu.get_capabilities) meaning bf16 matmuls run in hardware;
-# elsewhere bf16 autocast is emulated, which is usually slower than fp32.
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 # Characters of a text's head tokenized per token of the limit: WordPiece averages ~4-5
 # characters a token on English prose; a head that falls short is tokenized again whole.
@@ -165,24 +161,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Index batches of similar length (no padding to a global maximum)."""
     order = np.argsort(np.asarray(lengths), kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX on x86, BF16 on ARM)."""
-    get = getattr(torch.cpu, "get_capabilities", None)  # absent in older torch
-    caps = get() if get else {}
-    return any(caps.get(flag) is True for flag in _CPU_BF16_FLAGS)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'fp32' or 'bf16': 'auto' is bf16 on CUDA with bf16 and on CPUs with native bf16."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"influence scorer `precision` must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def _tokens_stop_at_spaces(tokenizer) -> bool:

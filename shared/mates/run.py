@@ -60,7 +60,7 @@ from mates.influence import (
     load_encoder,
     report_dict,
 )
-from mates.lm import build_lm, reference_loss, row_losses
+from mates.lm import build_lm, reference_loss, resolve_precision, row_losses
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
 from mates.probe import ExactOracle, FirstOrderOracle
 from mates.selection import (
@@ -934,7 +934,8 @@ class Run:
             self.manifest.update_metrics(
                 k, steps=self.trainer.step, tokens=self.trainer.tokens,
                 heldout_loss=last["heldout_loss"], reference_loss=last["reference_loss"],
-                train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1)
+                train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1,
+                precision=resolve_precision(self.cfg.train.precision, self.device))
             tc = self.cfg.train
             self._record_flops(k, "train", self._lm_cost().train(self.stage_steps(k) * tc.batch_sequences * tc.seq_tokens))
 
