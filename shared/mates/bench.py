@@ -241,12 +241,11 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
         InfluenceModel,
         InfluenceScorer,
         fast_predict,
-        load_encoder,
         naive_predict,
     )
 
     ic = run.cfg.influence
-    encoder, tok = load_encoder(ic.encoder, seed=run.cfg.seed)
+    encoder, tok = run.new_encoder()
     torch.manual_seed(run.cfg.seed)
     scorer = InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, run.device)
     rng = np.random.default_rng([run.cfg.seed, 3])

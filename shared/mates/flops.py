@@ -53,8 +53,12 @@ def lm_cost(model: torch.nn.Module, num_layers: int, hidden_size: int, seq_token
 
 
 def encoder_cost(encoder: torch.nn.Module, max_tokens: int) -> TransformerCost:
-    """A BERT-style encoder from its HF config (layers, width) at `max_tokens`."""
+    """A BERT-style encoder from its HF config (layers, width) at `max_tokens`. A bag of
+    hashed n-grams (`mates.ngram`) costs a few operations per word, counted as 4: hashing a
+    word and its bigram, two count updates (its 2-FLOP "weight" stands for those)."""
     c = encoder.config
+    if getattr(encoder, "bag_of_ngrams", False):
+        return TransformerCost(2, 0, c.hidden_size, max_tokens)
     return TransformerCost(linear_params(encoder), c.num_hidden_layers, c.hidden_size, max_tokens)
 
 

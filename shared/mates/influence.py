@@ -42,6 +42,7 @@ from mates.artifacts import atomic_path, read_json
 from mates.config import InfluenceConfig
 from mates.errors import ArtifactError, ConfigError, DataError
 from mates.lm import PRECISIONS, autocast, cpu_has_native_bf16, resolve_precision  # noqa: F401 (re-exported)
+from mates.ngram import NgramEncoder, NgramTokenizer, is_ngram_dir
 from mates.stats import pearson, spearman
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,18 @@ def _tiny_encoder(seed: int) -> BertModel:
 
 
 def load_encoder(name: str, seed: int = 0):
-    """(encoder, tokenizer) for 'minilm', 'tiny' (random init, WordPiece of MiniLM) or a dir."""
+    """(encoder, tokenizer) for 'minilm', 'tiny' (random init, WordPiece of MiniLM) or a dir
+    (a Hugging Face encoder, or a fitted `mates.ngram.NgramEncoder`). 'ngram' is fitted on a
+    run's reference set and corpus: `NgramEncoder.fit`."""
     if name == "tiny":
         return _tiny_encoder(seed), AutoTokenizer.from_pretrained(str(minilm_dir()))
+    if name == "ngram":
+        raise ConfigError("`influence.encoder: ngram` is fitted on the run's reference set and corpus "
+                          "(mates.ngram.NgramEncoder.fit), not loaded by name")
     path = minilm_dir() if name == "minilm" else Path(name)
+    if is_ngram_dir(path):
+        enc = NgramEncoder.from_pretrained(path)
+        return enc, NgramTokenizer(enc.config.num_buckets)
     if not (path / "config.json").is_file():
         raise ConfigError(f"`influence.encoder`: {path} is not a model directory")
     # safetensors only: an encoder path can come from an artifact's meta.json, so never unpickle
@@ -90,9 +99,16 @@ def load_encoder(name: str, seed: int = 0):
     return enc, tok
 
 
+def _is_bag(encoder: torch.nn.Module) -> bool:
+    return getattr(encoder, "bag_of_ngrams", False)
+
+
 def pooled_features(encoder: torch.nn.Module, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states mean-pooled over the real tokens (B, C), pooled in fp32."""
+    """Hidden states mean-pooled over the real tokens (B, C), pooled in fp32; an encoder
+    with its own pooling (a bag of n-grams) gives its features directly."""
+    if _is_bag(encoder):
+        return encoder.pool(input_ids, attention_mask).float()
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, C)
@@ -226,7 +242,7 @@ class InfluenceScorer:
         been replaced or changed in place (its tensor `_version`), so fitting the
         encoder never leaves it stale.
         """
-        if precision != "bf16":
+        if precision != "bf16" or _is_bag(self.model.encoder):
             return self.model.encoder
         key = self._weights_key()
         if self._bf16_encoder is None or self._bf16_encoder[0] != key:
@@ -246,7 +262,7 @@ class InfluenceScorer:
         """
         precision = self.resolved_precision()
         encoder = self._inference_encoder(precision)
-        if not self.compile:
+        if not self.compile or _is_bag(encoder):  # a bag of n-grams has nothing to fuse
             return lambda ids, mask: pooled_features(encoder, ids, mask)
         key = (self._weights_key(), precision)
         if self._compiled is None or self._compiled[0] != key:
@@ -325,7 +341,8 @@ class InfluenceScorer:
             tmp.mkdir()
             save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
                       tmp / "head.safetensors")
-            copy_encoder = train_encoder or encoder_source == "tiny"
+            # copied: fine-tuned or random weights, and a bag of n-grams fitted on the run's data
+            copy_encoder = train_encoder or encoder_source in ("tiny", "ngram")
             if copy_encoder:
                 self.model.encoder.save_pretrained(tmp / "encoder")
                 self.tokenizer.save_pretrained(tmp / "encoder")

@@ -9,9 +9,11 @@ selection; the random arm selects at random throughout.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import gc
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -62,6 +64,7 @@ from mates.influence import (
 )
 from mates.lm import build_lm, reference_loss, resolve_precision, row_losses
 from mates.manifest import STAGE_STATES, Manifest, new_run_id
+from mates.ngram import NgramEncoder, NgramTokenizer
 from mates.probe import ExactOracle, FirstOrderOracle
 from mates.selection import (
     fill_budget,
@@ -83,13 +86,16 @@ DDP_CANCEL_EVERY = 10  # steps between cancel checks under torchrun (each is a d
 
 # Frozen-encoder features by (encoder weights, length, precision), then by document text.
 _FEATURES: dict[tuple, dict[bytes, torch.Tensor]] = {}
+# Fitted n-gram encoders by (data fingerprint, reference examples, words read).
+_NGRAM_ENCODERS: dict[tuple, NgramEncoder] = {}
 
 
 def _encoder_key(scorer: InfluenceScorer) -> tuple:
     """Tells encoders apart by their weights (a checksum), so two runs share features only
     when their encoders would compute the same ones."""
     with torch.no_grad():
-        total = sum(float(p.double().sum()) for p in scorer.model.encoder.parameters())
+        enc = scorer.model.encoder
+        total = sum(float(p.double().sum()) for p in itertools.chain(enc.parameters(), enc.buffers()))
     return (round(total, 6), scorer.max_tokens, scorer.resolved_precision())
 
 
@@ -1076,10 +1082,25 @@ class Run:
         ic = self.cfg.influence
         if ic.warm_start and k > 0 and (self.paths.influence_model(k - 1) / "meta.json").is_file():
             return InfluenceScorer.load(self.paths.influence_model(k - 1), self.device, ic.precision)
-        encoder, tok = load_encoder(ic.encoder, seed=self.cfg.seed)
+        encoder, tok = self.new_encoder()
         torch.manual_seed(self.cfg.seed + k)
         return InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, self.device,
                                precision=ic.precision)
+
+    def new_encoder(self) -> tuple[torch.nn.Module, object]:
+        """(encoder, tokenizer) of `influence.encoder`; 'ngram' is fitted on this run's reference
+        set and whole corpus, once per process for the same data (the arms of a comparison)."""
+        ic = self.cfg.influence
+        if ic.encoder != "ngram":
+            return load_encoder(ic.encoder, seed=self.cfg.seed)
+        key = (self.cfg.fingerprint("data"), self.cfg.probing.max_reference_examples, ic.max_tokens)
+        if key not in _NGRAM_ENCODERS:
+            ref = reference_texts(self.cfg.data.reference, self.cfg.probing.max_reference_examples,
+                                  self.cfg.data.reference_kind)
+            corpus = [self.corpus.text(i) for i in range(len(self.corpus))]
+            _NGRAM_ENCODERS[key] = NgramEncoder.fit(ref, corpus, max_words=ic.max_tokens)
+        enc = copy.deepcopy(_NGRAM_ENCODERS[key])
+        return enc, NgramTokenizer(enc.config.num_buckets)
 
     def _fit(self, k: int) -> None:
         if self.cfg.selection.method == "static" and k > 0:
@@ -1131,7 +1152,8 @@ class Run:
             self._scorer = (k, scorer)
         idx = self.corpus.indices_of(ids)
         bs = self.cfg.influence.batch_size * 4
-        if self.cfg.influence.train_encoder:
+        # fine-tuned: features change per stage; a bag of n-grams: cheaper to compute than to keep
+        if self.cfg.influence.train_encoder or self.cfg.influence.encoder == "ngram":
             return scorer.predict(scorer.tokenize([self.corpus.text(int(i)) for i in idx]), bs)
         return scorer.predict_features(self._frozen_features(scorer, idx, bs, None))
 
