@@ -677,7 +677,8 @@ class Run:
     def _select(self, k: int, scores: list[dict] | None, method: str,
                 sampler: str | None = None, temperature: float | None = None,
                 extra: dict | None = None, chosen: np.ndarray | None = None,
-                order: np.ndarray | None = None, standardize: bool = False) -> None:
+                order: np.ndarray | None = None, standardize: bool = False,
+                off_target: np.ndarray | None = None) -> None:
         """Write selection(k) from pool(k); scores are joined to the pool by document ID.
 
         `method` names the selection method, `sampler` how scores become a selection
@@ -686,7 +687,8 @@ class Run:
         budgets a selection keeps documents in that order until they fill one epoch of the
         stage's steps; otherwise `selection.ratio` of the pool's documents.
         `standardize` z-scores the pool's scores first, so that τ means the same in every
-        stage whatever the spread of the influence model's predictions.
+        stage whatever the spread of the influence model's predictions. `off_target` (a mask
+        over the pool) counts the kept documents it marks as `filled_at_random`.
         """
         s = self.cfg.selection
         pool_ids = read_json(self.paths.pool(k))["ids"]
@@ -711,6 +713,8 @@ class Run:
         elif chosen is None:
             chosen = select_indices(arr, len(pool_ids), ratio=s.ratio, method=sampler,
                                     temperature=temperature, seed=seed)
+        if off_target is not None:
+            extra = {**(extra or {}), "filled_at_random": int(off_target[chosen].sum())}
         ids = [pool_ids[i] for i in chosen]
         idx = self.corpus.indices_of(ids)
         manifest = {
@@ -755,10 +759,9 @@ class Run:
             mask = self._label_mask()[idx]
             extra = {"target_labels": self.cfg.selection.target_labels, "pool_matching": int(mask.sum())}
             if self.cfg.stages.token_budgets:
-                order = label_order(mask, seed=self._selection_seed(k))
-                kept, _ = fill_budget(order, self.corpus.num_tokens(idx), self.stage_need(k))
-                self._select(k, scores=None, method="label", sampler="label", order=order,
-                             extra={**extra, "filled_at_random": int((~mask[kept]).sum())})
+                self._select(k, scores=None, method="label", sampler="label",
+                             order=label_order(mask, seed=self._selection_seed(k)), extra=extra,
+                             off_target=~mask)
                 return
             chosen, filled = label_selection(mask, ratio=self.cfg.selection.ratio,
                                              seed=self._selection_seed(k))
