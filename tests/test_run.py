@@ -586,3 +586,22 @@ def test_an_influence_model_below_the_quality_gate_falls_back_to_random(tiny_con
 def test_model_based_selections_standardize_scores_and_record_the_gate(tiny_run):
     sel = read_json(RunPaths(tiny_run["dir"]).selection(1))
     assert sel["score_std"] > 0 and "gate" in sel and "fallback" not in sel
+
+
+def test_probe_history_fits_on_earlier_stages_probes_each_standardized(tiny_config_factory, tmp_path):
+    cfg = tiny_config_factory("influence.encoder=ngram", "influence.train_encoder=false",
+                              "influence.head_fit=ridge", "influence.probe_history=1")
+    run = Run(cfg, tmp_path / "history", progress=False)
+    manifest = run.execute().data
+    n = cfg.probing.num_probes
+    fits = [manifest["stages"][k]["metrics"]["influence_model"] for k in (0, 1)]
+    assert [f["num_probes"] for f in fits] == [n, 2 * n]  # stage 0 has no earlier stage
+    rows, y = run._fit_rows(1)
+    assert [r["id"] for r in rows] == [r["id"] for r in read_jsonl(RunPaths(tmp_path / "history").probes(0))
+                                       + read_jsonl(RunPaths(tmp_path / "history").probes(1))]
+    for part in (y[:n], y[n:]):  # each stage z-scored within itself
+        assert part.mean() == pytest.approx(0, abs=1e-9) and part.std() == pytest.approx(1)
+    plain = Run(tiny_config_factory(), tmp_path / "plain", progress=False)
+    plain.paths = run.paths  # the same probes, read as a run without history reads them
+    rows0, y0 = plain._fit_rows(1)
+    assert len(rows0) == n and np.array_equal(y0, [r["influence"] for r in read_jsonl(run.paths.probes(1))])

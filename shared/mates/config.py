@@ -311,6 +311,11 @@ class InfluenceConfig(_Section):
         "AdamW for `epochs` (the epoch count chosen by cross-validation).",
     )
     warm_start: bool = Field(False, description="Start from the previous stage's model.")
+    probe_history: int = Field(
+        0, ge=0, description="Earlier stages whose probes join each fit (0: this stage's only, "
+        "as in the paper). Each stage's influences are z-scored within their stage first, so "
+        "the fit learns each stage's ranking; the cross-validated Spearman is then over all of "
+        "them.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Scoring and frozen features: 'auto' is bf16 on CUDA and on CPUs with "
         "native bf16 (AVX512-BF16/AMX), else fp32; 'fp32' for scores that repeat across machines.",

@@ -1109,11 +1109,11 @@ class Run:
         if self.cfg.selection.method == "static" and k > 0:
             self._reuse_stage0_model(k)
             return
-        rows = read_jsonl(self.paths.probes(k))
+        rows, targets = self._fit_rows(k)
         scorer = self._new_scorer(k)
         texts = [self.corpus.text(self.corpus.index_of(r["id"])) for r in rows]
         bar = tqdm(total=self.cfg.influence.epochs, desc=f"stage {k} fit", disable=not self.progress, leave=False)
-        report = fit_influence_model(scorer, texts, np.array([r["influence"] for r in rows]),
+        report = fit_influence_model(scorer, texts, targets,
                                      self.cfg.influence, seed=self.cfg.seed + k, progress=bar.update)
         bar.close()
         scorer.meta.update(run_id=self.manifest.run_id, stage=k, version=f"{self.manifest.run_id}/{k}",
@@ -1133,6 +1133,22 @@ class Run:
             per_doc = enc.forward(ic.max_tokens)
         self._record_flops(k, "fit", per_doc * len(rows))
         self.manifest.update_metrics(k, encoder_flops_per_doc=enc.forward(ic.max_tokens))
+
+    def _fit_rows(self, k: int) -> tuple[list[dict], np.ndarray]:
+        """The probes stage k's model is fitted on and their targets: stage k's influences,
+        or with `influence.probe_history` h, those of stages k-h..k, each stage's z-scored
+        within the stage (the scale of an influence changes from stage to stage)."""
+        rows: list[dict] = []
+        parts: list[np.ndarray] = []
+        for j in range(max(0, k - self.cfg.influence.probe_history), k + 1):
+            stage_rows = read_jsonl(self.paths.probes(j))
+            y = np.array([r["influence"] for r in stage_rows], dtype=np.float64)
+            if j != k or self.cfg.influence.probe_history:
+                spread = float(y.std())
+                y = (y - y.mean()) / spread if spread > 0 else np.zeros_like(y)
+            rows.extend(stage_rows)
+            parts.append(y)
+        return rows, np.concatenate(parts)
 
     def _reuse_stage0_model(self, k: int) -> None:
         """'static': stage k scores with the influence model fitted at stage 0, unchanged."""
