@@ -434,11 +434,12 @@ class Store:
             conn.execute(update(dispatches).where(self._dispatch_key(run_id, generation, task, stage))
                          .values(sent_at=_now()))
 
-    def last_sent_at(self, run_id: str) -> float | None:
-        """When the run's latest task was published (None: never)."""
+    def last_dispatch_at(self, run_id: str, generation: int) -> float | None:
+        """When the run's latest task in `generation` was claimed for publishing (None: none
+        yet). A claim precedes its publish: a task claimed after a moment went out after it."""
         with self.engine.connect() as conn:
-            return conn.execute(select(func.max(dispatches.c.sent_at))
-                                .where(dispatches.c.run_id == run_id)).scalar()
+            return conn.execute(select(func.max(dispatches.c.at)).where(and_(
+                dispatches.c.run_id == run_id, dispatches.c.generation == generation))).scalar()
 
     # ------------------------------------------------------------------ deliveries
 

@@ -162,26 +162,45 @@ def broker_lost(client: redis.Redis, store: Store) -> bool:
 
 
 def fail_stranded_runs(store: Store, since: float) -> list[str]:
-    """Fail (or, if a cancel was asked, cancel) each active run whose last task was published
-    before `since`, when the broker was found empty; returns their IDs."""
+    """Fail (or, if a cancel was asked, cancel) each active run whose current generation's
+    latest task was claimed for publishing before `since`, when the broker came up empty;
+    returns their IDs.
+
+    Spared: a run whose current generation claimed a task at or after `since` (it went into
+    the new broker), or none yet (its publish, still to come, lands in the new broker or
+    fails and fails the run itself). A run is ended only in the generation it was listed
+    in, so one resumed meanwhile (a new generation) is left alone."""
     ended = []
     for status in WAITING_ON_BROKER:
         for row in store.list_runs(status=status, limit=100_000):
-            sent = store.last_sent_at(row["id"])
-            if sent is not None and sent >= since:
-                continue  # published into the new broker: its task is there
-            end_run(store, row["id"], "cancelled" if status == "cancelling" else "failed", REASON)
-            ended.append(row["id"])
+            generation = row["generation"]
+            claimed = store.last_dispatch_at(row["id"], generation)
+            if claimed is None or claimed >= since:
+                continue
+            if end_run(store, row["id"], "cancelled" if status == "cancelling" else "failed",
+                       REASON, generation=generation):
+                ended.append(row["id"])
     return ended
+
+
+def broker_started_at(client: redis.Redis) -> float:
+    """When the broker (Redis) last started, by its own clock: `TIME` less `uptime_in_seconds`.
+
+    The uptime counts whole seconds, so this is up to a second after the true start: a task
+    published in the broker's first second may be taken for lost (its run fails,
+    resumably), never a lost one for published."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6 - float(client.info("server")["uptime_in_seconds"])
 
 
 def check_broker(client: redis.Redis, store: Store) -> list[str]:
     """Claim a loss of the broker's data if there is one, and end the runs it stranded: those
-    whose last task went in before the claim (a publish after it checked first). Their IDs."""
-    claimed_at = time.time()  # before the claim: any publish that saw the new marker is later
+    whose current generation's latest task was claimed before the emptied broker came up.
+    The cut-off is the broker's start, not the moment a check noticed the loss, so a run
+    resumed into the new broker before that check is not failed by it. Their IDs."""
     if not broker_lost(client, store):
         return []
-    ended = fail_stranded_runs(store, since=claimed_at)
+    ended = fail_stranded_runs(store, since=broker_started_at(client))
     log.warning("the broker lost its queued tasks; runs ended (resume them): %s",
                 ", ".join(ended) or "none")
     return ended

@@ -9,10 +9,13 @@ the run store remembers. Marker missing while the store remembers one: the broke
 its data. The one process whose `SET NX` puts a new marker there marks every run that
 was waiting on the broker failed, with the reason, and bumps its generation so that a
 task still running for it stops at its next write; one `POST /v1/runs/{id}/resume`
-then continues the run from its last completed step. Every publish checks the marker first
-(dispatch.enqueue, and resume before it re-queues a run), so whoever publishes into an
-emptied broker claims the loss before its own task goes in: stranded are the runs whose
-last task was published before the claim, and a run resumed after it is spared. With
+then continues the run from its last completed step. Stranded are the runs whose current
+generation's latest task was claimed before the emptied broker came up (its own clock:
+`TIME` less its uptime), not before the moment a check noticed: a run resumed into the new
+broker before the first check is spared, whichever process notices the loss and however
+late. A run is ended only in the generation it was listed in, so one resumed while a check
+runs is left alone. Every publish still checks the marker first (dispatch.enqueue, and
+resume before it re-queues a run), so a loss is noticed at the latest by the next publish. With
 persistence (AOF) the marker survives and nothing is failed: the queues are back and unacknowledged tasks are
 redelivered after the visibility timeout.
 """

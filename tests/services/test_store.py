@@ -249,17 +249,19 @@ def test_concurrent_deliveries_are_all_counted(store, manifest):
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
 
 
-def test_service_state_and_last_sent(store, manifest):
+def test_service_state_and_last_dispatch(store, manifest):
     _add(store, manifest)
     assert store.get_state("k") is None
     store.put_state("k", "a")
     store.put_state("k", "b")
     assert store.get_state("k") == "b"
-    assert store.last_sent_at("t-0001") is None
+    assert store.last_dispatch_at("t-0001", 1) is None
     store.claim_dispatch("t-0001", 1, "train_stage", 0)
-    assert store.last_sent_at("t-0001") is None  # claimed, not yet sent
+    claimed = store.last_dispatch_at("t-0001", 1)
+    assert claimed > 0  # claimed, whether or not sent yet
     store.mark_sent("t-0001", 1, "train_stage", 0)
-    assert store.last_sent_at("t-0001") > 0
+    assert store.last_dispatch_at("t-0001", 1) == claimed
+    assert store.last_dispatch_at("t-0001", 2) is None  # per generation
 
 
 def test_generation_bump_from_is_conditional(store, manifest):

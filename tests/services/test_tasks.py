@@ -3,6 +3,8 @@ messages and the broker watch (against a stand-in for the Redis client)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytest.importorskip("celery")
@@ -74,10 +76,12 @@ def test_a_task_delivered_too_often_fails_its_run(stored_run, monkeypatch):
 
 
 class FakeRedis:
-    """The two commands the broker watch uses, on a dict."""
+    """The commands the broker watch uses, on a dict; `restart()` empties it as a Redis
+    without persistence comes back."""
 
     def __init__(self):
         self.data: dict[str, bytes] = {}
+        self.started_at = time.time() - 100.0
 
     def get(self, key):
         return self.data.get(key)
@@ -87,6 +91,18 @@ class FakeRedis:
             return None
         self.data[key] = value.encode()
         return True
+
+    def restart(self) -> None:
+        self.data.clear()
+        self.started_at = time.time()
+
+    def time(self):
+        now = time.time()
+        return int(now), int((now % 1) * 1e6)
+
+    def info(self, section):
+        assert section == "server"
+        return {"uptime_in_seconds": int(time.time() - self.started_at)}
 
 
 def test_the_broker_watch_fails_runs_stranded_by_an_emptied_broker(stored_run):
@@ -118,10 +134,10 @@ def test_the_broker_watch_spares_runs_published_since(stored_run):
     assert store.get_run(run_id)["status"] == "queued"
 
 
-def test_a_loss_is_claimed_before_a_publish_so_a_resumed_run_is_spared(stored_run):
-    """The watch tick that notices a restarted broker may come after a run was resumed into
-    it. Every publish checks the marker first, so the claim comes first and the resumed run,
-    published after it, is not failed by that tick."""
+def test_a_run_resumed_into_the_new_broker_is_spared_by_a_late_check(stored_run):
+    """The cut-off is when the emptied broker came up, not when a check noticed it: a run
+    stranded by the restart fails, one resumed into the new broker before any check noticed
+    the loss does not (issue: a resumed run failed again by a late watch tick)."""
     store, run_id, _ = stored_run()
     broker = FakeRedis()
     assert dispatch.check_broker(broker, store) == []  # first deployment
@@ -129,14 +145,48 @@ def test_a_loss_is_claimed_before_a_publish_so_a_resumed_run_is_spared(stored_ru
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     store.mark_sent(run_id, gen, "train_stage", 0)
     store.set_status(run_id, "running")
-    broker.data.clear()  # restarted without persistence
-    assert dispatch.check_broker(broker, store) == [run_id]  # e.g. the resume's own check
+    time.sleep(1.1)  # the broker's uptime counts whole seconds
+    broker.restart()  # without persistence
+    assert dispatch.check_broker(broker, store) == [run_id]  # published before the restart
     assert store.get_run(run_id)["status"] == "failed"
-    gen = store.bump_generation(run_id)  # resumed: published after the claim
+
+    time.sleep(1.1)
+    broker.restart()  # again; this time the run is resumed before any check notices
+    time.sleep(1.1)
+    gen = store.bump_generation(run_id)
     store.set_status(run_id, "queued")
     store.claim_dispatch(run_id, gen, "train_stage", 0)
+    time.sleep(0.5)
+    assert dispatch.check_broker(broker, store) == []  # the late check: claimed after the start
+    assert store.get_run(run_id)["status"] == "queued"
     store.mark_sent(run_id, gen, "train_stage", 0)
-    assert dispatch.check_broker(broker, store) == []  # the late watch tick
+    assert dispatch.check_broker(broker, store) == []
+    assert store.get_run(run_id)["status"] == "queued"
+
+
+def test_a_run_resumed_while_the_watch_lists_it_is_not_ended(stored_run, monkeypatch):
+    """The watch lists the active runs, then ends them one by one; a run resumed between
+    the two (a new generation, its task not yet claimed) is left to its new generation."""
+    store, run_id, _ = stored_run()
+    gen = store.bump_generation(run_id)
+    store.claim_dispatch(run_id, gen, "train_stage", 0)
+    store.mark_sent(run_id, gen, "train_stage", 0)
+    store.set_status(run_id, "running")
+    listed = {status: store.list_runs(status=status) for status in dispatch.WAITING_ON_BROKER}
+    monkeypatch.setattr(store, "list_runs", lambda status, limit: listed[status])
+    store.set_status(run_id, "failed", "a shard could not store its result")
+    store.bump_generation(run_id)  # resumed; its train_stage not yet claimed
+    store.set_status(run_id, "queued")
+    assert dispatch.fail_stranded_runs(store, since=9e12) == []
+    row = store.get_run(run_id)
+    assert row["status"] == "queued" and row["generation"] == gen + 1
+
+
+def test_a_run_created_before_its_first_claim_is_spared(stored_run):
+    store, run_id, _ = stored_run()
+    store.bump_generation(run_id)
+    store.set_status(run_id, "queued")  # its enqueue has not claimed yet
+    assert dispatch.fail_stranded_runs(store, since=9e12) == []
     assert store.get_run(run_id)["status"] == "queued"
 
 
