@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from services.scorer.schemas import MODEL_VERSION_HEADER
+from services.common.contracts import MODEL_VERSION_HEADER
 
 log = logging.getLogger("mates.loadtest")
 

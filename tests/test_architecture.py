@@ -91,3 +91,138 @@ def test_no_unseeded_randomness(path):
         if owner == "random" and f.attr == "Random" and not (node.args or node.keywords):
             offenders.append(f"{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
+
+
+# --------------------------------------------------------------------------- layers
+#
+# The layers point one way: the science library imports no service; each service (api,
+# scorer, worker, trainer, and the loadtest tool) imports the library, `services.common`
+# and itself only; `services.common` imports no service. `services/cli.py`, the command
+# line that starts every service, is the one module that may name them all.
+
+ROOT = PACKAGE.parent.parent
+LIBRARY = sorted(PACKAGE.rglob("*.py"))
+SERVICE_MODULES = sorted(SERVICES.rglob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent if path.is_relative_to(PACKAGE) else ROOT)
+    parts = list(rel.with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(path: Path) -> list[tuple[int, str]]:
+    """Every absolute module an import statement of the file names, at any depth (inside
+    functions and `if TYPE_CHECKING:` too), with its line; `from a import b` names `a`
+    and `a.b`."""
+    out = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def _layer(path: Path) -> str:
+    """`api`, `scorer`, `worker`, `trainer`, `common`, or a top-level module's name."""
+    return path.relative_to(SERVICES).with_suffix("").parts[0]
+
+
+def test_the_library_imports_no_service():
+    offenders = [f"{_rel(p)}:{line}: {name}" for p in LIBRARY for line, name in _imported(p)
+                 if name == "services" or name.startswith("services.")]
+    assert offenders == [], "the science library must work without the services"
+
+
+@pytest.mark.parametrize("path", SERVICE_MODULES, ids=[_rel(p) for p in SERVICE_MODULES])
+def test_a_service_imports_only_the_library_common_and_itself(path):
+    layer = _layer(path)
+    if layer in ("cli", "__init__"):
+        return  # the launcher of every service; the package's docstring
+    allowed = {"common", layer}
+    offenders = [f"{line}: {name}" for line, name in _imported(path)
+                 if name.startswith("services.") and name.split(".")[1] not in allowed]
+    assert offenders == [], f"{_rel(path)} ({layer}) may import only mates and services.common"
+
+
+def test_the_api_imports_no_worker_or_scorer_module():
+    api = [p for p in SERVICE_MODULES if _layer(p) == "api"]
+    assert len(api) > 5
+    offenders = [f"{_rel(p)}:{line}: {name}" for p in api for line, name in _imported(p)
+                 if name.startswith(("services.worker", "services.scorer", "services.trainer"))]
+    assert offenders == []
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph` (module -> modules it imports): its strongly connected
+    components of more than one module (Tarjan's algorithm, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        m = stack.pop()
+                        on_stack.discard(m)
+                        component.append(m)
+                        if m == node:
+                            break
+                    if len(component) > 1:
+                        circles.append(sorted(component))
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(sorted(graph.get(child, ())))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return circles
+
+
+def test_there_is_no_import_circle():
+    """Between the modules of the library and the services, counting every import (lazy
+    ones inside functions and type-only ones too)."""
+    modules = {_module_name(p): p for p in LIBRARY + SERVICE_MODULES}
+    graph = {name: {m for _, m in _imported(p) if m in modules and m != name}
+             for name, p in modules.items()}
+    assert len(graph) > 60 and graph["mates.run"]  # the graph is really there
+    assert _circles(graph) == []
+
+
+def test_an_import_circle_is_found(tmp_path):
+    """The check above on known circles (a lazy import closing one), so that it cannot
+    pass by finding nothing."""
+    (tmp_path / "b.py").write_text("def f():\n    import a\n")
+    assert [m for _, m in _imported(tmp_path / "b.py")] == ["a"]
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"a", "d"}, "d": {"e"}, "e": {"d"}, "f": set()}
+    assert sorted(_circles(graph)) == [["a", "b"], ["d", "e"]]
+
+
+def test_the_services_commands_come_through_the_entry_point():
+    """`mates runs|serve|loadtest` are the services' (services/cli.py), registered under
+    the `mates.commands` entry-point group; the library's CLI names no service."""
+    from importlib.metadata import entry_points
+
+    assert "services.cli" in {ep.value for ep in entry_points(group="mates.commands")}
+    from mates.cli import _parser
+
+    commands = _parser()._subparsers._group_actions[0].choices
+    assert {"runs", "serve", "loadtest"} <= set(commands)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mates import lm
+from mates.baselines import naive_predict
 from mates.errors import ConfigError
 from mates.influence import (
     MINILM_PACKAGE,
@@ -16,7 +17,6 @@ from mates.influence import (
     InfluenceScorer,
     fast_predict,
     load_encoder,
-    naive_predict,
     resolve_precision,
 )
 

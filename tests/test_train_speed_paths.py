@@ -10,10 +10,11 @@ import pytest
 import torch
 from helpers import TINY_MODEL, FakeCorpus, random_docs, tiny_train_config
 
+from mates.baselines import NaiveTrainer
 from mates.data.packing import PackedStream
 from mates.errors import StageFailed
 from mates.lm import CAUSAL_SDPA, build_lm
-from mates.train import Callback, NaiveTrainer, Trainer
+from mates.train import Callback, Trainer
 
 VOCAB, T = 64, 16
 CPU = torch.device("cpu")

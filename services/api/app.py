@@ -21,11 +21,11 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 import mates
 from mates.errors import ConfigError, DataError, MatesError, RunStateError
 from services.api.routes import dashboard, health, models, runs, scoring
+from services.common.contracts import MODEL_VERSION_HEADER
 from services.common.edge import install_edge, unprocessable
+from services.common.errors import BrokerUnavailable
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
-from services.scorer.schemas import MODEL_VERSION_HEADER
-from services.worker.dispatch import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 

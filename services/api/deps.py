@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from services.common.auth import require_key, require_read_key
+from services.common.contracts import RUN_ID_PATTERN
 from services.common.settings import Settings
 from services.common.store import Store
-from services.scorer.schemas import RUN_ID_PATTERN
 
 
 def app_settings(request: Request) -> Settings:

@@ -1,5 +1,5 @@
-"""Response bodies of the control plane (the scorer's request/response live in
-`services.scorer.schemas` and are shared, not copied)."""
+"""Response bodies of the control plane (the scorer's request/response and the status
+vocabulary are wire contracts: `services.common.contracts`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-RunStatus = Literal["pending", "queued", "running", "cancelling", "cancelled", "failed", "done"]
-STATUS_DOC = "pending, queued, running, cancelling, cancelled, failed or done"
+from services.common.contracts import STATUS_DOC, STATUSES
+
+RunStatus = Literal[STATUSES]  # type: ignore[valid-type]  # the contract's tuple, as an enum
 
 
 class Problem(BaseModel):

@@ -9,6 +9,7 @@ keys: a second `claim_dispatch` or `register_model` of the same key loses cleanl
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -40,9 +41,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
 
 from mates.errors import RunStateError
-
-FINAL_STATUSES = ("done", "failed", "cancelled")
-STATUSES = ("pending", "queued", "running", "cancelling", "cancelled", "failed", "done")
+from services.common.contracts import CANCELLING, FINAL, STATUSES
+from services.common.settings import get_settings
 
 metadata = MetaData()
 
@@ -277,8 +277,8 @@ class Store:
         new = manifest["status"]
         at = float(manifest.get("updated_at") or _now())
         # A cancel request outlives progress reports until the run actually ends.
-        status = new if new in FINAL_STATUSES else case(
-            (runs.c.status == "cancelling", "cancelling"), else_=new)
+        status = new if new in FINAL else case(
+            (runs.c.status == CANCELLING, CANCELLING), else_=new)
         with self.engine.begin() as conn:
             # The UPDATE comes first: it takes the run's row (or SQLite's write) lock, so
             # two processes syncing the same run count and insert transitions in turn.
@@ -511,7 +511,7 @@ class Store:
                 .select_from(heartbeats.join(runs, and_(
                     runs.c.id == heartbeats.c.run_id,
                     runs.c.generation == heartbeats.c.generation)))
-                .where(runs.c.status.in_(("running", "cancelling")))
+                .where(runs.c.status.in_(("running", CANCELLING)))
                 .group_by(heartbeats.c.run_id)
                 .having(func.max(heartbeats.c.beat_at) < older_than))
         if run_id is not None:
@@ -580,3 +580,9 @@ class Store:
             q = q.where(model_versions.c.run_id == run_id)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+
+@functools.lru_cache(maxsize=1)
+def default_store() -> Store:
+    """The run store of this process's settings (`MATES_DATABASE_URL`), opened once."""
+    return Store(get_settings().database_url)

@@ -21,6 +21,13 @@ from fastapi.responses import JSONResponse
 
 from mates.errors import MatesError
 from services.common.auth import require_key, require_read_key
+from services.common.contracts import (
+    MODEL_VERSION_HEADER,
+    SCORE_RESPONSES,
+    DocumentScore,
+    ModelInfo,
+    ScoreRequest,
+)
 from services.common.edge import install_edge, unprocessable
 from services.common.settings import Settings, get_settings
 from services.scorer.errors import (
@@ -30,13 +37,6 @@ from services.scorer.errors import (
     ScorerError,
     ShuttingDown,
     TooLarge,
-)
-from services.scorer.schemas import (
-    MODEL_VERSION_HEADER,
-    SCORE_RESPONSES,
-    DocumentScore,
-    ModelInfo,
-    ScoreRequest,
 )
 from services.scorer.service import ScoringService
 

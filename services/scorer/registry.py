@@ -16,8 +16,8 @@ from pathlib import Path
 
 from mates.artifacts import RunPaths, read_json
 from mates.errors import ArtifactError
+from services.common.contracts import RUN_ID_PATTERN
 from services.scorer.errors import BadModelName, ModelNotFound, ModelNotReady
-from services.scorer.schemas import RUN_ID_PATTERN
 
 log = logging.getLogger(__name__)
 

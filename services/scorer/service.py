@@ -13,12 +13,12 @@ from starlette.concurrency import run_in_threadpool
 from mates.errors import ArtifactError
 from mates.influence import InfluenceScorer
 from mates.run import resolve_device
+from services.common.contracts import DocumentScore, ModelInfo, ScoreRequest
 from services.common.settings import Settings
 from services.scorer.batcher import Batcher
 from services.scorer.cache import ModelCache
 from services.scorer.errors import TooLarge
 from services.scorer.registry import ModelRegistry
-from services.scorer.schemas import DocumentScore, ModelInfo, ScoreRequest
 
 log = logging.getLogger(__name__)
 

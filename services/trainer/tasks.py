@@ -15,20 +15,21 @@ import threading
 from pathlib import Path
 
 import torch
+from celery import shared_task
 
 from mates.artifacts import read_json
 from mates.errors import StageFailed
 from mates.run import Cancelled, Run
+from services.common.errors import TRANSIENT
+from services.common.queue import enqueue
 from services.common.settings import Settings, get_settings
-from services.common.store import Store
-from services.worker.celery_app import app
-from services.worker.dispatch import enqueue
-from services.worker.tasks import TRANSIENT, StageTask, get_store, stage_done, wanted
+from services.common.stagetask import StageTask, stage_done, wanted
+from services.common.store import Store, default_store
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="mates.train_stage", base=StageTask, bind=True)
+@shared_task(name="mates.train_stage", base=StageTask, bind=True)
 def train_stage(self, run_id: str, stage: int, generation: int) -> str:
     with wanted(run_id, stage, generation) as run:
         if run is None:
@@ -40,7 +41,7 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
                 after = "last" if last else "next"
             else:
                 if get_settings().trainer_nproc > 1:
-                    run = train_with_torchrun(run, stage, get_settings(), get_store())
+                    run = train_with_torchrun(run, stage, get_settings(), default_store())
                 else:
                     run.train_stage(stage)
                 after = run.after_training(stage)
@@ -48,9 +49,9 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
                                         and run.paths.export().is_dir()):
                 run.finish()
         if after == "fit":
-            enqueue(get_settings(), get_store(), run_id, "fit_influence_model", stage, generation)
+            enqueue(get_settings(), default_store(), run_id, "fit_influence_model", stage, generation)
         elif after == "next":
-            enqueue(get_settings(), get_store(), run_id, "train_stage", stage + 1, generation)
+            enqueue(get_settings(), default_store(), run_id, "train_stage", stage + 1, generation)
         log.info("run %s stage %d trained; next: %s", run_id, stage, after)
         return after
     return "cancelled"

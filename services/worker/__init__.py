@@ -1,1 +1,1 @@
-"""Celery over Redis: the pipeline's tasks (fit, score shards, select) and run control."""
+"""The workers: the fit, score-shard and select tasks (`tasks`) and `mates serve worker` (`main`)."""

@@ -241,12 +241,8 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
     """Naive against bucketed scoring (eager and compiled) on two sets of the same demo
     documents: cut to mixed lengths (`mixed_lengths`; the top-level keys), and whole
     (`at_cap`: nearly all of them fill the window, so only the precision can help)."""
-    from mates.influence import (
-        InfluenceModel,
-        InfluenceScorer,
-        fast_predict,
-        naive_predict,
-    )
+    from mates.baselines import naive_predict
+    from mates.influence import InfluenceModel, InfluenceScorer, fast_predict
 
     ic = run.cfg.influence
     encoder, tok = run.new_encoder()
@@ -317,7 +313,7 @@ def matmul_gflops(device: torch.device, n: int | None = None, reps: int = 10) ->
 
 
 def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
-    from mates.train import NaiveTrainer
+    from mates.baselines import NaiveTrainer
 
     cfg = run.cfg
     tc = cfg.train

@@ -53,9 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-tflops", type=float, default=None,
                        help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs only)")
 
-    sub.add_parser("loadtest", help="load-test the scorer on loopback (its options: "
-                   "mates loadtest --help)")
-
     rep = sub.add_parser("report", help="a self-contained HTML report of a run (charts embedded)")
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
@@ -99,10 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--method", choices=("gumbel", "topk", "random"), default="gumbel")
 
-    _add_runs_args(sub)
-    serve = sub.add_parser("serve", help="run one of the services (needs the services extra)")
-    serve.add_argument("service", choices=tuple(SERVICES), help="which service")
+    for plugin in _plugins():
+        COMMANDS.update(plugin.register(sub))
     return ap
+
+
+def _plugins() -> list:
+    """Command sets other packages register under the `mates.commands` entry-point group
+    (the services register `runs`, `serve` and `loadtest`): each a module with
+    `register(subparsers) -> {command: handler}` and `RAW = {command: main(argv)}` for a
+    command that parses its own arguments. The library itself imports none of them."""
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in entry_points(group="mates.commands")]
 
 
 def _load(args) -> tuple:
@@ -130,7 +136,7 @@ def cmd_run(args) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     m = Run(cfg, out, progress=not args.no_progress).execute()
-    _print_stages(m.data)
+    print_stages(m.data)
     print(f"run {m.run_id} done: {out}")
     return 0
 
@@ -199,12 +205,12 @@ def cmd_resume(args) -> int:
     from mates.run import Run
 
     m = Run.open(args.run_dir, progress=not args.no_progress).execute()
-    _print_stages(m.data)
+    print_stages(m.data)
     print(f"run {m.run_id} done: {args.run_dir}")
     return 0
 
 
-def _print_stages(data: dict) -> None:
+def print_stages(data: dict) -> None:
     print(f"{'stage':>5} {'state':>9} {'tokens':>10} {'held-out':>9} {'ref':>7} {'val rho':>7} {'seconds':>8}")
     for st in data["stages"]:
         m = st["metrics"]
@@ -294,177 +300,17 @@ def cmd_select(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- runs on a server
-
-DEFAULT_API_URL = "http://127.0.0.1:8000"
-# `mates serve X` calls `<module>.serve()`; imported only then, so the library works alone.
-SERVICES = {"api": "services.api.app", "scorer": "services.scorer.app",
-            "trainer": "services.trainer.worker", "worker": "services.worker.celery_app"}
-
-
-def _add_runs_args(sub) -> None:
-    # --api is accepted before or after the runs subcommand
-    api = argparse.ArgumentParser(add_help=False)
-    api.add_argument("--api", default=argparse.SUPPRESS, metavar="URL",
-                     help=f"API base URL (default: $MATES_API_URL or {DEFAULT_API_URL}); "
-                     "the key comes from $MATES_API_KEY")
-    runs = sub.add_parser("runs", parents=[api], help="submit and follow runs on a MATES API server")
-    rsub = runs.add_subparsers(dest="runs_command", required=True)
-    for name, handler in RUNS_COMMANDS.items():
-        p = rsub.add_parser(name, parents=[api], help=handler.__doc__)
-        if name == "submit":
-            p.add_argument("config", type=Path, help="YAML run config (data paths as the server sees them)")
-            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a config field (repeatable)")
-        elif name == "list":
-            p.add_argument("--status", default=None, help="only runs in this status")
-            p.add_argument("--limit", type=int, default=50)
-        else:
-            p.add_argument("run_id")
-        if name == "show":
-            p.add_argument("--json", action="store_true", help="the API's full JSON")
-        if name == "watch":
-            p.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
-
-
-def _api_client(args):
-    try:
-        from services.api.client import ApiClient
-    except ModuleNotFoundError as e:
-        raise MatesError(f"`mates runs` needs the services extra (pip install 'mates[services]'): "
-                         f"{e.name} is not installed") from None
-    url = getattr(args, "api", None) or os.environ.get("MATES_API_URL") or DEFAULT_API_URL
-    return ApiClient(url, os.environ.get("MATES_API_KEY"))
-
-
-def _when(ts: float | None) -> str:
-    import time
-
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def runs_submit(client, args) -> int:
-    """validate a config and submit it"""
-    from mates.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    run = client.submit(cfg.model_dump(mode="json"))
-    print(f"submitted run {run['id']}: {run['status']}, {run['num_stages']} stages")
-    print(f"follow it with: mates runs watch {run['id']}")
-    return 0
-
-
-def runs_list(client, args) -> int:
-    """runs, newest first"""
-    rows = client.list(status=args.status, limit=args.limit)
-    if not rows:
-        print("no runs")
-        return 0
-    print(f"{'run':<28} {'status':<10} {'stage':>5} {'state':<9} {'updated':<19}")
-    for r in rows:
-        stage = f"{r['current_stage']}/{r['num_stages']}"
-        print(f"{r['id']:<28} {r['status']:<10} {stage:>5} {r.get('stage_state') or '-':<9} "
-              f"{_when(r['updated_at']):<19}")
-    return 0
-
-
-def runs_show(client, args) -> int:
-    """a run's stages, timings and metrics"""
-    run = client.show(args.run_id)
-    if args.json:
-        print(json.dumps(run, indent=2))
-        return 0
-    print(f"run {run['id']} ({run['name']}): {run['status']}"
-          + (f": {run['error']}" if run.get("error") else ""))
-    print(f"created {_when(run['created_at'])}, updated {_when(run['updated_at'])}, "
-          f"generation {run['generation']}, artifacts {run['artifacts_dir']}")
-    _print_stages(run)
-    for st in run["stages"]:
-        if st.get("error"):
-            print(f"stage {st['stage']} error: {st['error']}")
-    return 0
-
-
-def runs_watch(client, args) -> int:
-    """follow a run until it ends (exit 0 done, 1 failed or cancelled)"""
-    import time
-
-    printed: dict[int, int] = {}  # stage -> transitions printed
-    status = None
-    while True:
-        run = client.show(args.run_id)
-        for st in run["stages"]:
-            for t in st["transitions"][printed.get(st["stage"], 0):]:
-                reason = f" ({t['reason']})" if t.get("reason") else ""
-                print(f"{_when(t['at'])} stage {st['stage']}: {t['state']}{reason}", flush=True)
-            printed[st["stage"]] = len(st["transitions"])
-        if run["status"] != status:
-            status = run["status"]
-            print(f"{_when(run['updated_at'])} run {run['id']}: {status}"
-                  + (f": {run['error']}" if run.get("error") else ""), flush=True)
-        if status == "done":
-            return 0
-        if status in ("failed", "cancelled"):
-            return 1
-        time.sleep(args.interval)
-
-
-def _print_control(run: dict) -> int:
-    note = {"cancelling": "the worker stops it at its next step",
-            "queued": f"generation {run['generation']}, from stage {run['current_stage']}"}
-    print(f"run {run['id']}: {run['status']}"
-          + (f" ({note[run['status']]})" if run["status"] in note else ""))
-    return 0
-
-
-def runs_cancel(client, args) -> int:
-    """ask an active run to stop"""
-    return _print_control(client.cancel(args.run_id))
-
-
-def runs_resume(client, args) -> int:
-    """continue a failed or cancelled run"""
-    return _print_control(client.resume(args.run_id))
-
-
-# Subcommands are named after their handlers (`runs_<name>`).
-RUNS_COMMANDS = {f.__name__.removeprefix("runs_"): f for f in (
-    runs_submit, runs_list, runs_show, runs_watch, runs_cancel, runs_resume)}
-
-
-def cmd_runs(args) -> int:
-    with _api_client(args) as client:
-        return RUNS_COMMANDS[args.runs_command](client, args)
-
-
-def cmd_serve(args) -> int:
-    import importlib
-
-    name = SERVICES[args.service]
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("services", "mates"):
-            raise
-        raise MatesError(f"`mates serve {args.service}` needs the services extra "
-                         f"(pip install 'mates[services]'): {e.name} is not installed") from None
-    if not args.verbose:
-        logging.getLogger().setLevel(logging.INFO)  # a server reports what it does
-    module.serve()
-    return 0
-
-
 COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train-stage": cmd_train_stage,
-            "probe-agreement": cmd_probe_agreement, "report": cmd_report, "resume": cmd_resume, "compare": cmd_compare,
-            "score": cmd_score, "select": cmd_select, "runs": cmd_runs, "serve": cmd_serve}
+            "probe-agreement": cmd_probe_agreement, "report": cmd_report, "resume": cmd_resume,
+            "compare": cmd_compare, "score": cmd_score, "select": cmd_select}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["loadtest"]:  # its options are its own: python -m services.loadtest --help
-        from services.loadtest import main as loadtest_main
-
-        return loadtest_main(argv[1:])
+    for plugin in _plugins():
+        raw = getattr(plugin, "RAW", {})
+        if argv[:1] and argv[0] in raw:  # a command whose options are its own
+            return raw[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -26,6 +26,9 @@ from pydantic import (
 
 from mates.errors import ConfigError
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A run's or a named set's name: it becomes part of run IDs and file names."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -43,7 +46,7 @@ PathText = Annotated[str, BeforeValidator(_no_nul)]
 
 
 class HeldoutSetConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Set name in metrics.")
+    name: str = Field(pattern=NAME_PATTERN, description="Set name in metrics.")
     path: FilePath = Field(description="JSONL {context, continuation} (cloze), JSONL {text} or .txt (text).")
     kind: Literal["cloze", "text"] = Field(
         description="'cloze': loss and top-1 accuracy of the continuation only; 'text': mean "
@@ -418,7 +421,7 @@ class CompareConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = Field("mates", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Run name.")
+    name: str = Field("mates", pattern=NAME_PATTERN, description="Run name.")
     seed: int = Field(0, ge=0, description="Seed for every random choice in the run.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all).")

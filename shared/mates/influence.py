@@ -16,7 +16,7 @@ interval (Fisher z, Bonett-Wright standard error), so every probe counts:
 
 Scoring throughput: `InfluenceScorer.predict` is the fast path (length-sorted
 batches, `torch.inference_mode`, bf16 weights where the hardware has bf16);
-`fast_predict` adds tokenization up front and `naive_predict` is the
+`fast_predict` adds tokenization up front and `mates.baselines.naive_predict` is the
 straightforward baseline it is benchmarked and tested against.
 """
 
@@ -380,25 +380,6 @@ def fast_predict(scorer: InfluenceScorer, texts: Sequence[str], batch_size: int)
     sorts by.
     """
     return scorer.predict(scorer.tokenize(texts), batch_size)
-
-
-@torch.no_grad()
-def naive_predict(scorer: InfluenceScorer, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """The straightforward way, kept as the baseline `fast_predict` is measured against.
-
-    Batches in arrival order, each tokenized inside the loop and padded to
-    `max_tokens` (the global maximum of any set with a document that reaches it),
-    fp32 whatever `scorer.precision` says, under `no_grad` rather than
-    `inference_mode`.
-    """
-    scorer.model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        enc = scorer.tokenizer(list(texts[start : start + batch_size]), padding="max_length",
-                               truncation=True, max_length=scorer.max_tokens, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(scorer.device), enc["attention_mask"].to(scorer.device)
-        out.append(scorer.model(ids, mask).float().cpu())  # (B,)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

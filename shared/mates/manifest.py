@@ -110,6 +110,18 @@ class Manifest:
         self.data["error"] = error
         self.save()
 
+    def end(self, k: int, status: str, reason: str) -> None:
+        """End stage k and the run `failed` or `cancelled` with the reason: the one place that
+        does, for the embedded run and the services alike. A stage that already ended (done,
+        e.g. when the export failed; or failed or cancelled) keeps its state; `k` is clamped
+        to the run's stages."""
+        if status not in ("failed", "cancelled"):
+            raise ValueError(f"a run ends failed or cancelled, not {status!r}")
+        k = min(max(k, 0), len(self.data["stages"]) - 1)
+        if self.stage(k)["state"] not in END_STATES:
+            self.transition(k, status, reason)
+        self.set_status(status, reason if status == "cancelled" else f"stage {k} failed: {reason}")
+
     def transition(self, k: int, state: str, error: str | None = None) -> None:
         st = self.stage(k)
         if not _allowed(st["state"], state):

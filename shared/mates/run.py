@@ -455,21 +455,14 @@ class Run:
 
     def mark_cancelled(self, k: int, reason: str = "run cancelled by request") -> None:
         self._trainer_at = None  # memory may hold a half-trained stage
-        self._end_stage(k, "cancelled", reason)
-        self.manifest.set_status("cancelled", reason)
+        self.manifest.end(k, "cancelled", reason)
 
     def mark_failed(self, k: int, reason: str) -> None:
         self._trainer_at = None
-        self._end_stage(k, "failed", reason)
-        self.manifest.set_status("failed", f"stage {k} failed: {reason}")
+        self.manifest.end(k, "failed", reason)
         if self.primary:
             append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": "failed",
                                          "reason": reason})
-
-    def _end_stage(self, k: int, state: str, reason: str) -> None:
-        """Mark stage k failed/cancelled unless it had finished (e.g. the export failed)."""
-        if self.manifest.stage(k)["state"] != "done":
-            self.manifest.transition(k, state, reason)
 
     def _moved_past(self, k: int, state: str) -> bool:
         """Stage k is already beyond `state` (a re-delivered task repeating an earlier step)."""

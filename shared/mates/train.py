@@ -17,7 +17,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,10 +29,7 @@ from mates.config import TrainConfig
 from mates.data.packing import PackedStream
 from mates.data.reference import IGNORE
 from mates.errors import ArtifactError, ConfigError, StageFailed
-from mates.lm import autocast, build_lm
-
-if TYPE_CHECKING:
-    from mates.run import Run
+from mates.lm import autocast
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +66,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
     `fast`: the fused kernel (one kernel for all parameters; CUDA, and CPU since torch
     2.4, where it measured ~4x faster than foreach on the demo model); otherwise the
-    plain per-parameter loop, the baseline of `NaiveTrainer`.
+    plain per-parameter loop, the baseline of `mates.baselines.NaiveTrainer`.
     """
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -317,45 +313,3 @@ class Trainer:
                 torch.cuda.set_rng_state(state, i)
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
         return meta
-
-
-class NaiveTrainer(Trainer):
-    """The straightforward loop that `Trainer` is benchmarked against, on the same batches.
-
-    fp32 whatever `train.precision` says, the plain per-parameter AdamW and gradient
-    clip (no foreach, no fused kernel), eager attention, the loss the HF way
-    (`model(input_ids, labels=...)`: full-vocabulary logits at every position), and a
-    host sync per micro-batch to read the loss. Same step math as `Trainer` (decay
-    groups, lr schedule, clip, accumulation), so the loss trajectories agree in fp32.
-    Single process only. It switches the model it is given to eager attention.
-    """
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-        if world()[1] > 1:
-            raise ConfigError("NaiveTrainer is a single-process benchmark baseline; run it without torchrun")
-        model.set_attn_implementation("eager")
-        super().__init__(model, cfg.model_copy(update={"precision": "fp32", "compile": False}), device)
-
-    @classmethod
-    def for_run(cls, run: Run) -> NaiveTrainer:
-        """The baseline on the model a run trains, with the same initial weights as its Trainer."""
-        cfg = run.cfg
-        torch.manual_seed(cfg.seed)  # as Run._build_trainer
-        model = build_lm(cfg.model, len(run.tokenizer), cfg.train.seq_tokens, run.eos)
-        return cls(model, cfg.train, run.device)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.model, self.cfg, self.device, fast=False)
-
-    def train_step(self, stream: PackedStream) -> float:  # type: ignore[override]
-        n_micro = self._begin_step()
-        total = 0.0
-        for x, y in self._micro_batches(stream):
-            # labels are already shifted (y[t] is x[t]'s target), so hand them over as such
-            y = y.contiguous()  # HF views the labels flat
-            loss = self.model(input_ids=x, labels=y, shift_labels=y).loss / n_micro
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=False)
-        self._end_step()
-        return total

@@ -38,8 +38,8 @@ def _db_url(redis_url: str, db: int) -> str:
 @pytest.fixture(scope="module")
 def stack(redis_url, tmp_path_factory):
     """api + scorer (uvicorn) and trainer + worker (Celery) over one Redis database."""
+    from services.common.queue import make_celery
     from services.common.settings import Settings
-    from services.worker.celery_app import make_celery
 
     base = tmp_path_factory.mktemp("stack")
     broker = _db_url(redis_url, 14)  # its own database: nothing else's messages in its queues

@@ -12,9 +12,11 @@ pytest.importorskip("celery")
 from mates.artifacts import RunPaths, read_json  # noqa: E402
 from mates.errors import RunStateError  # noqa: E402
 from mates.run import init_run  # noqa: E402
+from services.common import lifecycle, stagetask, watchdog  # noqa: E402
+from services.common.ending import record_failure  # noqa: E402
+from services.common.stagetask import open_run  # noqa: E402
 from services.common.store import Store  # noqa: E402
-from services.worker import dispatch, tasks  # noqa: E402
-from services.worker.tasks import open_run, record_failure  # noqa: E402
+from services.worker import tasks  # noqa: E402
 
 
 @pytest.fixture
@@ -62,8 +64,8 @@ def test_a_stale_generation_records_nothing(stored_run):
 def test_a_task_delivered_too_often_fails_its_run(stored_run, monkeypatch):
     store, run_id, paths = stored_run()
     gen = store.bump_generation(run_id)
-    monkeypatch.setattr(tasks, "get_store", lambda: store)
-    limit = tasks.get_settings().task_max_deliveries
+    monkeypatch.setattr(stagetask, "default_store", lambda: store)
+    limit = stagetask.get_settings().task_max_deliveries
     fit = tasks.fit_influence_model
     assert [fit.poisoned(run_id, 0, gen) for _ in range(limit)] == [False] * limit
     assert store.get_run(run_id)["status"] == "pending"
@@ -112,12 +114,12 @@ def test_the_broker_watch_fails_runs_stranded_by_an_emptied_broker(stored_run):
     store.mark_sent(run_id, gen, "train_stage", 0)
     store.set_status(run_id, "running")
     broker = FakeRedis()
-    assert not dispatch.broker_lost(broker, store)  # first deployment: nothing was lost
-    assert not dispatch.broker_lost(broker, store)  # the marker is there
+    assert not watchdog.broker_lost(broker, store)  # first deployment: nothing was lost
+    assert not watchdog.broker_lost(broker, store)  # the marker is there
     broker.data.clear()  # Redis restarted without persistence
-    assert dispatch.broker_lost(broker, store)
-    assert not dispatch.broker_lost(broker, store)  # claimed once per loss
-    assert dispatch.fail_stranded_runs(store, since=9e12) == [run_id]
+    assert watchdog.broker_lost(broker, store)
+    assert not watchdog.broker_lost(broker, store)  # claimed once per loss
+    assert watchdog.fail_stranded_runs(store, since=9e12) == [run_id]
     row = store.get_run(run_id)
     assert row["status"] == "failed" and "lost its queued tasks" in row["error"]
     assert row["generation"] == gen + 1  # a task still running for it goes stale
@@ -130,7 +132,7 @@ def test_the_broker_watch_spares_runs_published_since(stored_run):
     store.set_status(run_id, "queued")
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     store.mark_sent(run_id, gen, "train_stage", 0)
-    assert dispatch.fail_stranded_runs(store, since=0.0) == []
+    assert watchdog.fail_stranded_runs(store, since=0.0) == []
     assert store.get_run(run_id)["status"] == "queued"
 
 
@@ -140,14 +142,14 @@ def test_a_run_resumed_into_the_new_broker_is_spared_by_a_late_check(stored_run)
     the loss does not (issue: a resumed run failed again by a late watch tick)."""
     store, run_id, _ = stored_run()
     broker = FakeRedis()
-    assert dispatch.check_broker(broker, store) == []  # first deployment
+    assert watchdog.check_broker(broker, store) == []  # first deployment
     gen = store.bump_generation(run_id)
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     store.mark_sent(run_id, gen, "train_stage", 0)
     store.set_status(run_id, "running")
     time.sleep(1.1)  # the broker's uptime counts whole seconds
     broker.restart()  # without persistence
-    assert dispatch.check_broker(broker, store) == [run_id]  # published before the restart
+    assert watchdog.check_broker(broker, store) == [run_id]  # published before the restart
     assert store.get_run(run_id)["status"] == "failed"
 
     time.sleep(1.1)
@@ -157,10 +159,10 @@ def test_a_run_resumed_into_the_new_broker_is_spared_by_a_late_check(stored_run)
     store.set_status(run_id, "queued")
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     time.sleep(0.5)
-    assert dispatch.check_broker(broker, store) == []  # the late check: claimed after the start
+    assert watchdog.check_broker(broker, store) == []  # the late check: claimed after the start
     assert store.get_run(run_id)["status"] == "queued"
     store.mark_sent(run_id, gen, "train_stage", 0)
-    assert dispatch.check_broker(broker, store) == []
+    assert watchdog.check_broker(broker, store) == []
     assert store.get_run(run_id)["status"] == "queued"
 
 
@@ -172,12 +174,12 @@ def test_a_run_resumed_while_the_watch_lists_it_is_not_ended(stored_run, monkeyp
     store.claim_dispatch(run_id, gen, "train_stage", 0)
     store.mark_sent(run_id, gen, "train_stage", 0)
     store.set_status(run_id, "running")
-    listed = {status: store.list_runs(status=status) for status in dispatch.WAITING_ON_BROKER}
+    listed = {status: store.list_runs(status=status) for status in watchdog.WAITING_ON_BROKER}
     monkeypatch.setattr(store, "list_runs", lambda status, limit: listed[status])
     store.set_status(run_id, "failed", "a shard could not store its result")
     store.bump_generation(run_id)  # resumed; its train_stage not yet claimed
     store.set_status(run_id, "queued")
-    assert dispatch.fail_stranded_runs(store, since=9e12) == []
+    assert watchdog.fail_stranded_runs(store, since=9e12) == []
     row = store.get_run(run_id)
     assert row["status"] == "queued" and row["generation"] == gen + 1
 
@@ -186,7 +188,7 @@ def test_a_run_created_before_its_first_claim_is_spared(stored_run):
     store, run_id, _ = stored_run()
     store.bump_generation(run_id)
     store.set_status(run_id, "queued")  # its enqueue has not claimed yet
-    assert dispatch.fail_stranded_runs(store, since=9e12) == []
+    assert watchdog.fail_stranded_runs(store, since=9e12) == []
     assert store.get_run(run_id)["status"] == "queued"
 
 
@@ -197,7 +199,7 @@ def test_the_heartbeat_beats_while_the_task_runs_and_survives_store_errors(store
                                                                            monkeypatch):
     import time
 
-    from services.worker.heartbeat import Heartbeat
+    from services.common.watchdog import Heartbeat
 
     store, run_id, _ = stored_run()
     beats = []
@@ -229,12 +231,12 @@ def _silent_run(stored_run, status: str):
     run.manifest.transition(0, "training")
     store.set_status(run_id, status)
     store.beat("task-1", run_id, gen, "mates.train_stage", 0, worker="trainer:42")
-    settings = tasks.get_settings().model_copy(update={"heartbeat_timeout_s": 0.0})
+    settings = stagetask.get_settings().model_copy(update={"heartbeat_timeout_s": 0.0})
     return store, run_id, paths, gen, settings
 
 
 def test_the_watch_fails_a_run_whose_process_stopped_beating(stored_run):
-    from services.worker.dispatch import end_silent_runs
+    from services.common.watchdog import end_silent_runs
 
     store, run_id, paths, gen, settings = _silent_run(stored_run, "running")
     patient = settings.model_copy(update={"heartbeat_timeout_s": 3600.0})
@@ -253,7 +255,7 @@ def test_the_watch_fails_a_run_whose_process_stopped_beating(stored_run):
 
 
 def test_a_cancelling_run_whose_process_died_ends_cancelled(stored_run):
-    from services.worker.dispatch import end_silent_runs
+    from services.common.watchdog import end_silent_runs
 
     store, run_id, paths, gen, settings = _silent_run(stored_run, "cancelling")
     assert end_silent_runs(store, settings) == [run_id]
@@ -263,20 +265,16 @@ def test_a_cancelling_run_whose_process_died_ends_cancelled(stored_run):
 
 
 def test_cancel_of_a_dead_run_cancels_it_at_once(stored_run):
-    from services.worker import dispatch
-
     store, run_id, _, gen, settings = _silent_run(stored_run, "running")
-    assert dispatch.cancel_run(store, settings, run_id)["status"] == "cancelled"
+    assert lifecycle.cancel_run(store, settings, run_id)["status"] == "cancelled"
     assert store.get_generation(run_id) == gen + 1
 
 
 def test_resume_of_a_dead_run_fails_it_then_resumes_it(stored_run, monkeypatch):
-    from services.worker import dispatch
-
     store, run_id, _, gen, settings = _silent_run(stored_run, "running")
     sent = []
-    monkeypatch.setattr(dispatch, "enqueue", lambda _s, _st, *args: sent.append(args))
-    row = dispatch.resume_run(store, settings, run_id)
+    monkeypatch.setattr(lifecycle, "enqueue", lambda _s, _st, *args: sent.append(args))
+    row = lifecycle.resume_run(store, settings, run_id)
     assert row["status"] == "queued" and row["generation"] == gen + 2
     assert sent == [(run_id, "train_stage", 0, gen + 2)]
     failed = store.get_run(run_id)["stages"][0]["transitions"][-1]
@@ -284,12 +282,10 @@ def test_resume_of_a_dead_run_fails_it_then_resumes_it(stored_run, monkeypatch):
 
 
 def test_resume_of_a_live_running_run_is_still_refused(stored_run):
-    from services.worker import dispatch
-
     store, run_id, _, gen, settings = _silent_run(stored_run, "running")
     patient = settings.model_copy(update={"heartbeat_timeout_s": 3600.0})
     with pytest.raises(RunStateError, match="only a failed or cancelled run can be resumed"):
-        dispatch.resume_run(store, patient, run_id)
+        lifecycle.resume_run(store, patient, run_id)
     assert store.get_run(run_id)["status"] == "running"
 
 
@@ -306,7 +302,7 @@ def test_putting_tasks_back_on_a_dead_connection_does_not_kill_the_consumer(capl
     visibility-timeout sweep (they are in its unacked hash), so the close completes."""
     import kombu.transport.redis as kombu_redis
 
-    from services.worker.celery_app import ClosingSafeQoS
+    from services.common.queue import ClosingSafeQoS
 
     assert kombu_redis.Channel.QoS is ClosingSafeQoS  # installed for every Redis channel
     qos = ClosingSafeQoS.__new__(ClosingSafeQoS)
@@ -320,7 +316,7 @@ def test_putting_tasks_back_on_a_dead_connection_does_not_kill_the_consumer(capl
 def test_acknowledging_on_a_dead_connection_does_not_kill_the_consumer(caplog):
     """A task that finishes after the broker connection closed (late acknowledgement) cannot
     be acknowledged; ours forgets it locally and leaves it to the broker's redelivery."""
-    from services.worker.celery_app import ClosingSafeQoS
+    from services.common.queue import ClosingSafeQoS
 
     qos = ClosingSafeQoS.__new__(ClosingSafeQoS)
     qos.channel, qos._delivered, qos._dirty = _ChannelWithoutClient(), {"t": object()}, set()

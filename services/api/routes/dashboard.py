@@ -28,14 +28,13 @@ from mates.errors import MatesError
 from services.api.deps import RunId, SettingsDep, StoreDep
 from services.api.routes.runs import read_log
 from services.common.auth import key_matches
-from services.common.store import FINAL_STATUSES, Store
-from services.scorer.schemas import RUN_ID_PATTERN
+from services.common.contracts import FINAL, RUN_ID_PATTERN, random_baseline_name
+from services.common.store import Store
 
 router = APIRouter(include_in_schema=False)
 
 RUNS_SHOWN = 200  # newest first; older ones stay reachable through the JSON API
 REFRESH_MS = 3000
-RANDOM_SUFFIX = "-random"  # how `mates compare` names its random arm (`compare.py`)
 _CHARTS = threading.Lock()  # pyplot keeps global state; routes run in a thread pool
 
 STYLE = """<style>
@@ -228,7 +227,7 @@ def _latest_loss(artifacts_dir: str) -> float | None:
 
 
 def _row(run: dict[str, Any], now: float) -> str:
-    end = run["updated_at"] if run["status"] in FINAL_STATUSES else now
+    end = run["updated_at"] if run["status"] in FINAL else now
     loss = _latest_loss(run["artifacts_dir"])
     rid, state = html.escape(run["id"]), html.escape(run["stage_state"] or "–")
     cells = [html.escape(run["name"]), f'<a href="/runs/{rid}">{rid}</a>',
@@ -274,14 +273,15 @@ def find_arms(store: Store, run: dict[str, Any]) -> list[tuple[str | None, Path]
     """The other arms of the comparison the run belongs to, as (label, run dir): every
     sibling arm of `mates compare`'s `DIR/seed-<s>/<arm>/` (labelled by its folder), or the
     `random/` beside a `<dir>/mates`, else the newest run in the store named
-    `<name>-random` (the name `mates compare` gives that arm; labelled by its run name)."""
+    `<name>-random` (`contracts.random_baseline_name`: a random run submitted beside it;
+    labelled by its run name)."""
     here = Path(run["artifacts_dir"])
     siblings = report.sibling_arms(here)
     if siblings:
         return [(p.name, p) for p in siblings]
     if (run.get("config") or {}).get("selection", {}).get("method") == "random":
         return []  # the run is a random arm itself
-    want = f"{run['name']}{RANDOM_SUFFIX}"[:64]
+    want = random_baseline_name(run["name"])
     arms = [r for r in store.list_runs(limit=500) if r["name"] == want and r["id"] != run["id"]]
     done = [r for r in arms if r["status"] == "done"]
     pick = (done or arms or [None])[0]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from services.api.deps import ReadKey, StoreDep
 from services.api.schemas import ModelVersion
-from services.scorer.schemas import RUN_ID_PATTERN
+from services.common.contracts import RUN_ID_PATTERN
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

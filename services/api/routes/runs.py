@@ -13,8 +13,8 @@ from mates.config import RunConfig, config_from_dict
 from mates.errors import ArtifactError, ConfigError
 from services.api.deps import KeyRequired, ReadKey, RunId, SettingsDep, StoreDep
 from services.api.schemas import Problem, Run, RunMetrics, RunStatus, RunSummary
+from services.common import lifecycle
 from services.common.store import Store, finite_json
-from services.worker import dispatch
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -79,7 +79,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 def submit_run(config: ConfigBody, store: StoreDep, settings: SettingsDep,
                _: KeyRequired) -> dict[str, Any]:
     """Validate a run config, create the run and queue its stage 0."""
-    return dispatch.create_run(store, settings, validate_run_config(config))
+    return lifecycle.create_run(store, settings, validate_run_config(config))
 
 
 @router.get("", response_model=list[RunSummary])
@@ -103,7 +103,7 @@ def cancel_run(run_id: RunId, store: StoreDep, settings: SettingsDep,
                _: KeyRequired) -> dict[str, Any]:
     """Ask an active run to stop; its status is `cancelling` until the worker stops it."""
     run_or_404(store, run_id)
-    return dispatch.cancel_run(store, settings, run_id)
+    return lifecycle.cancel_run(store, settings, run_id)
 
 
 @router.post("/{run_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
@@ -113,7 +113,7 @@ def resume_run(run_id: RunId, store: StoreDep, settings: SettingsDep,
                _: KeyRequired) -> dict[str, Any]:
     """Queue a failed or cancelled run again from its last completed step."""
     run_or_404(store, run_id)
-    return dispatch.resume_run(store, settings, run_id)
+    return lifecycle.resume_run(store, settings, run_id)
 
 
 @router.get("/{run_id}/metrics", response_model=RunMetrics, responses=NOT_FOUND)

@@ -8,12 +8,13 @@ from fastapi.responses import JSONResponse
 
 from services.api.deps import KeyRequired, SettingsDep
 from services.api.schemas import Problem
-from services.scorer.schemas import (
+from services.common.contracts import (
     MODEL_VERSION_HEADER,
     SCORE_RESPONSES,
     DocumentScore,
     ScoreRequest,
 )
+from services.common.scorer_client import SCORE_PATH, ScorerClient
 
 router = APIRouter(tags=["scoring"])
 
@@ -27,12 +28,11 @@ async def score(payload: ScoreRequest, request: Request, settings: SettingsDep,
     """Score documents with an influence-model version: a list of `{id, score}`, one per
     document in request order, with the resolved version (`<run_id>/<stage>`) in the
     `X-Model-Version` header. The scorer's status, body and that header are relayed as is."""
-    url = f"{settings.scorer_url.rstrip('/')}/v1/score"
-    headers = {"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"}
     try:
-        async with httpx.AsyncClient(timeout=settings.http_timeout_s) as client:
+        async with ScorerClient(settings).asynchronous() as client:
             # The body goes on byte for byte; `payload` only validates it and documents it.
-            r = await client.post(url, content=await request.body(), headers=headers)
+            r = await client.post(SCORE_PATH, content=await request.body(),
+                                  headers={"Content-Type": "application/json"})
     except httpx.TimeoutException:
         raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
                             f"the scorer at {settings.scorer_url} did not answer within "

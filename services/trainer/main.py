@@ -7,8 +7,9 @@ machine with `MATES_TRAINER_NPROC=N` to train each stage with DDP on N GPUs.
 
 from __future__ import annotations
 
-from services.worker.celery_app import TRAIN, _worker
+from services.common.contracts import TRAIN
+from services.common.queue import run_worker
 
 
 def serve() -> None:
-    _worker([TRAIN], "solo", 1, "trainer")
+    run_worker([TRAIN], "solo", 1, "trainer")

@@ -1,13 +1,54 @@
-"""Request and response bodies of the scorer's HTTP API."""
+"""The wire contracts shared by the API, the scorer and the workers, each defined once
+here: the run-ID pattern, the run status vocabulary, the task names and queues, and the
+scorer's request and response bodies with its model-version header."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
+from mates.manifest import RUN_STATUSES
+
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """What a run ID can be (`<name>-<8 hex>`, the name as `RunConfig.name` allows). IDs are
 only ever looked up, never joined into a path, and anything else (`..`, `/`, NUL, `%`) is
 refused at the edge: 422 in the API, and in the scorer's `model` string."""
+
+
+
+def random_baseline_name(name: str) -> str:
+    """The name of a run's random baseline when both were submitted through the API: the
+    dashboard overlays `<name>-random` on run `<name>` (names are at most 64 characters)."""
+    return f"{name}-random"[:64]
+
+
+# --------------------------------------------------------------------------- run status
+
+CANCELLING = "cancelling"
+"""The one status the services add to the library's: a cancel was asked, the worker holding
+the run has not stopped yet."""
+STATUSES = ("pending", "queued", "running", CANCELLING, "cancelled", "failed", "done")
+assert set(STATUSES) == {*RUN_STATUSES, CANCELLING}, "the library's statuses and cancelling"
+ACTIVE = ("pending", "queued", "running")
+"""What a cancel can stop."""
+WAITING_ON_BROKER = ("queued", "running", CANCELLING)
+"""Active runs whose next step is a task in the broker."""
+RESUMABLE = ("failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+STATUS_DOC = ", ".join(STATUSES[:-1]) + " or " + STATUSES[-1]
+
+# --------------------------------------------------------------------------- tasks and queues
+
+TRAIN, FIT, SCORE = "train", "fit", "score"
+TASK_QUEUES = {
+    "mates.train_stage": TRAIN,
+    "mates.fit_influence_model": FIT,
+    "mates.score_shard": SCORE,
+    "mates.select": FIT,
+}
+"""Each task's queue: the trainer consumes `train` (one job per GPU), the workers `fit`
+(influence-model fits and the select chord callback) and `score` (pool shards)."""
+
+# --------------------------------------------------------------------------- the scorer
 
 
 class Document(BaseModel):

@@ -1,33 +1,41 @@
-"""The Celery application shared by every process that sends or runs pipeline tasks.
+"""The task queue: the Celery app factory, routing, and enqueue-once.
 
-Queues: `train` (the trainer, concurrency 1 per GPU), `fit` (influence-model fits
-and the select chord callback) and `score` (pool shards). Tasks acknowledge late,
-so a worker that dies mid-task has its task redelivered; every task is idempotent.
+Queues and task names are the wire contract (`contracts.TASK_QUEUES`). Tasks acknowledge
+late, so a worker that dies mid-task has its task redelivered; every task is idempotent.
+Nothing is read at import: `make_celery(settings)` builds an app, `default_app()` the one
+of this process's settings (what `celery -A services.common.queue` finds as `app`).
+
+A run's tasks carry its *generation*; resuming bumps it, so a task left over from before a
+cancel or failure finds itself stale and does nothing. Every enqueue is claimed in the run
+store first (run, generation, task, stage), so a re-delivered task never enqueues its
+downstream work twice.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from functools import lru_cache
 
 import redis
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
+from services.common.contracts import TASK_QUEUES
+from services.common.errors import BrokerUnavailable, PublishPending
 from services.common.settings import Settings, get_settings
+from services.common.store import Store, default_store
+from services.common.watchdog import check_broker_of, start_watch
 
 log = logging.getLogger(__name__)
 
-TRAIN, FIT, SCORE = "train", "fit", "score"
-TASK_QUEUES = {
-    "mates.train_stage": TRAIN,
-    "mates.fit_influence_model": FIT,
-    "mates.score_shard": SCORE,
-    "mates.select": FIT,
-}
+TASK_MODULES = ["services.worker.tasks", "services.trainer.tasks"]
+
+
+# Publishing fails fast when the broker is down: a caller (an HTTP request, a task) must
+# not hang; a run left without its next task is marked failed, so it can be resumed.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
 class ClosingSafeQoS(kombu_redis.QoS):
@@ -74,7 +82,7 @@ class ClosingSafeQoS(kombu_redis.QoS):
             return None
 
 
-kombu_redis.Channel.QoS = ClosingSafeQoS
+kombu_redis.Channel.QoS = ClosingSafeQoS  # every Redis channel of this process
 
 
 def transport_options(settings: Settings) -> dict:
@@ -88,7 +96,7 @@ def transport_options(settings: Settings) -> dict:
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("mates", broker=settings.broker_url, backend=settings.backend_url,
-                 include=["services.worker.tasks", "services.trainer.tasks"])
+                 include=TASK_MODULES)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -108,16 +116,19 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-app = make_celery(get_settings())  # what `celery -A services.worker.celery_app` and the workers run
-
-
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _app_for(broker_url: str, backend_url: str, visibility_timeout_s: int) -> Celery:
     s = get_settings()
     if (broker_url, backend_url, visibility_timeout_s) == (s.broker_url, s.backend_url, s.visibility_timeout_s):
-        return app
+        return default_app()
     return make_celery(Settings(broker_url=broker_url, result_backend=backend_url,
                                 visibility_timeout_s=visibility_timeout_s))
+
+
+@functools.cache
+def default_app() -> Celery:
+    """The app of this process's settings: what the workers run and the tasks bind to."""
+    return make_celery(get_settings())
 
 
 def app_for(settings: Settings) -> Celery:
@@ -125,38 +136,71 @@ def app_for(settings: Settings) -> Celery:
     return _app_for(settings.broker_url, settings.backend_url, settings.visibility_timeout_s)
 
 
-@worker_process_init.connect
-def _limit_threads(**_) -> None:
-    _apply_threads(get_settings())
+def __getattr__(name: str):
+    if name == "app":  # `celery -A services.common.queue ...` (the compose healthchecks)
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@worker_ready.connect
-def _watch_broker(**_) -> None:
-    from services.worker.tasks import get_store
-    from services.worker.watch import start
-
-    start(get_settings(), get_store())  # checks a Redis broker; heartbeats with any broker
+# --------------------------------------------------------------------------- enqueue once
 
 
-def _apply_threads(settings: Settings) -> None:
+def claim(store: Store, run_id: str, generation: int, task: str, stage: int) -> bool:
+    """True: publish `task` now. False: it was published already. PublishPending: another
+    process claimed it and has not confirmed yet (retry later: a dead claimer's claim goes
+    stale and is taken over)."""
+    if store.claim_dispatch(run_id, generation, task, stage):
+        return True
+    if store.dispatch_sent(run_id, generation, task, stage):
+        log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage,
+                 generation)
+        return False
+    raise PublishPending(f"{task} of run {run_id} stage {stage} is claimed but not yet sent")
+
+
+def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int, generation: int,
+            *args: int) -> bool:
+    """Send `mates.<task>` once per (run, generation, task, stage); False if already sent.
+
+    Raises BrokerUnavailable when publishing fails, PublishPending as `claim` does.
+    """
+    check_broker_of(settings, store)  # a loss is claimed before anything goes into the new broker
+    if not claim(store, run_id, generation, task, stage):
+        return False
+    try:
+        app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
+                                    retry=True, retry_policy=PUBLISH_RETRY, ignore_result=True)
+    except Exception as e:  # kombu/redis raise many types for "broker unreachable"
+        raise BrokerUnavailable(
+            f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}") from e
+    store.mark_sent(run_id, generation, task, stage)
+    return True
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _limit_threads(settings: Settings) -> None:
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
 
 
-def _worker(queues: list[str], pool: str, concurrency: int, kind: str) -> None:
+def run_worker(queues: list[str], pool: str, concurrency: int, kind: str) -> None:
+    """Consume `queues` in this process until it is stopped: `mates serve worker|trainer`.
+    Every pool process limits its torch threads; the worker watches the broker and the
+    heartbeats (the watchdog) once it is ready."""
+    from celery.signals import worker_process_init, worker_ready
+
     settings = get_settings()
     name = settings.node_name or f"{kind}-{os.getpid()}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _apply_threads(settings)
+    _limit_threads(settings)
+    worker_process_init.connect(lambda **_: _limit_threads(get_settings()), weak=False)
+    worker_ready.connect(lambda **_: start_watch(get_settings(), default_store()), weak=False)
     log.info("worker %s: queues %s, pool %s x%d, broker %s", name, queues, pool, concurrency,
              settings.broker_url)
-    app.worker_main(["worker", "-Q", ",".join(queues), "--pool", pool, "-c", str(concurrency),
-                     "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
-
-
-def serve() -> None:
-    """`mates serve worker`: the fit and score queues."""
-    s = get_settings()
-    _worker([FIT, SCORE], s.worker_pool, s.worker_concurrency, "worker")
+    default_app().worker_main(["worker", "-Q", ",".join(queues), "--pool", pool, "-c",
+                               str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
+                               "--without-gossip", "--without-mingle"])
