@@ -602,6 +602,6 @@ def test_probe_history_fits_on_earlier_stages_probes_each_standardized(tiny_conf
     for part in (y[:n], y[n:]):  # each stage z-scored within itself
         assert part.mean() == pytest.approx(0, abs=1e-9) and part.std() == pytest.approx(1)
     plain = Run(tiny_config_factory(), tmp_path / "plain", progress=False)
-    plain.paths = run.paths  # the same probes, read as a run without history reads them
+    plain.ctx.paths = run.paths  # the same probes, read as a run without history reads them
     rows0, y0 = plain._fit_rows(1)
     assert len(rows0) == n and np.array_equal(y0, [r["influence"] for r in read_jsonl(run.paths.probes(1))])

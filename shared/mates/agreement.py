@@ -48,7 +48,7 @@ def probe_agreement(run_dir: Path, lrs: list[float], probes: int,
         raise ConfigError(f"--probes must be at least 3 for a rank correlation, got {probes}")
     run = Run.open(Path(run_dir), progress=False)
     run.manifest.readonly = True  # this tool reads the run; it never writes to it
-    run._prepare_files()
+    run.ctx.build_data()
     available = probeable_stages(run)
     stages = available if stages is None else stages
     missing = sorted(set(stages) - set(available))

@@ -96,7 +96,7 @@ def _demo_run(work: Path, sizes: Sizes, device: str, progress: bool, reference: 
             tokens += int(run.corpus.num_tokens(np.array([i]))[0])
         path = work / "reference-text.txt"
         path.write_text("\n\n".join(text), encoding="utf-8")
-        run.reference = load_reference(path, run.tokenizer, T, sizes.reference)
+        run.ctx.reference = load_reference(path, run.tokenizer, T, sizes.reference)
     return run
 
 

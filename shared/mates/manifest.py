@@ -104,6 +104,11 @@ class Manifest:
         states = [st["state"] for st in self.data["stages"]]
         return next((k for k, state in enumerate(states) if state != "done"), len(states))
 
+    def moved_past(self, k: int, state: str) -> bool:
+        """Stage k is already beyond `state` (a re-delivered task repeating an earlier step)."""
+        now = self.stage(k)["state"]
+        return now in STAGE_STATES and STAGE_STATES.index(now) > STAGE_STATES.index(state)
+
     def set_status(self, status: str, error: str | None = None) -> None:
         assert status in RUN_STATUSES, status
         self.data["status"] = status
