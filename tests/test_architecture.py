@@ -76,7 +76,7 @@ def test_only_the_cli_prints():
 
 @pytest.mark.parametrize("path", MODULES, ids=[_rel(p) for p in MODULES])
 def test_no_unseeded_randomness(path):
-    """Every random choice takes a seed from the run config (DESIGN §1)."""
+    """Every random choice takes a seed from the run config (docs/design.md §1)."""
     offenders = []
     for node in ast.walk(_tree(path)):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
