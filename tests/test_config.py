@@ -284,3 +284,17 @@ def test_token_budgets_become_whole_steps_and_survive_a_saved_config():
     assert cfg.pool_multiple == pytest.approx(5.0)  # 1 / selection.ratio by default
     again = config_from_dict(cfg.model_dump(mode="json"))  # how a run dir's manifest reloads
     assert again.fingerprint() == cfg.fingerprint()
+
+
+def test_a_preset_is_found_by_name_and_a_missing_one_lists_them(tmp_path, monkeypatch):
+    """`mates run tiny` works wherever the package is installed: the presets ship with it
+    (`configs/` in the repository links to them)."""
+    from mates.config import PRESETS
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert (PRESETS / "tiny.yaml").is_file() and (PRESETS / "demo.yaml").is_file()
+    assert load_config("tiny").name == load_config(PRESETS / "tiny.yaml").name
+    with pytest.raises(ConfigError, match=r"config file nope does not exist \(or name a preset: .*tiny"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file sub/tiny does not exist"):
+        load_config("sub/tiny")  # a path is never taken for a preset

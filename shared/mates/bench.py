@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mates.config import load_config
+from mates.config import PRESETS, load_config
 from mates.data.packing import PackedStream
 from mates.lm import autocast, lm_loss, resolve_precision
 from mates.probe import ExactOracle, FirstOrderOracle
@@ -39,7 +39,6 @@ from mates.stats import spearman
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -81,7 +80,7 @@ def _demo_run(work: Path, sizes: Sizes, device: str, progress: bool, reference: 
     # the scorer benchmark measures a transformer encoder (MiniLM), whatever the demo scores
     # with: batching, precision and compilation are what it compares, and a bag of n-grams
     # has none of them
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"device={device}", "influence.encoder=minilm"],
+    cfg = load_config(PRESETS / "demo.yaml", [f"device={device}", "influence.encoder=minilm"],
                       base_dir=work)
     run = Run(cfg, work / "run", progress=progress)
     run.prepare()
@@ -440,7 +439,7 @@ def bench_overhead(work: Path, device: str, progress: bool) -> dict[str, Any]:
 
     base = work / "tiny"
     build_demo(base / "data" / "demo", seed=0, pool_news_articles=100, progress=False)
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"device={device}"], base_dir=base)
+    cfg = load_config(PRESETS / "tiny.yaml", [f"device={device}"], base_dir=base)
     m = Run(cfg, base / "run", progress=progress).execute().data
     keys = ("probing", "fitting", "scoring", "selecting")
     train = sum(st["timings"].get("training", 0.0) for st in m["stages"])

@@ -26,6 +26,9 @@ from pydantic import (
 
 from mates.errors import ConfigError
 
+PRESETS = Path(__file__).parent / "configs"
+"""The preset configs shipped with the package (`configs/` in the repository links here)."""
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """A run's or a named set's name: it becomes part of run IDs and file names."""
 
@@ -557,11 +560,15 @@ def load_config(
     """Load a YAML config, apply `--set` overrides, validate.
 
     Relative data paths resolve against `base_dir` (default: the current directory),
-    so presets can name `data/demo/pool.jsonl` and be run from the repo root.
+    so presets can name `data/demo/pool.jsonl` and be run from the repo root. A bare name
+    that is not a file names a preset shipped with the package (`tiny`, `demo`, ...).
     """
     path = Path(path)
+    if not path.is_file() and path.name == str(path) and (PRESETS / f"{path.name}.yaml").is_file():
+        path = PRESETS / f"{path.name}.yaml"  # a preset by name: `mates run tiny`
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise ConfigError(f"config file {path} does not exist (or name a preset: {names})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
