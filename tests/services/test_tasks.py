@@ -103,8 +103,8 @@ class FakeRedis:
         return int(now), int((now % 1) * 1e6)
 
     def info(self, section):
-        assert section == "server"
-        return {"uptime_in_seconds": int(time.time() - self.started_at)}
+        assert section == "server"  # as Redis counts it: whole seconds, from a floored start
+        return {"uptime_in_seconds": int(time.time()) - int(self.started_at)}
 
 
 def test_the_broker_watch_fails_runs_stranded_by_an_emptied_broker(stored_run):
@@ -154,7 +154,7 @@ def test_a_run_resumed_into_the_new_broker_is_spared_by_a_late_check(stored_run)
 
     time.sleep(1.1)
     broker.restart()  # again; this time the run is resumed before any check notices
-    time.sleep(1.1)
+    time.sleep(2.1)  # the cut-off is up to two seconds after the start (whole-second uptime)
     gen = store.bump_generation(run_id)
     store.set_status(run_id, "queued")
     store.claim_dispatch(run_id, gen, "train_stage", 0)
@@ -164,6 +164,29 @@ def test_a_run_resumed_into_the_new_broker_is_spared_by_a_late_check(stored_run)
     store.mark_sent(run_id, gen, "train_stage", 0)
     assert watchdog.check_broker(broker, store) == []
     assert store.get_run(run_id)["status"] == "queued"
+
+
+def test_a_task_published_just_before_the_restart_counts_as_lost(stored_run):
+    """Redis's uptime is whole seconds from a floored start, so `TIME` less it can fall up
+    to a second before the true start; the cut-off allows for that. A run whose task went
+    into the old broker a moment before it died is failed, never left waiting (seen in
+    tests/services/test_faults.py: Redis killed and restarted within a second of the
+    stage's last publish)."""
+    store, run_id, _ = stored_run()
+    broker = FakeRedis()
+    assert watchdog.check_broker(broker, store) == []
+    gen = store.bump_generation(run_id)
+    store.set_status(run_id, "running")
+    while not 0.5 < time.time() % 1 < 0.6:  # late in a second
+        time.sleep(0.01)
+    store.claim_dispatch(run_id, gen, "score_shard", 0)
+    store.mark_sent(run_id, gen, "score_shard", 0)
+    time.sleep(0.2)
+    broker.restart()  # without persistence, 0.2 s after the publish, in the same second
+    time.sleep(1.0 - time.time() % 1 + 0.1)  # checked early in the next second: uptime 1
+    assert broker.info("server")["uptime_in_seconds"] == 1  # though less has passed
+    assert watchdog.broker_started_at(broker) >= broker.started_at
+    assert watchdog.check_broker(broker, store) == [run_id]
 
 
 def test_a_run_resumed_while_the_watch_lists_it_is_not_ended(stored_run, monkeypatch):
