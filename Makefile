@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 
 install: $(STAMP)
 
-data/demo/manifest.json: $(STAMP) shared/mates/data/demo.py
+data/demo/manifest.json: $(STAMP) $(wildcard shared/mates/data/demo/*.py)
 	$(VENV)/bin/mates data build-demo --out data/demo
 
 demo-data: data/demo/manifest.json

