@@ -310,3 +310,80 @@ def test_a_task_that_ends_stops_counting(store, manifest):
     assert len(store.silent_runs(older_than=9e12)) == 1  # two tasks at one instant: one row
     store.end_beat("task-b")
     assert store.silent_runs(older_than=9e12) == []
+
+
+# --------------------------------------------------------------------------- schema revisions
+
+
+def test_a_new_store_is_migrated_to_exactly_the_schema(store):
+    """The revisions build what `schema.py` declares, no more and no less: a change to the
+    tables without its migration fails here (on SQLite and on PostgreSQL)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from services.common.store.schema import REVISION, metadata
+
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn)
+        assert context.get_current_revision() == REVISION
+        assert compare_metadata(context, metadata) == []
+
+
+def test_a_store_from_before_revisions_is_stamped_and_keeps_its_rows(tmp_path, manifest):
+    """Stores created before session 10 hold the tables (made by `create_all`) and no
+    revision: opening one records revision 0001 and loses nothing."""
+    from sqlalchemy import inspect
+
+    from services.common.store.engine import make_engine
+    from services.common.store.schema import REVISION, metadata
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = make_engine(url)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        assert "alembic_version" not in inspect(conn).get_table_names()
+    engine.dispose()
+    old = Store.__new__(Store)  # the old store's writes, without its migration
+    old.url, old.engine = url, make_engine(url)
+    _add(old, manifest)
+    old.close()
+
+    store = Store(url)
+    assert store.get_run("t-0001")["name"] == "t"
+    from alembic.migration import MigrationContext
+
+    with store.engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == REVISION
+    store.close()
+
+
+def test_stores_opened_at_once_all_end_migrated(tmp_path):
+    """The api, the workers and the trainer open the store together on a fresh database:
+    four processes, and four threads of one."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/together.db"
+    code = f"from services.common.store import Store; Store({url!r}).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(timeout=120) != 0]
+    assert errors == []
+
+    url = f"sqlite:///{tmp_path}/threads.db"
+    failed: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            Store(url).close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == []
+    for u in (f"sqlite:///{tmp_path}/together.db", url):
+        assert Store(u).list_runs() == []
