@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 import mates
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     for router in (runs.router, models.router, scoring.router, health.router, dashboard.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")
     app.add_exception_handler(MatesError, _library_error)
     app.add_exception_handler(KombuOperationalError, _broker_error)
     install_edge(app, settings, expose_headers=(MODEL_VERSION_HEADER,))

@@ -30,6 +30,15 @@ def _check(creds: HTTPAuthorizationCredentials | None, settings: Settings) -> No
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API key")
 
 
+def check_key(authorization: str | None, settings: Settings) -> None:
+    """`_check` on a raw `Authorization` header, for a route that reads it itself (the
+    dashboard's pages, which answer a locked page instead of an error)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    creds = (HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+             if scheme.lower() == "bearer" and token.strip() else None)
+    _check(creds, settings)
+
+
 def require_key(get_settings):
     """Dependency for mutating endpoints: the key is always required."""
 

@@ -23,6 +23,16 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 EVIL = "<script>alert(1)</script>"
 
 
+def assert_only_local_resources(client, page: str) -> None:
+    """Every script, stylesheet and image of the page is one of this server's /static
+    files (served, with no host named), so the dashboard works offline."""
+    found = re.findall(r"<(?:script|link|img)\b[^>]*?(?:src|href)=\"([^\"]*)\"", page)
+    assert found, "the page loads its CSS and scripts from /static"
+    for url in found:
+        assert url.startswith("/static/"), url
+        assert client.get(url).status_code == 200, url
+
+
 def dashboard_settings(tmp_path: Path, **over) -> Settings:
     """No broker is ever contacted: the pages only read the store and the artifacts."""
     values = {"api_key": KEY, "database_url": f"sqlite:///{tmp_path}/db/runs.db",
@@ -83,10 +93,11 @@ def test_runs_list_shows_a_finished_run_with_its_latest_loss(client, tiny_dir):
     row = re.search(rf'<tr data-run="{run_id}">(.*?)</tr>', r.text).group(1)
     assert f'href="/runs/{run_id}"' in row and ">done<" in row
     assert f"{last['heldout_loss']:.3f}" in row
-    assert "setInterval(refreshRuns" in r.text  # the live refresh
+    assert 'src="/static/runs.js"' in r.text  # the live refresh
+    assert "setInterval(refreshRuns" in client.get("/static/runs.js").text
     assert client.get("/dashboard/rows").text.count("<tr") == 1
-    # works offline: nothing is loaded from another host, or from any file at all
-    assert not re.search(r"<(script|link|img)\b[^>]*(src|href)=", r.text)
+    # works offline: nothing is loaded from another host, only this server's /static files
+    assert_only_local_resources(client, r.text)
     assert "http://" not in r.text and "https://" not in r.text
 
 
@@ -107,7 +118,7 @@ def test_run_page_draws_every_chart(client, tiny_dir, tiny_run):
         assert "<path" in svg, name
     assert 'data-status="done"' in r.text and 'id="baseline"' not in r.text
     assert f'value="{run_id}/latest"' in r.text and 'id="score-form"' in r.text
-    assert not re.search(r"<(script|link|img)\b[^>]*(src|href)=", r.text)
+    assert_only_local_resources(client, r.text)
 
 
 def has_baseline_curve(page: str) -> bool:
@@ -151,7 +162,7 @@ def test_baseline_found_in_a_comparison_directory(client, tiny_run, tmp_path):
 
 def test_unknown_runs_are_404_and_bad_ids_422(client):
     r = client.get("/runs/nope-00000000")
-    assert r.status_code == 404 and "no run &#x27;nope-00000000&#x27;" in r.text
+    assert r.status_code == 404 and "no run &#39;nope-00000000&#39;" in r.text
     assert r.headers["content-type"].startswith("text/html")
     for bad in ("..%2Fetc", ".hidden", "a%00b", "r" * 129):
         assert client.get(f"/runs/{bad}").status_code in (404, 422), bad
@@ -166,7 +177,8 @@ def test_names_and_errors_are_escaped(client, tiny_dir, tmp_path):
         assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text, path
         assert "<img src=x" not in text, path
     page = client.get(f"/runs/{run_id}").text
-    assert 'data-status="running"' in page and "refreshRun" in page  # refreshes until it ends
+    assert 'data-status="running"' in page and 'src="/static/run.js"' in page  # refreshes
+    assert "refreshRun" in client.get("/static/run.js").text  # until it ends
 
 
 def test_pages_are_not_in_the_openapi_schema(client):
