@@ -384,7 +384,7 @@ def fast_predict(scorer: InfluenceScorer, texts: Sequence[str], batch_size: int)
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The 90/10 split fits used before cross-validation; kept because older fit reports
-    (no `val_size`) are read as this split sized them (`report._val_n`)."""
+    (no `val_size`) are read as this split sized them (`mates.report.views._val_n`)."""
     n_val = max(2, int(round(n * val_fraction)))
     if n - n_val < 2:
         raise DataError(f"need at least {n_val + 2} probes to fit the influence model, got {n}")
