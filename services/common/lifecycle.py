@@ -8,6 +8,8 @@ see `watchdog`) is ended here at once rather than waiting for the watch.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from mates.artifacts import RunPaths
@@ -15,13 +17,15 @@ from mates.config import RunConfig
 from mates.errors import RunStateError
 from mates.manifest import Manifest
 from mates.run import init_run
-from services.common.contracts import ACTIVE, CANCELLING, RESUMABLE
+from services.common.contracts import ACTIVE, CANCELLING, RESUMABLE, WAITING_ON_BROKER
 from services.common.ending import stored_manifest
 from services.common.errors import BrokerUnavailable
 from services.common.queue import enqueue
 from services.common.settings import Settings
 from services.common.store import Store
 from services.common.watchdog import check_broker_of, end_silent_runs
+
+log = logging.getLogger(__name__)
 
 
 def _queue_from_next_stage(store: Store, settings: Settings, manifest: Manifest,
@@ -76,6 +80,44 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     RunPaths(Path(row["artifacts_dir"])).cancel.unlink(missing_ok=True)
     _queue_from_next_stage(store, settings, stored_manifest(store, row), generation)
     return store.get_run(run_id)
+
+
+RESCUED = {"score_shard": "select"}
+"""A stage's shards are a chord: their `select` scores whatever shard is missing itself."""
+
+
+def rescue_stalled_runs(settings: Settings, store: Store) -> list[str]:
+    """Publish again, once per generation, the task an active run waits for when its message
+    was lost: a worker or Redis died between taking it from its queue and recording it as
+    unacknowledged (kombu's Redis transport has that gap), so no redelivery will come.
+
+    A run counts as stalled when nothing of its generation runs (no heartbeat row, not even
+    a dead one: those are `end_silent_runs`'), its latest task was published more than
+    `stall_s` ago, and no task of it was delivered since `stall_s` ago. Its IDs."""
+    cutoff = time.time() - settings.stall_s
+    rescued = []
+    for status in WAITING_ON_BROKER:
+        for row in store.list_runs(status=status, limit=100_000):
+            run_id, generation = row["id"], row["generation"]
+            last = store.last_dispatch(run_id, generation)
+            if last is None or last["sent_at"] is None or last["sent_at"] > cutoff:
+                continue
+            if last["task"].startswith("rescue:"):
+                continue  # rescued once already in this generation
+            delivered = store.last_delivery_at(run_id, generation)
+            if delivered is not None and delivered > cutoff:
+                continue
+            if any(b["generation"] == generation for b in store.list_heartbeats(run_id)):
+                continue
+            task = RESCUED.get(last["task"], last["task"])
+            if enqueue(settings, store, run_id, task, last["stage"], generation,
+                       claim_as=f"rescue:{task}"):
+                log.warning("run %s: nothing of generation %d ran or was delivered for %.0f s "
+                            "after %s of stage %d was published (its message was lost?); "
+                            "published %s again", run_id, generation, settings.stall_s,
+                            last["task"], last["stage"], task)
+                rescued.append(run_id)
+    return rescued
 
 
 def _get(store: Store, run_id: str) -> dict:

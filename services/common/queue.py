@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import redis
 from celery import Celery
@@ -159,13 +160,15 @@ def claim(store: Store, run_id: str, generation: int, task: str, stage: int) -> 
 
 
 def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int, generation: int,
-            *args: int) -> bool:
+            *args: int, claim_as: str | None = None) -> bool:
     """Send `mates.<task>` once per (run, generation, task, stage); False if already sent.
+    `claim_as` claims it under another name (a task published again, once, by the watch).
 
     Raises BrokerUnavailable when publishing fails, PublishPending as `claim` does.
     """
     check_broker_of(settings, store)  # a loss is claimed before anything goes into the new broker
-    if not claim(store, run_id, generation, task, stage):
+    task_claim = claim_as or task
+    if not claim(store, run_id, generation, task_claim, stage):
         return False
     try:
         app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
@@ -173,7 +176,7 @@ def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int
     except Exception as e:  # kombu/redis raise many types for "broker unreachable"
         raise BrokerUnavailable(
             f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}") from e
-    store.mark_sent(run_id, generation, task, stage)
+    store.mark_sent(run_id, generation, task_claim, stage)
     return True
 
 
@@ -187,10 +190,11 @@ def _limit_threads(settings: Settings) -> None:
         torch.set_num_threads(settings.threads)
 
 
-def run_worker(queues: list[str], pool: str, concurrency: int, kind: str) -> None:
+def run_worker(queues: list[str], pool: str, concurrency: int, kind: str,
+               watch_also: tuple[Callable[[Settings, Store], object], ...] = ()) -> None:
     """Consume `queues` in this process until it is stopped: `mates serve worker|trainer`.
     Every pool process limits its torch threads; the worker watches the broker and the
-    heartbeats (the watchdog) once it is ready."""
+    heartbeats (the watchdog), and runs `watch_also` with them, once it is ready."""
     from celery.signals import worker_process_init, worker_ready
 
     settings = get_settings()
@@ -198,7 +202,8 @@ def run_worker(queues: list[str], pool: str, concurrency: int, kind: str) -> Non
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _limit_threads(settings)
     worker_process_init.connect(lambda **_: _limit_threads(get_settings()), weak=False)
-    worker_ready.connect(lambda **_: start_watch(get_settings(), default_store()), weak=False)
+    worker_ready.connect(lambda **_: start_watch(get_settings(), default_store(), watch_also),
+                         weak=False)
     log.info("worker %s: queues %s, pool %s x%d, broker %s", name, queues, pool, concurrency,
              settings.broker_url)
     default_app().worker_main(["worker", "-Q", ",".join(queues), "--pool", pool, "-c",

@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         120.0, gt=0, description="an active run whose started tasks have all been silent this long "
         "is failed (or, when cancelling, cancelled) as lost: their process was killed; resume it "
         "to continue from its last checkpoint. Must be several heartbeat_s")
+    stall_s: float = Field(
+        900.0, gt=0, description="an active run with no task running and none delivered for this "
+        "long since its last task was published has lost that task's message (a worker or "
+        "Redis died between taking it from its queue and recording it as unacknowledged): "
+        "the watch publishes it again once (for a stage's shards, their select, which scores "
+        "any shard still missing). Tasks are idempotent, so a message that was merely waiting "
+        "behind other work costs only a duplicate that does nothing")
     soft_shutdown_s: float = Field(
         20.0, ge=0, description="on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) "
         "running tasks get this long, then go back to the queue")

@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 
@@ -210,9 +211,10 @@ def end_silent_runs(store: Store, settings: Settings, run_id: str | None = None,
 # --------------------------------------------------------------------------- the watch loop
 
 
-def watch(settings: Settings, store: Store, stop: threading.Event) -> None:
-    """Every `broker_watch_s` until `stop` is set: check the broker (a Redis one), and end
-    the runs whose tasks' processes stopped beating (`Heartbeat`)."""
+def watch(settings: Settings, store: Store, stop: threading.Event,
+          also: tuple[Callable[[Settings, Store], object], ...] = ()) -> None:
+    """Every `broker_watch_s` until `stop` is set: check the broker (a Redis one), end the
+    runs whose tasks' processes stopped beating (`Heartbeat`), then run each of `also`."""
     client = None
     if settings.broker_url.startswith(("redis://", "rediss://")):
         client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2,
@@ -229,13 +231,19 @@ def watch(settings: Settings, store: Store, stop: threading.Event) -> None:
             end_silent_runs(store, settings)
         except Exception:
             log.exception("heartbeat watch: check failed")
+        for check in also:
+            try:
+                check(settings, store)
+            except Exception:  # the broker or store is down: the next tick tries again
+                log.exception("watch: %s failed", getattr(check, "__name__", check))
         if stop.wait(settings.broker_watch_s):
             return
 
 
-def start_watch(settings: Settings, store: Store) -> threading.Event:
+def start_watch(settings: Settings, store: Store,
+                also: tuple[Callable[[Settings, Store], object], ...] = ()) -> threading.Event:
     """Start the watch in a daemon thread; set the returned event to stop it."""
     stop = threading.Event()
-    threading.Thread(target=watch, args=(settings, store, stop), name="broker-watch",
+    threading.Thread(target=watch, args=(settings, store, stop, also), name="broker-watch",
                      daemon=True).start()
     return stop

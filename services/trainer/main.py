@@ -8,8 +8,10 @@ machine with `MATES_TRAINER_NPROC=N` to train each stage with DDP on N GPUs.
 from __future__ import annotations
 
 from services.common.contracts import TRAIN
+from services.common.lifecycle import rescue_stalled_runs
 from services.common.queue import run_worker
 
 
 def serve() -> None:
-    run_worker([TRAIN], "solo", 1, "trainer")
+    run_worker([TRAIN], "solo", 1, "trainer",
+               watch_also=(rescue_stalled_runs,))

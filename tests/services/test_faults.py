@@ -116,6 +116,10 @@ class Stack:
             "MATES_TASK_RETRY_JITTER": "false",
             "MATES_TASK_MAX_DELIVERIES": str(MAX_DELIVERIES),
             "MATES_BROKER_WATCH_S": "1",
+            # a message lost between its queue and the unacked hash (a kill at that instant)
+            # is published again after this long without a delivery; above VISIBILITY_S, so
+            # that the redelivery of an unacknowledged task comes first
+            "MATES_STALL_S": "20",
             "MATES_THREADS": "1",
             "MATES_WORKER_CONCURRENCY": "2",
             "MATES_WORKER_POOL": "prefork",

@@ -349,3 +349,59 @@ def test_acknowledging_on_a_dead_connection_does_not_kill_the_consumer(caplog):
         assert qos.reject("t", requeue=False) is None
     assert qos._dirty == {"t"}  # dropped from this process's state at the next flush
     assert caplog.text.count("on a closed broker connection") == 2
+
+
+# --------------------------------------------------------------------------- lost messages
+
+
+def test_a_run_whose_message_was_lost_has_it_published_again_once(stored_run, monkeypatch):
+    """kombu's Redis transport takes a task from its queue, then records it as unacknowledged;
+    a worker or Redis killed between the two loses the message (seen in
+    tests/services/test_faults.py: one of twenty shards never delivered, the stage's chord
+    never complete). With nothing running and nothing delivered for `stall_s` after the last
+    publish, the watch publishes it again, once: a chord's shards as their select, which
+    scores whatever shard is missing."""
+    store, run_id, _ = stored_run()
+    gen = store.bump_generation(run_id)
+    store.set_status(run_id, "running")
+    store.claim_dispatch(run_id, gen, "score_shard", 0)
+    store.mark_sent(run_id, gen, "score_shard", 0)
+    store.count_delivery(run_id, gen, "mates.score_shard", 0, 1, 0)  # 19 of 20 shards ran
+    sent = []
+
+    def publish(app_settings, store_, run, task, stage, generation, *args, claim_as=None):
+        sent.append((run, task, stage, generation, claim_as))
+        return store_.claim_dispatch(run, generation, claim_as or task, stage)
+
+    monkeypatch.setattr(lifecycle, "enqueue", publish)
+    settings = stagetask.get_settings().model_copy(update={"stall_s": 3600.0})
+    assert lifecycle.rescue_stalled_runs(settings, store) == []  # not stalled for long enough
+    quick = settings.model_copy(update={"stall_s": 0.0})
+    store.beat("task-9", run_id, gen, "mates.score_shard", 0, shard=2)
+    assert lifecycle.rescue_stalled_runs(quick, store) == []  # something runs (or died: not ours)
+    store.end_beat("task-9")
+    time.sleep(0.01)
+    assert lifecycle.rescue_stalled_runs(quick, store) == [run_id]
+    assert sent == [(run_id, "select", 0, gen, "rescue:select")]
+    store.mark_sent(run_id, gen, "rescue:select", 0)
+    time.sleep(0.01)
+    assert lifecycle.rescue_stalled_runs(quick, store) == []  # once per generation
+    assert len(sent) == 1
+
+
+def test_a_lost_single_task_is_published_as_itself(stored_run, monkeypatch):
+    store, run_id, _ = stored_run()
+    gen = store.bump_generation(run_id)
+    store.set_status(run_id, "queued")
+    store.claim_dispatch(run_id, gen, "train_stage", 0)  # created; the trainer never got it
+    store.mark_sent(run_id, gen, "train_stage", 0)
+    sent = []
+    monkeypatch.setattr(lifecycle, "enqueue",
+                        lambda _s, _st, run, task, stage, g, claim_as=None: sent.append(
+                            (task, stage, g, claim_as)) or True)
+    time.sleep(0.01)
+    quick = stagetask.get_settings().model_copy(update={"stall_s": 0.0})
+    assert lifecycle.rescue_stalled_runs(quick, store) == [run_id]
+    assert sent == [("train_stage", 0, gen, "rescue:train_stage")]
+    store.set_status(run_id, "failed", "ended meanwhile")
+    assert lifecycle.rescue_stalled_runs(quick, store) == []  # only active runs

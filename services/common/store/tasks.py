@@ -66,6 +66,14 @@ class TaskRecords:
             return conn.execute(select(func.max(dispatches.c.at)).where(and_(
                 dispatches.c.run_id == run_id, dispatches.c.generation == generation))).scalar()
 
+    def last_dispatch(self, run_id: str, generation: int) -> dict[str, Any] | None:
+        """The run's latest claimed task in `generation` (task, stage, at, sent_at), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(dispatches).where(and_(
+                dispatches.c.run_id == run_id, dispatches.c.generation == generation))
+                .order_by(dispatches.c.at.desc()).limit(1)).mappings().first()
+        return dict(row) if row is not None else None
+
     # ------------------------------------------------------------------ deliveries
 
     def count_delivery(self, run_id: str, generation: int, task: str, stage: int, shard: int,
@@ -78,6 +86,12 @@ class TaskRecords:
                       {"count": 1},
                       then=lambda conn: int(conn.execute(select(deliveries.c.count).where(where))
                                             .scalar_one()))
+
+    def last_delivery_at(self, run_id: str, generation: int) -> float | None:
+        """When a task of the run's `generation` was last delivered to a worker (None: never)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(deliveries.c.at)).where(and_(
+                deliveries.c.run_id == run_id, deliveries.c.generation == generation))).scalar()
 
     def list_deliveries(self, run_id: str) -> list[dict[str, Any]]:
         """Delivery counts of the run's tasks, oldest first."""
