@@ -149,4 +149,5 @@ def test_the_scan_sees_the_real_loaders():
                 if aliases.get(head, head) + (f".{rest}" if rest else "") in (
                         "torch.load", "safetensors.torch.load_file"):
                     calls.append(path.name)
-    assert "train.py" in calls and "influence.py" in calls, calls
+    # the LM checkpoint (mates/train.py) and the influence model (mates/influence/scorer.py)
+    assert "train.py" in calls and "scorer.py" in calls, calls
