@@ -20,24 +20,42 @@ from mates.errors import MatesError
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 # `mates serve X` calls `<module>.serve()`; imported only then, so the library works alone.
-SERVICES = {"api": "services.api.app", "scorer": "services.scorer.app",
-            "trainer": "services.trainer.main", "worker": "services.worker.main"}
+SERVICES = {
+    "api": "services.api.app",
+    "scorer": "services.scorer.app",
+    "trainer": "services.trainer.main",
+    "worker": "services.worker.main",
+}
 
 
 def _add_runs_args(sub) -> None:
     # --api is accepted before or after the runs subcommand
     api = argparse.ArgumentParser(add_help=False)
-    api.add_argument("--api", default=argparse.SUPPRESS, metavar="URL",
-                     help=f"API base URL (default: $MATES_API_URL or {DEFAULT_API_URL}); "
-                     "the key comes from $MATES_API_KEY")
-    runs = sub.add_parser("runs", parents=[api], help="submit and follow runs on a MATES API server")
+    api.add_argument(
+        "--api",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help=f"API base URL (default: $MATES_API_URL or {DEFAULT_API_URL}); "
+        "the key comes from $MATES_API_KEY",
+    )
+    runs = sub.add_parser(
+        "runs", parents=[api], help="submit and follow runs on a MATES API server"
+    )
     rsub = runs.add_subparsers(dest="runs_command", required=True)
     for name, handler in RUNS_COMMANDS.items():
         p = rsub.add_parser(name, parents=[api], help=handler.__doc__)
         if name == "submit":
-            p.add_argument("config", type=Path, help="YAML run config (data paths as the server sees them)")
-            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a config field (repeatable)")
+            p.add_argument(
+                "config", type=Path, help="YAML run config (data paths as the server sees them)"
+            )
+            p.add_argument(
+                "--set",
+                dest="overrides",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="override a config field (repeatable)",
+            )
         elif name == "list":
             p.add_argument("--status", default=None, help="only runs in this status")
             p.add_argument("--limit", type=int, default=50)
@@ -53,8 +71,10 @@ def _api_client(args):
     try:
         from services.api.client import ApiClient
     except ModuleNotFoundError as e:
-        raise MatesError(f"`mates runs` needs the services extra (pip install 'mates[services]'): "
-                         f"{e.name} is not installed") from None
+        raise MatesError(
+            f"`mates runs` needs the services extra (pip install 'mates[services]'): "
+            f"{e.name} is not installed"
+        ) from None
     url = getattr(args, "api", None) or os.environ.get("MATES_API_URL") or DEFAULT_API_URL
     return ApiClient(url, os.environ.get("MATES_API_KEY"))
 
@@ -85,8 +105,10 @@ def runs_list(client, args) -> int:
     print(f"{'run':<28} {'status':<10} {'stage':>5} {'state':<9} {'updated':<19}")
     for r in rows:
         stage = f"{r['current_stage']}/{r['num_stages']}"
-        print(f"{r['id']:<28} {r['status']:<10} {stage:>5} {r.get('stage_state') or '-':<9} "
-              f"{_when(r['updated_at']):<19}")
+        print(
+            f"{r['id']:<28} {r['status']:<10} {stage:>5} {r.get('stage_state') or '-':<9} "
+            f"{_when(r['updated_at']):<19}"
+        )
     return 0
 
 
@@ -96,10 +118,14 @@ def runs_show(client, args) -> int:
     if args.json:
         print(json.dumps(run, indent=2))
         return 0
-    print(f"run {run['id']} ({run['name']}): {run['status']}"
-          + (f": {run['error']}" if run.get("error") else ""))
-    print(f"created {_when(run['created_at'])}, updated {_when(run['updated_at'])}, "
-          f"generation {run['generation']}, artifacts {run['artifacts_dir']}")
+    print(
+        f"run {run['id']} ({run['name']}): {run['status']}"
+        + (f": {run['error']}" if run.get("error") else "")
+    )
+    print(
+        f"created {_when(run['created_at'])}, updated {_when(run['updated_at'])}, "
+        f"generation {run['generation']}, artifacts {run['artifacts_dir']}"
+    )
     print_stages(run)
     for st in run["stages"]:
         if st.get("error"):
@@ -116,14 +142,17 @@ def runs_watch(client, args) -> int:
     while True:
         run = client.show(args.run_id)
         for st in run["stages"]:
-            for t in st["transitions"][printed.get(st["stage"], 0):]:
+            for t in st["transitions"][printed.get(st["stage"], 0) :]:
                 reason = f" ({t['reason']})" if t.get("reason") else ""
                 print(f"{_when(t['at'])} stage {st['stage']}: {t['state']}{reason}", flush=True)
             printed[st["stage"]] = len(st["transitions"])
         if run["status"] != status:
             status = run["status"]
-            print(f"{_when(run['updated_at'])} run {run['id']}: {status}"
-                  + (f": {run['error']}" if run.get("error") else ""), flush=True)
+            print(
+                f"{_when(run['updated_at'])} run {run['id']}: {status}"
+                + (f": {run['error']}" if run.get("error") else ""),
+                flush=True,
+            )
         if status == "done":
             return 0
         if status in ("failed", "cancelled"):
@@ -132,10 +161,14 @@ def runs_watch(client, args) -> int:
 
 
 def _print_control(run: dict) -> int:
-    note = {"cancelling": "the worker stops it at its next step",
-            "queued": f"generation {run['generation']}, from stage {run['current_stage']}"}
-    print(f"run {run['id']}: {run['status']}"
-          + (f" ({note[run['status']]})" if run["status"] in note else ""))
+    note = {
+        "cancelling": "the worker stops it at its next step",
+        "queued": f"generation {run['generation']}, from stage {run['current_stage']}",
+    }
+    print(
+        f"run {run['id']}: {run['status']}"
+        + (f" ({note[run['status']]})" if run["status"] in note else "")
+    )
     return 0
 
 
@@ -150,8 +183,10 @@ def runs_resume(client, args) -> int:
 
 
 # Subcommands are named after their handlers (`runs_<name>`).
-RUNS_COMMANDS = {f.__name__.removeprefix("runs_"): f for f in (
-    runs_submit, runs_list, runs_show, runs_watch, runs_cancel, runs_resume)}
+RUNS_COMMANDS = {
+    f.__name__.removeprefix("runs_"): f
+    for f in (runs_submit, runs_list, runs_show, runs_watch, runs_cancel, runs_resume)
+}
 
 
 def cmd_runs(args) -> int:
@@ -168,8 +203,10 @@ def cmd_serve(args) -> int:
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in ("services", "mates"):
             raise
-        raise MatesError(f"`mates serve {args.service}` needs the services extra "
-                         f"(pip install 'mates[services]'): {e.name} is not installed") from None
+        raise MatesError(
+            f"`mates serve {args.service}` needs the services extra "
+            f"(pip install 'mates[services]'): {e.name} is not installed"
+        ) from None
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)  # a server reports what it does
     module.serve()
@@ -191,6 +228,7 @@ def register(sub) -> dict:
     _add_runs_args(sub)
     serve = sub.add_parser("serve", help="run one of the services (needs the services extra)")
     serve.add_argument("service", choices=tuple(SERVICES), help="which service")
-    sub.add_parser("loadtest", help="load-test the scorer on loopback (its options: "
-                   "mates loadtest --help)")
+    sub.add_parser(
+        "loadtest", help="load-test the scorer on loopback (its options: mates loadtest --help)"
+    )
     return {"runs": cmd_runs, "serve": cmd_serve}

@@ -87,8 +87,15 @@ class Workload:
         return ids, {"model": self.model, "documents": docs}
 
 
-async def _client(client: httpx.AsyncClient, work: Workload, rng: np.random.Generator,
-                  deadline: float, budget: list[int], tag: str, phase: Phase) -> None:
+async def _client(
+    client: httpx.AsyncClient,
+    work: Workload,
+    rng: np.random.Generator,
+    deadline: float,
+    budget: list[int],
+    tag: str,
+    phase: Phase,
+) -> None:
     """One client: requests back to back until the deadline or the shared budget runs out."""
     n = 0
     while time.perf_counter() < deadline and budget[0] > 0:
@@ -114,14 +121,25 @@ async def _client(client: httpx.AsyncClient, work: Workload, rng: np.random.Gene
         phase.versions.add(resp.headers[MODEL_VERSION_HEADER])
 
 
-async def _drive(client: httpx.AsyncClient, work: Workload, clients: int, seconds: float,
-                 max_requests: int, seed: int) -> tuple[Phase, float]:
+async def _drive(
+    client: httpx.AsyncClient,
+    work: Workload,
+    clients: int,
+    seconds: float,
+    max_requests: int,
+    seed: int,
+) -> tuple[Phase, float]:
     """All clients at once for `seconds` (at most `max_requests`); the phase and its wall time."""
     phase, budget = Phase(), [max_requests]
     t0 = time.perf_counter()
-    await asyncio.gather(*(
-        _client(client, work, np.random.default_rng([seed, i]), t0 + seconds, budget, f"c{i}", phase)
-        for i in range(clients)))
+    await asyncio.gather(
+        *(
+            _client(
+                client, work, np.random.default_rng([seed, i]), t0 + seconds, budget, f"c{i}", phase
+            )
+            for i in range(clients)
+        )
+    )
     return phase, time.perf_counter() - t0
 
 
@@ -149,8 +167,9 @@ async def run_load(args, texts: list[str], pid: int | None) -> dict:
     """The whole test against `args.url`: warm-up, then the measured phase; the report."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
-                                 timeout=args.timeout_s) as client:
+    async with httpx.AsyncClient(
+        base_url=args.url, headers=headers, limits=limits, timeout=args.timeout_s
+    ) as client:
         work = Workload(args.model, texts, args.docs_per_request)
         warm, warm_s = await _drive(client, work, args.clients, args.warmup_s, args.max_requests, 1)
         samples: list[tuple[float, float]] = []
@@ -173,15 +192,29 @@ def _latency_ms(latencies_s: list[float]) -> dict[str, float | None]:
     return {**out, "mean": round(float(ms.mean()), 1) if len(ms) else None}
 
 
-def _report(args, pid, warm: Phase, warm_s: float, phase: Phase, wall_s: float,
-            samples: list[tuple[float, float]], load_start) -> dict:
+def _report(
+    args,
+    pid,
+    warm: Phase,
+    warm_s: float,
+    phase: Phase,
+    wall_s: float,
+    samples: list[tuple[float, float]],
+    load_start,
+) -> dict:
     rss = None
     if samples:
         mibs = [m for _, m in samples]
         # Growth over the second half tells a leak (still climbing) from warm-up (flat by then).
-        rss = {"pid": pid, "start": mibs[0], "end": mibs[-1], "max": max(mibs),
-               "growth": round(mibs[-1] - mibs[0], 1),
-               "growth_second_half": round(mibs[-1] - mibs[len(mibs) // 2], 1), "samples": samples}
+        rss = {
+            "pid": pid,
+            "start": mibs[0],
+            "end": mibs[-1],
+            "max": max(mibs),
+            "growth": round(mibs[-1] - mibs[0], 1),
+            "growth_second_half": round(mibs[-1] - mibs[len(mibs) // 2], 1),
+            "samples": samples,
+        }
     problems = [] if phase.latencies_s else ["no request succeeded"]
     errors = phase.errors + warm.errors
     if errors:
@@ -189,18 +222,32 @@ def _report(args, pid, warm: Phase, warm_s: float, phase: Phase, wall_s: float,
     if rss and rss["growth"] > args.max_rss_growth_mib:
         problems.append(f"scorer RSS grew {rss['growth']} MiB (> {args.max_rss_growth_mib})")
     return {
-        "url": args.url, "model": args.model, "versions": sorted(phase.versions),
-        "clients": args.clients, "docs_per_request": args.docs_per_request,
-        "seconds": round(wall_s, 2), "requests": phase.requests,
-        "ok": len(phase.latencies_s), "requests_per_s": round(phase.requests / wall_s, 1),
+        "url": args.url,
+        "model": args.model,
+        "versions": sorted(phase.versions),
+        "clients": args.clients,
+        "docs_per_request": args.docs_per_request,
+        "seconds": round(wall_s, 2),
+        "requests": phase.requests,
+        "ok": len(phase.latencies_s),
+        "requests_per_s": round(phase.requests / wall_s, 1),
         "docs_per_s": round(phase.docs / wall_s, 1),
         "latency_ms": _latency_ms(phase.latencies_s),
         "errors": dict(phase.errors),
-        "warmup": {"seconds": round(warm_s, 2), "requests": warm.requests, "errors": dict(warm.errors)},
-        "rss_mib": rss, "max_rss_growth_mib": args.max_rss_growth_mib,
-        "load_average": {"start": [round(x, 2) for x in load_start],
-                         "end": [round(x, 2) for x in os.getloadavg()]},
-        "cpu_count": os.cpu_count(), "problems": problems, "passed": not problems,
+        "warmup": {
+            "seconds": round(warm_s, 2),
+            "requests": warm.requests,
+            "errors": dict(warm.errors),
+        },
+        "rss_mib": rss,
+        "max_rss_growth_mib": args.max_rss_growth_mib,
+        "load_average": {
+            "start": [round(x, 2) for x in load_start],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "cpu_count": os.cpu_count(),
+        "problems": problems,
+        "passed": not problems,
     }
 
 
@@ -212,19 +259,28 @@ def format_report(r: dict) -> str:
     lat, rss = r["latency_ms"], r["rss_mib"]
     rows = [
         ("scorer", f"{r['url']}  model {r['model']} -> {', '.join(r['versions']) or '-'}"),
-        ("load", f"{r['clients']} clients x {r['docs_per_request']} docs/request, {r['seconds']} s "
-                 f"(after {r['warmup']['seconds']} s warm-up, {r['warmup']['requests']} requests)"),
+        (
+            "load",
+            f"{r['clients']} clients x {r['docs_per_request']} docs/request, {r['seconds']} s "
+            f"(after {r['warmup']['seconds']} s warm-up, {r['warmup']['requests']} requests)",
+        ),
         ("requests", f"{r['requests']} ({r['ok']} ok)"),
         ("requests/s", r["requests_per_s"]),
         ("docs/s", r["docs_per_s"]),
         ("latency ms", "  ".join(f"{k} {v}" for k, v in lat.items())),
         ("errors", f"{_counts(r['errors'])} (warm-up: {_counts(r['warmup']['errors'])})"),
-        ("scorer RSS MiB", f"start {rss['start']}  end {rss['end']}  max {rss['max']}  "
-                           f"growth {rss['growth']} (second half {rss['growth_second_half']}; "
-                           f"{len(rss['samples'])} samples, pid {rss['pid']})"
-         if rss else "not measured (no --pid)"),
-        ("load average", f"{r['load_average']['start']} -> {r['load_average']['end']} "
-                         f"on {r['cpu_count']} CPUs"),
+        (
+            "scorer RSS MiB",
+            f"start {rss['start']}  end {rss['end']}  max {rss['max']}  "
+            f"growth {rss['growth']} (second half {rss['growth_second_half']}; "
+            f"{len(rss['samples'])} samples, pid {rss['pid']})"
+            if rss
+            else "not measured (no --pid)",
+        ),
+        (
+            "load average",
+            f"{r['load_average']['start']} -> {r['load_average']['end']} on {r['cpu_count']} CPUs",
+        ),
         ("result", "PASS" if r["passed"] else "FAIL: " + "; ".join(r["problems"])),
     ]
     width = max(len(k) for k, _ in rows)
@@ -249,11 +305,21 @@ def prepare_model(config: Path, root: Path) -> str:
     inf = load_config(config).influence
     run_id = new_run_id("loadtest")
     paths = RunPaths(root / run_id)
-    Manifest.create(paths.manifest, {"name": "loadtest", "stages": {"num_stages": 1}},
-                    "loadtest", 1, run_id=run_id)
+    Manifest.create(
+        paths.manifest,
+        {"name": "loadtest", "stages": {"num_stages": 1}},
+        "loadtest",
+        1,
+        run_id=run_id,
+    )
     encoder, tokenizer = load_encoder(inf.encoder, seed=0)
-    scorer = InfluenceScorer(InfluenceModel(encoder), tokenizer, inf.max_tokens,
-                             torch.device("cpu"), precision=inf.precision)
+    scorer = InfluenceScorer(
+        InfluenceModel(encoder),
+        tokenizer,
+        inf.max_tokens,
+        torch.device("cpu"),
+        precision=inf.precision,
+    )
     scorer.save(paths.influence_model(0), inf.encoder, inf.train_encoder)
     return f"{run_id}/0"
 
@@ -268,7 +334,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, logfile: Path, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the scorer exited with {proc.returncode}:\n{logfile.read_text()[-3000:]}")
+            raise SystemExit(
+                f"the scorer exited with {proc.returncode}:\n{logfile.read_text()[-3000:]}"
+            )
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -282,13 +350,24 @@ def _wait_ready(url: str, proc: subprocess.Popen, logfile: Path, timeout_s: floa
 def local_scorer(artifacts: Path, api_key: str, workdir: Path) -> Iterator[tuple[str, int]]:
     """`mates serve scorer` on a free loopback port: (url, pid); stopped by PID on exit."""
     port = _free_port()
-    env = {**os.environ, "MATES_ARTIFACTS_DIR": str(artifacts), "MATES_API_KEY": api_key,
-           "MATES_DEV": "0", "MATES_SCORER_HOST": "127.0.0.1", "MATES_SCORER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "MATES_ARTIFACTS_DIR": str(artifacts),
+        "MATES_API_KEY": api_key,
+        "MATES_DEV": "0",
+        "MATES_SCORER_HOST": "127.0.0.1",
+        "MATES_SCORER_PORT": str(port),
+    }
     env.setdefault("HF_HUB_OFFLINE", "1")
     logfile = workdir / "scorer.log"
     with logfile.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mates.cli", "serve", "scorer"], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mates.cli", "serve", "scorer"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, proc, logfile)
@@ -309,7 +388,9 @@ def local_scorer(artifacts: Path, api_key: str, workdir: Path) -> Iterator[tuple
 
 def read_texts(path: Path) -> list[str]:
     if not path.is_file():
-        raise SystemExit(f"--docs {path} does not exist (build it: mates data build-demo --out data/demo)")
+        raise SystemExit(
+            f"--docs {path} does not exist (build it: mates data build-demo --out data/demo)"
+        )
     with path.open(encoding="utf-8") as fh:
         texts = [json.loads(line)["text"] for line in fh if line.strip()]
     if not texts:
@@ -323,23 +404,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="`<run_id>/<stage>` or `<run_id>/latest` (needed with --url)")
     p.add_argument("--pid", type=int, help="the scorer's PID, to sample its RSS (with --url)")
     p.add_argument("--run-dir", type=Path, help="serve this run's models (default: prepare one)")
-    p.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"),
-                   help="the prepared model uses this config's influence encoder (default: %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get("MATES_API_KEY"),
-                   help="bearer key (default: MATES_API_KEY; a fresh one for a scorer started here)")
-    p.add_argument("--clients", type=int, default=20, help="concurrent clients (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=30.0, help="measured time (default: %(default)s)")
-    p.add_argument("--max-requests", type=int, default=100_000,
-                   help="at most this many measured requests (default: %(default)s)")
-    p.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured warm-up (default: %(default)s)")
-    p.add_argument("--docs-per-request", type=int, default=8,
-                   help="documents per request (default: %(default)s)")
-    p.add_argument("--docs", type=Path, default=Path("data/demo/pool.jsonl"),
-                   help="JSONL with a `text` field; requests draw from it (default: %(default)s)")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="per request (default: %(default)s)")
-    p.add_argument("--rss-every-s", type=float, default=1.0, help="RSS sampling period (default: %(default)s)")
-    p.add_argument("--max-rss-growth-mib", type=float, default=50.0,
-                   help="fail if the scorer's RSS grows more (default: %(default)s)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/tiny.yaml"),
+        help="the prepared model uses this config's influence encoder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MATES_API_KEY"),
+        help="bearer key (default: MATES_API_KEY; a fresh one for a scorer started here)",
+    )
+    p.add_argument(
+        "--clients", type=int, default=20, help="concurrent clients (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=30.0, help="measured time (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-requests",
+        type=int,
+        default=100_000,
+        help="at most this many measured requests (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup-s", type=float, default=5.0, help="unmeasured warm-up (default: %(default)s)"
+    )
+    p.add_argument(
+        "--docs-per-request",
+        type=int,
+        default=8,
+        help="documents per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=Path("data/demo/pool.jsonl"),
+        help="JSONL with a `text` field; requests draw from it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout-s", type=float, default=60.0, help="per request (default: %(default)s)"
+    )
+    p.add_argument(
+        "--rss-every-s", type=float, default=1.0, help="RSS sampling period (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-rss-growth-mib",
+        type=float,
+        default=50.0,
+        help="fail if the scorer's RSS grows more (default: %(default)s)",
+    )
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     for name in ("clients", "max_requests", "docs_per_request"):
@@ -359,7 +473,9 @@ def _run_local(args, texts: list[str]) -> dict:
             from mates.artifacts import RunPaths, read_json
 
             artifacts = args.run_dir.resolve().parent
-            args.model = args.model or f"{read_json(RunPaths(args.run_dir).manifest)['run_id']}/latest"
+            args.model = (
+                args.model or f"{read_json(RunPaths(args.run_dir).manifest)['run_id']}/latest"
+            )
         else:
             artifacts = workdir / "artifacts"
             model = prepare_model(args.config, artifacts)
@@ -371,7 +487,9 @@ def _run_local(args, texts: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     args = parse_args(argv)
     texts = read_texts(args.docs)

@@ -38,8 +38,10 @@ def bpe_tokenizer(tmp_path_factory):
     """A small byte-level BPE (the `train-bpe` path) trained on a few sentences."""
     from mates.data.tokenizer import train_bpe
 
-    words = ("the market shares rose sharply after the report while the minister said "
-             "players won the match and the film star thanked fans for the award").split()
+    words = (
+        "the market shares rose sharply after the report while the minister said "
+        "players won the match and the film star thanked fans for the award"
+    ).split()
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(words, size=12)) for _ in range(200)]
     return train_bpe(texts, 300, tmp_path_factory.mktemp("bpe") / "tokenizer")
@@ -54,8 +56,9 @@ def demo_base(tmp_path_factory) -> Path:
     from mates.data.demo import build_demo
 
     base = tmp_path_factory.mktemp("demo-base")
-    build_demo(base / "data" / "demo", seed=0, pool_news_articles=DEMO_POOL_NEWS_ARTICLES,
-               progress=False)
+    build_demo(
+        base / "data" / "demo", seed=0, pool_news_articles=DEMO_POOL_NEWS_ARTICLES, progress=False
+    )
     return base
 
 

@@ -33,7 +33,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [
+        json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line
+    ]
 
 
 # --------------------------------------------------------------------------- tiny LM pieces
@@ -43,8 +45,14 @@ TINY_MODEL = ModelConfig(hidden_size=32, num_layers=2, num_heads=2)
 
 
 def tiny_train_config(**kw) -> TrainConfig:
-    base = dict(seq_tokens=16, batch_sequences=4, lr=1e-3, warmup_steps=0, precision="fp32",
-                eval_batch_sequences=8)
+    base = dict(
+        seq_tokens=16,
+        batch_sequences=4,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        eval_batch_sequences=8,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -94,8 +102,11 @@ class FakeCorpus:
         return self.docs[i]
 
 
-def random_docs(n_docs: int, vocab: int, seed: int, min_len: int = 5, max_len: int = 40,
-                low: int = 1) -> list[list[int]]:
+def random_docs(
+    n_docs: int, vocab: int, seed: int, min_len: int = 5, max_len: int = 40, low: int = 1
+) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(low, vocab, size=int(rng.integers(min_len, max_len))).tolist()
-            for _ in range(n_docs)]
+    return [
+        rng.integers(low, vocab, size=int(rng.integers(min_len, max_len))).tolist()
+        for _ in range(n_docs)
+    ]

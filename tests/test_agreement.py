@@ -14,8 +14,11 @@ from mates.run import Run
 
 
 def _digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_rows_per_stage_and_lr_and_the_run_is_untouched(tiny_run):
@@ -37,8 +40,23 @@ def test_rows_per_stage_and_lr_and_the_run_is_untouched(tiny_run):
 
 def test_cli_writes_json_and_refuses_missing_stages(tiny_run, tmp_path, capsys):
     out = tmp_path / "agreement.json"
-    assert main(["probe-agreement", str(tiny_run["dir"]), "--lrs", "1e-4", "--probes", "4",
-                 "--stages", "0", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe-agreement",
+                str(tiny_run["dir"]),
+                "--lrs",
+                "1e-4",
+                "--probes",
+                "4",
+                "--stages",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["stage"], r["lr"]) for r in rows] == [(0, 1e-4)]
     assert "Spearman first-order" in capsys.readouterr().out

@@ -12,17 +12,51 @@ import mates
 PACKAGE = Path(mates.__file__).parent
 SERVICES = PACKAGE.parent.parent / "services"  # the services import the library; same rules
 MODULES = sorted(PACKAGE.rglob("*.py")) + sorted(SERVICES.rglob("*.py"))
-LEGACY_NP_RANDOM = {"seed", "rand", "randn", "randint", "random", "choice", "permutation",
-                    "shuffle", "normal", "uniform", "gumbel", "default_rng"}
-STDLIB_RANDOM = {"random", "randint", "choice", "choices", "shuffle", "sample", "uniform", "gauss",
-                 "seed"}
+LEGACY_NP_RANDOM = {
+    "seed",
+    "rand",
+    "randn",
+    "randint",
+    "random",
+    "choice",
+    "permutation",
+    "shuffle",
+    "normal",
+    "uniform",
+    "gumbel",
+    "default_rng",
+}
+STDLIB_RANDOM = {
+    "random",
+    "randint",
+    "choice",
+    "choices",
+    "shuffle",
+    "sample",
+    "uniform",
+    "gauss",
+    "seed",
+}
 
 
 # Names of the files and folders under a run dir, as `RunPaths` builds them (a string
 # constant, or an f-string part, equal to one of these is a path being built by hand).
-RUN_NAMES = {"stage-", "run.json", "metrics.jsonl", "events.jsonl", "pool.json", "selection.json",
-             "probes.jsonl", "scores.jsonl", "influence-model", "final-model", "checkpoint",
-             "tokenized", "tokenizer", "cancel"}
+RUN_NAMES = {
+    "stage-",
+    "run.json",
+    "metrics.jsonl",
+    "events.jsonl",
+    "pool.json",
+    "selection.json",
+    "probes.jsonl",
+    "scores.jsonl",
+    "influence-model",
+    "final-model",
+    "checkpoint",
+    "tokenized",
+    "tokenizer",
+    "cancel",
+}
 
 
 def _tree(path: Path) -> ast.Module:
@@ -56,9 +90,12 @@ def test_only_artifacts_builds_run_paths():
         tree = _tree(path)
         docs = _docstrings(tree)
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                    and id(node) not in docs
-                    and node.value in RUN_NAMES):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docs
+                and node.value in RUN_NAMES
+            ):
                 offenders.append(f"{_rel(path)}:{node.lineno}: {node.value!r}")
     assert offenders == [], "artifact paths must come from mates.artifacts.RunPaths"
 
@@ -69,7 +106,11 @@ def test_only_the_cli_prints():
         if path.name == "cli.py":
             continue
         for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "print"
+            ):
                 offenders.append(f"{_rel(path)}:{node.lineno}")
     assert offenders == []
 
@@ -131,8 +172,12 @@ def _layer(path: Path) -> str:
 
 
 def test_the_library_imports_no_service():
-    offenders = [f"{_rel(p)}:{line}: {name}" for p in LIBRARY for line, name in _imported(p)
-                 if name == "services" or name.startswith("services.")]
+    offenders = [
+        f"{_rel(p)}:{line}: {name}"
+        for p in LIBRARY
+        for line, name in _imported(p)
+        if name == "services" or name.startswith("services.")
+    ]
     assert offenders == [], "the science library must work without the services"
 
 
@@ -142,16 +187,23 @@ def test_a_service_imports_only_the_library_common_and_itself(path):
     if layer in ("cli", "__init__"):
         return  # the launcher of every service; the package's docstring
     allowed = {"common", layer}
-    offenders = [f"{line}: {name}" for line, name in _imported(path)
-                 if name.startswith("services.") and name.split(".")[1] not in allowed]
+    offenders = [
+        f"{line}: {name}"
+        for line, name in _imported(path)
+        if name.startswith("services.") and name.split(".")[1] not in allowed
+    ]
     assert offenders == [], f"{_rel(path)} ({layer}) may import only mates and services.common"
 
 
 def test_the_api_imports_no_worker_or_scorer_module():
     api = [p for p in SERVICE_MODULES if _layer(p) == "api"]
     assert len(api) > 5
-    offenders = [f"{_rel(p)}:{line}: {name}" for p in api for line, name in _imported(p)
-                 if name.startswith(("services.worker", "services.scorer", "services.trainer"))]
+    offenders = [
+        f"{_rel(p)}:{line}: {name}"
+        for p in api
+        for line, name in _imported(p)
+        if name.startswith(("services.worker", "services.scorer", "services.trainer"))
+    ]
     assert offenders == []
 
 
@@ -201,8 +253,10 @@ def test_there_is_no_import_circle():
     """Between the modules of the library and the services, counting every import (lazy
     ones inside functions and type-only ones too)."""
     modules = {_module_name(p): p for p in LIBRARY + SERVICE_MODULES}
-    graph = {name: {m for _, m in _imported(p) if m in modules and m != name}
-             for name, p in modules.items()}
+    graph = {
+        name: {m for _, m in _imported(p) if m in modules and m != name}
+        for name, p in modules.items()
+    }
     assert len(graph) > 60 and graph["mates.run"]  # the graph is really there
     assert _circles(graph) == []
 

@@ -32,8 +32,14 @@ def test_run_paths_live_under_stage_dirs(tmp_path):
     for k in (0, 3):
         stage = tmp_path / f"stage-{k}"
         assert p.stage(k) == stage
-        for path in (p.selection(k), p.pool(k), p.checkpoint(k), p.probes(k),
-                     p.influence_model(k), p.scores(k)):
+        for path in (
+            p.selection(k),
+            p.pool(k),
+            p.checkpoint(k),
+            p.probes(k),
+            p.influence_model(k),
+            p.scores(k),
+        ):
             assert path.parent == stage
     with pytest.raises(ArtifactError, match=">= 0"):
         p.stage(-1)
@@ -179,12 +185,17 @@ def test_a_full_disk_is_reported_naming_the_artifact_and_the_reason(tmp_path):
     text = "".join(json.dumps(r) + "\n" for r in rows)[:9990]  # the last line torn earlier
     log.write_text(text)
     whole = rows[: text.count("\n")]
-    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         *(f"could not write {tmp_path / name}: File too large" for name in names),
-        f"could not append to {log}: File too large"]
+        f"could not append to {log}: File too large",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "log.jsonl"])
     assert all((tmp_path / name).read_text() == "old" for name in names)
 
@@ -226,7 +237,11 @@ def test_iter_jsonl_numbers_lines_and_names_bad_ones(tmp_path):
     got = list(iter_jsonl(path))
     assert [(n, v) for n, v, _ in got] == [(1, {"a": 1}), (4, None), (5, None), (6, [2])]
     assert [bad and bad.split(" (")[0] for _, _, bad in got] == [
-        None, "not valid JSON", "not valid UTF-8", None]
+        None,
+        "not valid JSON",
+        "not valid UTF-8",
+        None,
+    ]
 
 
 @pytest.fixture
@@ -234,8 +249,11 @@ def small_disk(tmp_path):
     """A 64 KiB tmpfs (needs root and mount rights; skipped otherwise), unmounted afterwards."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     try:
@@ -246,8 +264,11 @@ def small_disk(tmp_path):
 
 def test_no_space_left_on_device_is_reported_and_the_old_artifact_kept(small_disk):
     write_json(small_disk / "scores.json", {"v": 1})
-    with pytest.raises(ArtifactError, match=rf"could not write {small_disk}/scores.json: "
-                                            "No space left on device"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"could not write {small_disk}/scores.json: "
+        "No space left on device",
+    ):
         write_json(small_disk / "scores.json", {"v": ["x" * 1000] * 100})
     assert read_json(small_disk / "scores.json") == {"v": 1}
     assert [p.name for p in small_disk.iterdir()] == ["scores.json"]

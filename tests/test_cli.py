@@ -28,8 +28,9 @@ def _lines(out: str) -> list:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize(("fraction", "count"), [(0.2, 10), (0.3, 15), (0.25, 12), (1.0, 50),
-                                                 (0.001, 1)])
+@pytest.mark.parametrize(
+    ("fraction", "count"), [(0.2, 10), (0.3, 15), (0.25, 12), (1.0, 50), (0.001, 1)]
+)
 def test_select_prints_json_ids_one_per_line(scores_file, capsys, fraction, count):
     path, _ = scores_file
     assert main(["select", "--scores", str(path), "--fraction", str(fraction)]) == 0
@@ -74,19 +75,40 @@ def test_select_reports_bad_score_files(tmp_path, capsys):
 def test_select_exit_code_through_the_interpreter(scores_file):
     path, _ = scores_file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "mates.cli", "select", "--scores", str(path),
-                           "--fraction", "1.5"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mates.cli", "select", "--scores", str(path), "--fraction", "1.5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "error: --fraction must be in (0, 1], got 1.5" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "mates.cli", "select", "--scores", str(path),
-                           "--fraction", "0.1"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mates.cli", "select", "--scores", str(path), "--fraction", "0.1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0 and len(_lines(done.stdout)) == 5
 
 
 def test_run_dry_run_prints_resolved_config(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["run", str(TINY_CONFIG), "--dry-run", "--set", "selection.ratio=0.3",
-               "--set", "seed=5", "--set", "train.betas=[0.8, 0.9]"])
+    rc = main(
+        [
+            "run",
+            str(TINY_CONFIG),
+            "--dry-run",
+            "--set",
+            "selection.ratio=0.3",
+            "--set",
+            "seed=5",
+            "--set",
+            "train.betas=[0.8, 0.9]",
+        ]
+    )
     assert rc == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["selection"]["ratio"] == 0.3 and cfg["seed"] == 5
@@ -96,14 +118,18 @@ def test_run_dry_run_prints_resolved_config(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []  # nothing was run or written
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("selection.ratio=1.5", "`selection.ratio` must be in (0, 1], got 1.5"),
-    ("selection.ratoi=0.1", "`selection.ratoi` is not a known setting"),
-    ("model.num_heads=3", "model.num_heads"),
-    ("selection.ratio", "must look like section.field=value"),
-])
-def test_run_with_bad_override_exits_2_naming_the_field(tmp_path, monkeypatch, capsys,
-                                                          override, needle):
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("selection.ratio=1.5", "`selection.ratio` must be in (0, 1], got 1.5"),
+        ("selection.ratoi=0.1", "`selection.ratoi` is not a known setting"),
+        ("model.num_heads=3", "model.num_heads"),
+        ("selection.ratio", "must look like section.field=value"),
+    ],
+)
+def test_run_with_bad_override_exits_2_naming_the_field(
+    tmp_path, monkeypatch, capsys, override, needle
+):
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(TINY_CONFIG), "--dry-run", "--set", override]) == 2
     captured = capsys.readouterr()
@@ -114,20 +140,31 @@ def test_run_with_bad_override_exits_2_naming_the_field(tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_score_outputs_id_and_score_for_each_input(tiny_run, tmp_path, capsys):
     model_dir = RunPaths(tiny_run["dir"]).influence_model(0)
-    docs = [{"id": f"q{i}", "text": t} for i, t in enumerate([
-        "the minister said the budget would rise", "thou art more lovely and more temperate",
-        "click here to win a free prize now", "shares fell sharply after the report"])]
+    docs = [
+        {"id": f"q{i}", "text": t}
+        for i, t in enumerate(
+            [
+                "the minister said the budget would rise",
+                "thou art more lovely and more temperate",
+                "click here to win a free prize now",
+                "shares fell sharply after the report",
+            ]
+        )
+    ]
     path = write_jsonl(tmp_path / "docs.jsonl", docs)
     assert main(["score", "--model", str(model_dir), "--input", str(path)]) == 0
     rows = _lines(capsys.readouterr().out)
     assert [r["id"] for r in rows] == [d["id"] for d in docs]
     assert all(set(r) == {"id", "score"} for r in rows)
     expected = InfluenceScorer.load(model_dir, torch.device("cpu")).score_texts(
-        [d["text"] for d in docs])
+        [d["text"] for d in docs]
+    )
     assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
 
     out = tmp_path / "scores.jsonl"
-    assert main(["score", "--model", str(model_dir), "--input", str(path), "--output", str(out)]) == 0
+    assert (
+        main(["score", "--model", str(model_dir), "--input", str(path), "--output", str(out)]) == 0
+    )
     assert capsys.readouterr().out == ""
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
@@ -158,33 +195,50 @@ def test_resume_of_a_missing_run_dir_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("bad_line", "needle"), [
-    (b"[1, 2]", "must be a JSON object"),
-    (b'{"id": "\xff", "score": 2}', "not valid UTF-8"),
-    (b'{"id": "b", "score": 2', "not valid JSON"),
-    (b'{"id": 7, "score": 2}', "without a string `id`"),
-    (b'{"id": "b", "score": "high"}', "is not a finite number: 'high'"),
-    (b'{"id": "b", "score": NaN}', "is not a finite number: nan"),
-    (b'{"id": "b"}', "is not a finite number: None"),
-    (b'{"id": "a", "score": 3}', "duplicate score for id 'a' (first on line 1)"),
-], ids=["not-an-object", "non-utf8", "truncated-json", "int-id", "string-score", "nan-score",
-        "no-score", "duplicate"])
+@pytest.mark.parametrize(
+    ("bad_line", "needle"),
+    [
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"id": "\xff", "score": 2}', "not valid UTF-8"),
+        (b'{"id": "b", "score": 2', "not valid JSON"),
+        (b'{"id": 7, "score": 2}', "without a string `id`"),
+        (b'{"id": "b", "score": "high"}', "is not a finite number: 'high'"),
+        (b'{"id": "b", "score": NaN}', "is not a finite number: nan"),
+        (b'{"id": "b"}', "is not a finite number: None"),
+        (b'{"id": "a", "score": 3}', "duplicate score for id 'a' (first on line 1)"),
+    ],
+    ids=[
+        "not-an-object",
+        "non-utf8",
+        "truncated-json",
+        "int-id",
+        "string-score",
+        "nan-score",
+        "no-score",
+        "duplicate",
+    ],
+)
 def test_select_reports_malformed_score_files_by_file_and_line(tmp_path, capsys, bad_line, needle):
-    path = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "score": 1.0}, "", bad_line,
-                                              {"id": "c", "score": 0.5}])
+    path = write_jsonl(
+        tmp_path / "s.jsonl", [{"id": "a", "score": 1.0}, "", bad_line, {"id": "c", "score": 0.5}]
+    )
     assert main(["select", "--scores", str(path), "--fraction", "0.5"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(f"error: {path}:3: ") and needle in captured.err, captured.err
 
 
-@pytest.mark.parametrize(("bad_line", "needle"), [
-    (b'{"id": "b", "text": "caf\xe9"}', "not valid UTF-8"),
-    (b'{"id": "b", "text": ', "not valid JSON"),
-    (b'"just a string"', "row must be a JSON object"),
-    (b'{"id": "b", "text": 5}', "non-string `text`"),
-    (b'{"id": "a", "text": "again"}', "duplicate id 'a'"),
-], ids=["non-utf8", "truncated-json", "not-an-object", "int-text", "duplicate"])
+@pytest.mark.parametrize(
+    ("bad_line", "needle"),
+    [
+        (b'{"id": "b", "text": "caf\xe9"}', "not valid UTF-8"),
+        (b'{"id": "b", "text": ', "not valid JSON"),
+        (b'"just a string"', "row must be a JSON object"),
+        (b'{"id": "b", "text": 5}', "non-string `text`"),
+        (b'{"id": "a", "text": "again"}', "duplicate id 'a'"),
+    ],
+    ids=["non-utf8", "truncated-json", "not-an-object", "int-text", "duplicate"],
+)
 def test_score_reports_malformed_input_by_file_and_line(tmp_path, capsys, bad_line, needle):
     """The input is read (and refused) before the model is loaded: no model needed here."""
     path = write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": "fine"}, bad_line])

@@ -33,8 +33,12 @@ ARMS = ["random", "mates", "static", "dsir", "perplexity", "label", "random-aa"]
 
 @pytest.fixture(scope="module")
 def comparison(tiny_config_factory, demo_base):
-    cfg = tiny_config_factory(f"compare.arms=[{','.join(ARMS)}]", "compare.seeds=2",
-                              "compare.target_labels=[news]", "compare.bootstrap=200")
+    cfg = tiny_config_factory(
+        f"compare.arms=[{','.join(ARMS)}]",
+        "compare.seeds=2",
+        "compare.target_labels=[news]",
+        "compare.bootstrap=200",
+    )
     out = demo_base / "comparison"
     summary = compare(cfg, out, progress=False)
     return {"cfg": cfg, "out": out, "summary": summary}
@@ -56,11 +60,15 @@ def test_every_arm_shares_stage_0_pools_and_budget(comparison):
             assert (p.checkpoint(0) / "model.safetensors").read_bytes() == weights
             assert read_json(p.selection(0)) == read_json(base.selection(0))
             assert read_json(p.pool(1)) == read_json(base.pool(1))  # stage 1's pool is common
-            assert m["stages"][-1]["metrics"]["tokens"] == read_json(base.manifest)["stages"][-1]["metrics"]["tokens"]
+            assert (
+                m["stages"][-1]["metrics"]["tokens"]
+                == read_json(base.manifest)["stages"][-1]["metrics"]["tokens"]
+            )
             assert all(p.cooldown(k).is_file() for k in range(3))
     # another seed is another stage 0
-    assert (_paths(comparison, 0, "random").checkpoint(0) / "model.safetensors").read_bytes() != \
-        (_paths(comparison, 1, "random").checkpoint(0) / "model.safetensors").read_bytes()
+    assert (_paths(comparison, 0, "random").checkpoint(0) / "model.safetensors").read_bytes() != (
+        _paths(comparison, 1, "random").checkpoint(0) / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow
@@ -100,7 +108,9 @@ def test_label_keeps_exactly_the_labelled_rows(comparison, demo_base):
             if len(matching) >= sel["selected"]:
                 assert chosen <= set(matching) and sel["filled_at_random"] == 0
             else:  # all of them, the rest of the budget at random
-                assert set(matching) <= chosen and sel["filled_at_random"] == sel["selected"] - len(matching)
+                assert set(matching) <= chosen and sel["filled_at_random"] == sel["selected"] - len(
+                    matching
+                )
 
 
 @pytest.mark.slow
@@ -118,7 +128,10 @@ def test_perplexity_keeps_the_lowest_stage0_loss_documents(comparison):
     T = run.cfg.train.seq_tokens
     model = build_lm(run.cfg.model, len(run.tokenizer), T, run.eos)
     model.load_state_dict(load_file(run.paths.checkpoint(0) / "model.safetensors"))
-    toks = [[run.eos] + run.corpus.token_ids(run.corpus.index_of(r["id"]))[: T - 1].tolist() for r in rows]
+    toks = [
+        [run.eos] + run.corpus.token_ids(run.corpus.index_of(r["id"]))[: T - 1].tolist()
+        for r in rows
+    ]
     ref = pack_rows([(t, len(t) - 1) for t in toks], "x", list(range(len(toks))))
     sums, counts, _ = row_losses(model, ref, 8, run.cfg.train.precision)
     mine = np.zeros(len(toks))
@@ -132,7 +145,9 @@ def test_dsir_and_aa_arms(comparison):
         dsir = _paths(comparison, seed, "dsir")
         rows = read_jsonl(dsir.stage(0) / "dsir-scores.jsonl")
         sel = read_json(dsir.selection(1))
-        assert sel["method"] == "dsir" and sel["temperature"] == 1.0 and sel["model_version"] is None
+        assert (
+            sel["method"] == "dsir" and sel["temperature"] == 1.0 and sel["model_version"] is None
+        )
         scores = {r["id"]: r["score"] for r in rows}
         assert np.mean([scores[d] for d in sel["ids"]]) < np.mean(list(scores.values()))
         aa, rnd = _paths(comparison, seed, "random-aa"), _paths(comparison, seed, "random")
@@ -150,15 +165,23 @@ def test_summary_json_table_and_report(comparison):
     for arm in ARMS:
         a = on_disk["summary"][arm]
         final = a["final"]["heldout"]
-        per_seed = [on_disk["runs"][arm][str(sd)]["cooldown"][-1]["heldout"]["loss"] for sd in (0, 1)]
+        per_seed = [
+            on_disk["runs"][arm][str(sd)]["cooldown"][-1]["heldout"]["loss"] for sd in (0, 1)
+        ]
         assert final["estimate"] == pytest.approx(np.mean(per_seed), abs=1e-5)
         assert final["low"] < final["estimate"] < final["high"] and final["n"] == 2
         d = a["difference_to_random"]
-        assert len(d["by_stage"]) == 3 and d["by_stage"][0]["per_seed"] == [0.0, 0.0]  # stage 0 shared
+        assert len(d["by_stage"]) == 3 and d["by_stage"][0]["per_seed"] == [
+            0.0,
+            0.0,
+        ]  # stage 0 shared
         if arm == "random":
             assert d["final"]["estimate"] == 0.0
         assert {"tokens_to_match", "compute_to_match", "to_match_per_seed"} <= set(a)
-    assert on_disk["aa_spread"]["final"] == on_disk["summary"]["random-aa"]["difference_to_random"]["final"]
+    assert (
+        on_disk["aa_spread"]["final"]
+        == on_disk["summary"]["random-aa"]["difference_to_random"]["final"]
+    )
     # MATES pays for its selection; random and label do not
     assert on_disk["summary"]["mates"]["selection_over_training"]["estimate"] > 0
     assert on_disk["summary"]["random"]["selection_over_training"]["estimate"] == 0
@@ -181,9 +204,23 @@ def test_compare_again_reuses_every_arm(comparison, monkeypatch):
 @pytest.mark.slow
 def test_cli_compare_prints_the_table(comparison, capsys, monkeypatch, demo_base):
     monkeypatch.chdir(demo_base)  # tiny.yaml's data paths are relative
-    code = main(["compare", str(TINY_CONFIG), "--out", str(comparison["out"]), "--no-progress",
-                 "--arms", ",".join(ARMS), "--seeds", "2", "--set", "compare.target_labels=[news]",
-                 "--set", "compare.bootstrap=200"])
+    code = main(
+        [
+            "compare",
+            str(TINY_CONFIG),
+            "--out",
+            str(comparison["out"]),
+            "--no-progress",
+            "--arms",
+            ",".join(ARMS),
+            "--seeds",
+            "2",
+            "--set",
+            "compare.target_labels=[news]",
+            "--set",
+            "compare.bootstrap=200",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and format_table(comparison["summary"]) in out and "comparison.json" in out
 
@@ -207,8 +244,12 @@ def test_compute_at_counts_the_selections_used_so_far():
 
 
 def _arm(points, led):
-    return {"points": [{"stage": i, "tokens": t, "sets": {"h": {"loss": v}}} for i, (t, v) in enumerate(points)],
-            "ledger": led}
+    return {
+        "points": [
+            {"stage": i, "tokens": t, "sets": {"h": {"loss": v}}} for i, (t, v) in enumerate(points)
+        ],
+        "ledger": led,
+    }
 
 
 def test_to_match_is_censored_and_never_inside_stage_0():
@@ -222,7 +263,13 @@ def test_to_match_is_censored_and_never_inside_stage_0():
     assert out["compute_to_match"]["median"] == pytest.approx((100 + 25 + 10) / 200)
     slow = {0: _arm([(200, 5.0), (300, 4.8), (400, 4.1)], led)}
     out = _to_match(slow, base, [0], "h")
-    assert out["tokens_to_match"] == {"median": None, "min": None, "max": None, "censored": 1, "n": 1}
+    assert out["tokens_to_match"] == {
+        "median": None,
+        "min": None,
+        "max": None,
+        "censored": 1,
+        "n": 1,
+    }
     # a curve whose constant-lr stage 0 dipped below the target is still searched from stage 0's end
     odd = {0: _arm([(200, 3.9), (300, 4.5), (400, 4.5)], led)}
     assert _to_match(odd, base, [0], "h")["to_match_per_seed"][0]["tokens"] == 200
@@ -250,11 +297,16 @@ def test_label_arm_errors_name_the_setting(tiny_config_factory, tmp_path):
     cfg = tiny_config_factory("compare.arms=[random,label]")
     with pytest.raises(ConfigError, match="`compare.target_labels`"):
         compare(cfg, tmp_path)
-    cfg = tiny_config_factory("compare.arms=[random,label]", "compare.target_labels=[nothing-like-this]")
-    with pytest.raises(ConfigError, match=r"`compare.target_labels` \['nothing-like-this'\] match no"):
+    cfg = tiny_config_factory(
+        "compare.arms=[random,label]", "compare.target_labels=[nothing-like-this]"
+    )
+    with pytest.raises(
+        ConfigError, match=r"`compare.target_labels` \['nothing-like-this'\] match no"
+    ):
         compare(cfg, tmp_path)
-    cfg = tiny_config_factory("compare.arms=[random,label]", "compare.target_labels=[news]",
-                              "data.domain_field=null")
+    cfg = tiny_config_factory(
+        "compare.arms=[random,label]", "compare.target_labels=[news]", "data.domain_field=null"
+    )
     with pytest.raises(ConfigError, match="label column"):
         compare(cfg, tmp_path)
     assert _no_runs(tmp_path)
@@ -285,8 +337,9 @@ def test_arm_config_changes_only_the_selection(tiny_config_factory):
     cfg = tiny_config_factory("compare.target_labels=[news]")
     for arm in ARMS:
         c = arm_config(cfg, arm, 5)
-        assert c.seed == 5 and c.fingerprint("data", "model", "train", "stages") == \
-            cfg.fingerprint("data", "model", "train", "stages")
+        assert c.seed == 5 and c.fingerprint("data", "model", "train", "stages") == cfg.fingerprint(
+            "data", "model", "train", "stages"
+        )
     assert arm_config(cfg, "mates", 0).selection.method == "gumbel"  # tiny.yaml's sampler kept
     assert arm_config(cfg, "random-aa", 5).selection.seed == 1005
     assert arm_config(cfg, "label", 0).selection.target_labels == ["news"]

@@ -8,13 +8,7 @@ import pytest
 import yaml
 from helpers import CONFIGS, REPO
 
-from mates.config import (
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    parse_override,
-)
+from mates.config import RunConfig, apply_overrides, config_from_dict, load_config, parse_override
 from mates.errors import ConfigError
 
 DATA = {"pool": "pool.jsonl", "reference": "ref.jsonl", "heldout": "heldout.jsonl"}
@@ -177,8 +171,11 @@ def test_overrides_apply_without_touching_the_input():
 
 
 def test_load_config_applies_overrides_and_names_bad_ones(tmp_path):
-    cfg = load_config(CONFIGS / "tiny.yaml", ["selection.method=random", "seed=3",
-                                              "train.betas=[0.8, 0.9]"], base_dir=tmp_path)
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        ["selection.method=random", "seed=3", "train.betas=[0.8, 0.9]"],
+        base_dir=tmp_path,
+    )
     assert cfg.selection.method == "random" and cfg.seed == 3
     assert cfg.train.betas == (0.8, 0.9)
     with pytest.raises(ConfigError, match="`selection.ratio`.*1.5"):
@@ -213,14 +210,18 @@ def test_relative_paths_resolve_against_base_dir(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
         "data:\n  pool: d/pool.jsonl\n  reference: /abs/ref.jsonl\n  heldout: h.jsonl\n"
-        "  tokenizer: tok\n", encoding="utf-8")
+        "  tokenizer: tok\n",
+        encoding="utf-8",
+    )
     base = tmp_path / "base"
     cfg = load_config(path, base_dir=base)
     assert cfg.data.pool == (base / "d/pool.jsonl").resolve()
     assert cfg.data.reference == Path("/abs/ref.jsonl")
     assert cfg.data.heldout == (base / "h.jsonl").resolve()
     assert cfg.data.tokenizer == str((base / "tok").resolve())
-    assert load_config(path, ["data.tokenizer=train-bpe"], base_dir=base).data.tokenizer == "train-bpe"
+    assert (
+        load_config(path, ["data.tokenizer=train-bpe"], base_dir=base).data.tokenizer == "train-bpe"
+    )
 
 
 def test_fingerprint_is_per_section():
@@ -260,9 +261,13 @@ def test_a_field_added_later_leaves_older_runs_fingerprints_alone():
 
 
 def test_too_few_probes_for_the_cross_validation_folds_is_named(tiny_config_factory):
-    with pytest.raises(Exception, match=r"`probing.num_probes` \(8\) must be at least 10.*cv_folds"):
+    with pytest.raises(
+        Exception, match=r"`probing.num_probes` \(8\) must be at least 10.*cv_folds"
+    ):
         tiny_config_factory("probing.num_probes=8")
-    assert tiny_config_factory("probing.num_probes=8", "influence.cv_folds=4").probing.num_probes == 8
+    assert (
+        tiny_config_factory("probing.num_probes=8", "influence.cv_folds=4").probing.num_probes == 8
+    )
 
 
 def test_a_chunk_size_above_the_models_context_is_named():
@@ -278,8 +283,12 @@ def test_token_budgets_come_together_and_alone():
 
 
 def test_token_budgets_become_whole_steps_and_survive_a_saved_config():
-    cfg = config_from_dict(_raw(stages={"stage0_tokens": 5000, "stage_tokens": 4096},
-                                train={"seq_tokens": 128, "batch_sequences": 16}))
+    cfg = config_from_dict(
+        _raw(
+            stages={"stage0_tokens": 5000, "stage_tokens": 4096},
+            train={"seq_tokens": 128, "batch_sequences": 16},
+        )
+    )
     assert [cfg.stage_steps(k) for k in range(3)] == [3, 2, 2]
     assert cfg.pool_multiple == pytest.approx(5.0)  # 1 / selection.ratio by default
     again = config_from_dict(cfg.model_dump(mode="json"))  # how a run dir's manifest reloads
@@ -294,7 +303,9 @@ def test_a_preset_is_found_by_name_and_a_missing_one_lists_them(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
     assert (PRESETS / "tiny.yaml").is_file() and (PRESETS / "demo.yaml").is_file()
     assert load_config("tiny").name == load_config(PRESETS / "tiny.yaml").name
-    with pytest.raises(ConfigError, match=r"config file nope does not exist \(or name a preset: .*tiny"):
+    with pytest.raises(
+        ConfigError, match=r"config file nope does not exist \(or name a preset: .*tiny"
+    ):
         load_config("nope")
     with pytest.raises(ConfigError, match="config file sub/tiny does not exist"):
         load_config("sub/tiny")  # a path is never taken for a preset

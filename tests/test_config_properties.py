@@ -18,22 +18,37 @@ from mates.config import RunConfig, apply_overrides, config_from_dict, parse_ove
 from mates.errors import ConfigError
 
 BASE_DIR = Path("/srv/mates")  # resolution only: nothing is read from it
-VALID = RunConfig.model_validate(yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
-                                 ).model_dump(mode="json")
+VALID = RunConfig.model_validate(
+    yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+).model_dump(mode="json")
 SECTIONS = sorted(k for k, v in VALID.items() if isinstance(v, dict))
-FIELDS = sorted([(s, f) for s in SECTIONS for f in VALID[s]] + [(k,) for k in VALID
-                                                                 if k not in SECTIONS])
-PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+FIELDS = sorted(
+    [(s, f) for s in SECTIONS for f in VALID[s]] + [(k,) for k in VALID if k not in SECTIONS]
+)
+PROPERTY = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # NUL is left out of generated text; a NUL in a data path has its own test at the end.
-text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-               max_size=20)
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), text)
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(text, inner, max_size=3)),
-                      max_leaves=6)
+text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    text,
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 def _copy() -> dict[str, Any]:
@@ -85,8 +100,9 @@ def test_a_removed_field_defaults_or_is_named_as_required(field):
 
 
 @PROPERTY
-@given(section=st.sampled_from(SECTIONS + [None]), name=text.filter(str.isidentifier),
-       value=scalars)
+@given(
+    section=st.sampled_from(SECTIONS + [None]), name=text.filter(str.isidentifier), value=scalars
+)
 def test_an_unknown_setting_is_named(section, name, value):
     raw = _copy()
     known = set(raw) if section is None else set(raw[section])
@@ -111,14 +127,21 @@ def test_a_section_that_is_not_a_mapping_is_named(section, value):
 
 
 def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10**6)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
 
 
 override_values = st.one_of(
-    st.integers(-(10**12), 10**12), st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.booleans(),
     st.floats(allow_nan=False, allow_infinity=False, width=64),
     st.text(st.characters(codec="utf-8", blacklist_categories=("Cs", "Cc")), max_size=12),
-    st.lists(st.integers(-100, 100), max_size=3))
+    st.lists(st.integers(-100, 100), max_size=3),
+)
 
 
 @PROPERTY

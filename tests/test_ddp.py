@@ -21,8 +21,18 @@ def _train_stage0(run_dir, nproc: int) -> None:
     if nproc == 1:
         argv = [sys.executable, "-m", "mates.cli", "train-stage", str(run_dir), "0"]
     else:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc}", "-m", "mates.cli", "train-stage", str(run_dir), "0"]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "mates.cli",
+            "train-stage",
+            str(run_dir),
+            "0",
+        ]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -62,7 +72,9 @@ def test_the_trainer_service_trains_a_stage_under_torchrun(tiny_config_factory, 
     run = Run.open(manifest.path.parent, progress=False)
     run.manifest.on_save = store.sync_manifest
     run.prepare()
-    fresh = train_with_torchrun(run, 0, Settings(trainer_nproc=2, trainer_timeout_s=300, api_key="x" * 16), store)
+    fresh = train_with_torchrun(
+        run, 0, Settings(trainer_nproc=2, trainer_timeout_s=300, api_key="x" * 16), store
+    )
     row = store.get_run(manifest.run_id)
     assert row["status"] == "running"
     assert [t["state"] for t in row["stages"][0]["transitions"]] == ["pending", "training"]
@@ -83,8 +95,9 @@ def _joined(monkeypatch, device: str, gpus: int, local_rank: int) -> list:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
-    monkeypatch.setattr(dist, "init_process_group",
-                        lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout))
+    )
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     run.init_distributed(device)
     return calls
@@ -94,8 +107,10 @@ def test_a_cpu_run_joins_with_gloo_even_on_a_gpu_machine(monkeypatch):
     from mates.run import DIST_TIMEOUT
 
     assert _joined(monkeypatch, "cpu", gpus=1, local_rank=1) == [("gloo", DIST_TIMEOUT)]
-    assert _joined(monkeypatch, "cuda", gpus=2, local_rank=1) == [("set_device", 1),
-                                                                  ("nccl", DIST_TIMEOUT)]
+    assert _joined(monkeypatch, "cuda", gpus=2, local_rank=1) == [
+        ("set_device", 1),
+        ("nccl", DIST_TIMEOUT),
+    ]
     assert _joined(monkeypatch, "auto", gpus=0, local_rank=0) == [("gloo", DIST_TIMEOUT)]
 
 

@@ -12,14 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mates.dsir import (
-    NUM_BUCKETS,
-    DsirModel,
-    dsir_scores,
-    feature_bucket,
-    ngram_counts,
-    tokenize,
-)
+from mates.dsir import NUM_BUCKETS, DsirModel, dsir_scores, feature_bucket, ngram_counts, tokenize
 from mates.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1] / "shared"

@@ -20,8 +20,14 @@ from mates.train import Trainer
 
 
 def test_text_documents_score_every_token_once(bpe_tokenizer, tmp_path):
-    texts = ["the market shares rose sharply after the report " * 6, "players won the match", "the film star"]
-    path = write_jsonl(tmp_path / "held.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    texts = [
+        "the market shares rose sharply after the report " * 6,
+        "players won the match",
+        "the film star",
+    ]
+    path = write_jsonl(
+        tmp_path / "held.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)]
+    )
     ref = load_text_documents(path, bpe_tokenizer, seq_tokens=8)
     lengths = [len(bpe_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert ref.num_docs == 3 and ref.scored_tokens == sum(lengths)
@@ -32,12 +38,16 @@ def test_text_documents_score_every_token_once(bpe_tokenizer, tmp_path):
 
 
 def test_a_full_text_reference_scores_every_token_and_a_cloze_reader_names_the_setting(
-        bpe_tokenizer, tmp_path):
+    bpe_tokenizer, tmp_path
+):
     texts = ["the market shares rose sharply after the report " * 6, "players won the match"]
-    path = write_jsonl(tmp_path / "ref.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    path = write_jsonl(
+        tmp_path / "ref.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)]
+    )
     ref = load_reference(path, bpe_tokenizer, 8, kind="text")
     assert ref.num_docs == 2 and ref.scored_tokens == sum(
-        len(bpe_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        len(bpe_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
+    )
     assert load_reference(path, bpe_tokenizer, 8, max_examples=1, kind="text").num_docs == 1
     assert reference_texts(path, kind="text") == texts  # what DSIR targets
     with pytest.raises(DataError, match="`data.reference_kind: text`"):
@@ -55,21 +65,33 @@ def test_text_set_errors_name_the_line(bpe_tokenizer, tmp_path):
 
 
 def test_row_losses_agree_with_the_mean_loss(bpe_tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "cloze.jsonl", [{"context": "the market", "continuation": " rose"},
-                                                  {"context": "players won the", "continuation": " match"}])
+    path = write_jsonl(
+        tmp_path / "cloze.jsonl",
+        [
+            {"context": "the market", "continuation": " rose"},
+            {"context": "players won the", "continuation": " match"},
+        ],
+    )
     spec = HeldoutSetConfig(name="c", path=path, kind="cloze")
     ref = load_heldout(spec, bpe_tokenizer, 16)
     torch.manual_seed(0)
     model = build_lm(TINY_MODEL, len(bpe_tokenizer), 16, bpe_tokenizer.eos_token_id)
     sums, counts, correct = row_losses(model, ref, 1, "fp32")
-    assert float(sums.sum() / counts.sum()) == pytest.approx(reference_loss(model, ref, 2), rel=1e-5)
+    assert float(sums.sum() / counts.sum()) == pytest.approx(
+        reference_loss(model, ref, 2), rel=1e-5
+    )
     assert counts.tolist() == (ref.labels != -100).sum(1).tolist() and correct.dtype == torch.bool
 
 
 def test_heldout_sets_config(tiny_config_factory):
-    cfg = tiny_config_factory("data.heldout_sets=[{name: t, path: data/demo/heldout-text.jsonl, kind: text}]",
-                              "data.primary_heldout=t")
-    assert [h.name for h in cfg.data.heldout_specs()] == ["heldout", "t"] and cfg.data.primary == "t"
+    cfg = tiny_config_factory(
+        "data.heldout_sets=[{name: t, path: data/demo/heldout-text.jsonl, kind: text}]",
+        "data.primary_heldout=t",
+    )
+    assert [h.name for h in cfg.data.heldout_specs()] == [
+        "heldout",
+        "t",
+    ] and cfg.data.primary == "t"
     assert cfg.data.heldout_sets[0].path.is_absolute()
     with pytest.raises(Exception, match="`data.primary_heldout` 'x' names no held-out set"):
         tiny_config_factory("data.primary_heldout=x")
@@ -98,8 +120,10 @@ def test_cooldown_branch_leaves_the_run_untouched():
     for _ in range(3):
         trainer.train_step(stream)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    opt_before = {k: {n: t.clone() for n, t in s.items() if torch.is_tensor(t)}
-                  for k, s in trainer.optimizer.state_dict()["state"].items()}
+    opt_before = {
+        k: {n: t.clone() for n, t in s.items() if torch.is_tensor(t)}
+        for k, s in trainer.optimizer.state_dict()["state"].items()
+    }
     step, tokens = trainer.step, trainer.tokens
     branch = trainer.cooldown_branch(stream, 4)
     assert trainer.step == step and trainer.tokens == tokens
@@ -130,7 +154,9 @@ def test_a_run_writes_cooldown_points(tiny_run):
     for k in range(3):
         c = read_json(paths.cooldown(k))
         m = read_json(paths.manifest)["stages"][k]
-        assert c["stage"] == k and c["tokens"] == m["metrics"]["tokens"] and c["cooldown_steps"] >= 1
+        assert (
+            c["stage"] == k and c["tokens"] == m["metrics"]["tokens"] and c["cooldown_steps"] >= 1
+        )
         h = c["sets"]["heldout"]
         assert h["kind"] == "cloze" and 0 <= h["accuracy"] <= 1
         assert sum(h["doc_sums"]) / sum(h["doc_counts"]) == pytest.approx(h["loss"], abs=1e-3)
@@ -164,7 +190,9 @@ def test_a_runs_ledger_matches_the_formulas(tiny_run):
     tc = cfg.train
     for st in m["stages"]:
         steps = cfg.stages.stage0_steps if st["stage"] == 0 else cfg.stages.stage_steps
-        assert st["metrics"]["flops"]["train"] == cost.train(steps * tc.batch_sequences * tc.seq_tokens)
+        assert st["metrics"]["flops"]["train"] == cost.train(
+            steps * tc.batch_sequences * tc.seq_tokens
+        )
     flops0 = m["stages"][0]["metrics"]["flops"]
     assert {"train", "probe", "fit", "score", "cooldown_eval"} <= set(flops0)
     assert "probe" not in m["stages"][-1]["metrics"]["flops"]  # the last stage selects nothing

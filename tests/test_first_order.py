@@ -32,14 +32,16 @@ def _exact_on_mixed_documents(lr: float):
     model, opt = warm_tiny_lm()
     ref = synthetic_reference(8, 8)
     docs = _mixed_documents(ref)
-    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
-                        eval_batch_sequences=3)
+    exact = ExactOracle(
+        model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32", eval_batch_sequences=3
+    )
     return model, opt, ref, docs, np.array([exact.influence(x) for x in docs])
 
 
 def _first_order(model, opt, ref, lr: float, clip: float = CLIP, **kw) -> FirstOrderOracle:
-    return FirstOrderOracle(model, opt, ref, lr=lr, grad_clip=clip, precision="fp32",
-                            eval_batch_sequences=3, **kw)
+    return FirstOrderOracle(
+        model, opt, ref, lr=lr, grad_clip=clip, precision="fp32", eval_batch_sequences=3, **kw
+    )
 
 
 def _real_step_delta(model, opt, x: torch.Tensor, lr: float, clip: float) -> list[tuple]:
@@ -62,8 +64,10 @@ def _real_step_delta(model, opt, x: torch.Tensor, lr: float, clip: float) -> lis
             den = (b2 * v + (1 - b2) * g * g).sqrt() / (1 - b2**step) ** 0.5 + eps
             terms[p] = lr / (1 - b1**step) * (b1 * m.abs() + (1 - b1) * g.abs()) / den
     twin_opt.step()
-    return [(after.detach() - before.detach(), after.detach(), terms[after]) for before, after
-            in zip(model.parameters(), twin_model.parameters(), strict=True)]
+    return [
+        (after.detach() - before.detach(), after.detach(), terms[after])
+        for before, after in zip(model.parameters(), twin_model.parameters(), strict=True)
+    ]
 
 
 def _assert_same_update(got: list[torch.Tensor], real: list) -> None:
@@ -74,14 +78,23 @@ def _assert_same_update(got: list[torch.Tensor], real: list) -> None:
     for mine, (delta, after, term) in zip(got, real, strict=True):
         bound = 1e-6 * delta.abs() + 2 * FP32_EPS * after.abs() + 8 * FP32_EPS * term
         err = (mine - delta).abs()
-        assert bool((err <= bound).all()), f"{float((err / bound).nan_to_num(0.0).max()):.3g}x the rounding bound"
+        assert bool((err <= bound).all()), (
+            f"{float((err / bound).nan_to_num(0.0).max()):.3g}x the rounding bound"
+        )
         assert float((mine - delta).norm() / delta.norm()) < 1e-4
 
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device (fused AdamW path)")]),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a CUDA device (fused AdamW path)"
+            ),
+        ],
+    ),
 ]
 
 
@@ -91,7 +104,9 @@ DEVICES = [
 def test_elementwise_update_equals_a_real_adamw_step(device, steps, clip):
     model, opt = warm_tiny_lm(steps=steps, device=device)
     x, lr = random_tokens(5).to(device), 2e-3
-    oracle = _first_order(model, opt, synthetic_reference(8, 8).to(torch.device(device)), lr, clip=clip)
+    oracle = _first_order(
+        model, opt, synthetic_reference(8, 8).to(torch.device(device)), lr, clip=clip
+    )
     got = [d.clone() for d in oracle.step_delta(x)]
     _assert_same_update(got, _real_step_delta(model, opt, x, lr, clip))
     assert oracle.clipped == int(clip == CLIP)  # this document's gradient norm is above 1
@@ -117,9 +132,12 @@ def test_shifting_absorbs_the_momentum_part_of_a_large_step():
     after it leaves a smaller error than linearising at θ."""
     lr = 1e-3
     model, opt, ref, docs, expected = _exact_on_mixed_documents(lr)
-    err = {shift: np.median(np.abs(_first_order(model, opt, ref, lr, shift=shift)
-                                   .influences(docs) / expected - 1))
-           for shift in (False, True)}
+    err = {
+        shift: np.median(
+            np.abs(_first_order(model, opt, ref, lr, shift=shift).influences(docs) / expected - 1)
+        )
+        for shift in (False, True)
+    }
     assert err[True] < err[False] / 2
 
 
@@ -132,8 +150,9 @@ def test_the_shared_step_effect_matches_a_zero_gradient_adamw_step(shift):
     model, opt = warm_tiny_lm()
     ref = synthetic_reference(8, 8)
     before = _full_state(model, opt)
-    exact = ExactOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32",
-                        eval_batch_sequences=3).shared_effect()
+    exact = ExactOracle(
+        model, opt, ref, lr=lr, grad_clip=CLIP, precision="fp32", eval_batch_sequences=3
+    ).shared_effect()
     got = _first_order(model, opt, ref, lr, shift=shift).shared_effect()
     assert exact != 0.0
     assert got == pytest.approx(exact, rel=0.05)
@@ -195,10 +214,12 @@ def _grad_norm(model, x: torch.Tensor) -> float:
 def test_reference_gradient_is_batch_size_independent():
     model, opt = warm_tiny_lm()
     ref, x = synthetic_reference(7, 8), random_tokens(5)
-    one = FirstOrderOracle(model, opt, ref, lr=2e-3, grad_clip=CLIP, precision="fp32",
-                           eval_batch_sequences=7).influence(x)
-    chunked = FirstOrderOracle(model, opt, ref, lr=2e-3, grad_clip=CLIP, precision="fp32",
-                               eval_batch_sequences=2).influence(x)
+    one = FirstOrderOracle(
+        model, opt, ref, lr=2e-3, grad_clip=CLIP, precision="fp32", eval_batch_sequences=7
+    ).influence(x)
+    chunked = FirstOrderOracle(
+        model, opt, ref, lr=2e-3, grad_clip=CLIP, precision="fp32", eval_batch_sequences=2
+    ).influence(x)
     assert chunked == pytest.approx(one, rel=1e-5)
 
 
@@ -212,8 +233,9 @@ def test_bf16_autocast_probes_rank_like_the_fp32_exact_oracle():
     lr = 1e-3
     model, opt, ref, docs, expected = _exact_on_mixed_documents(lr)
     before = _full_state(model, opt)
-    oracle = FirstOrderOracle(model, opt, ref, lr=lr, grad_clip=CLIP, precision="bf16",
-                              eval_batch_sequences=3, shift=True)
+    oracle = FirstOrderOracle(
+        model, opt, ref, lr=lr, grad_clip=CLIP, precision="bf16", eval_batch_sequences=3, shift=True
+    )
     assert spearman(oracle.influences(docs), expected) >= 0.9
     _assert_same_state(before, model, opt)
 
@@ -243,12 +265,18 @@ def test_batch_probe_is_the_adamw_jacobian_at_the_momentum():
     for p, mine, gx in zip(model.parameters(), got, g_x, strict=True):
         st = opt.state[p]
         m, v, step = st["exp_avg"].double(), st["exp_avg_sq"].double(), int(st["step"]) + 1
-        wd = next(gr["weight_decay"] for gr in opt.param_groups if any(q is p for q in gr["params"]))
+        wd = next(
+            gr["weight_decay"] for gr in opt.param_groups if any(q is p for q in gr["params"])
+        )
         kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, wd=wd, theta=p.detach().double(), step=step)
-        fd = (_adamw_update64(m, v, m + h * gx, **kw) - _adamw_update64(m, v, m - h * gx, **kw)) / (2 * h)
+        fd = (_adamw_update64(m, v, m + h * gx, **kw) - _adamw_update64(m, v, m - h * gx, **kw)) / (
+            2 * h
+        )
         assert float((mine.double() - fd).norm()) <= 1e-4 * float(fd.norm()) + 1e-12
-    expected = sum(float((r * d).sum()) for r, d in
-                   zip(_views(oracle._grad_ref, oracle._params), got, strict=True))
+    expected = sum(
+        float((r * d).sum())
+        for r, d in zip(_views(oracle._grad_ref, oracle._params), got, strict=True)
+    )
     assert oracle.influence(x) == pytest.approx(expected, rel=1e-5)
 
 

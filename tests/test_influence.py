@@ -47,21 +47,44 @@ def _scorer(seed: int = 0) -> InfluenceScorer:
 def _cfg(kind: str) -> InfluenceConfig:
     """'encoder' (fine-tuned), 'sgd' (frozen, AdamW head) or 'ridge' (frozen, closed form)."""
     if kind == "encoder":
-        return InfluenceConfig(encoder="tiny", max_tokens=32, train_encoder=True, epochs=8,
-                               lr=2e-3, head_lr=5e-3, batch_size=16)
-    return InfluenceConfig(encoder="tiny", max_tokens=32, train_encoder=False, epochs=60,
-                           head_lr=1e-2, batch_size=16, head_fit=kind)
+        return InfluenceConfig(
+            encoder="tiny",
+            max_tokens=32,
+            train_encoder=True,
+            epochs=8,
+            lr=2e-3,
+            head_lr=5e-3,
+            batch_size=16,
+        )
+    return InfluenceConfig(
+        encoder="tiny",
+        max_tokens=32,
+        train_encoder=False,
+        epochs=60,
+        head_lr=1e-2,
+        batch_size=16,
+        head_fit=kind,
+    )
 
 
-@pytest.fixture(scope="module", params=["ridge", "sgd", "encoder"],
-                ids=["frozen-ridge", "frozen-sgd", "fine-tuned"])
+@pytest.fixture(
+    scope="module",
+    params=["ridge", "sgd", "encoder"],
+    ids=["frozen-ridge", "frozen-sgd", "fine-tuned"],
+)
 def fitted(request):
     texts, y = synthetic(160, seed=0)
     scorer = _scorer()
     cfg = _cfg(request.param)
     report = fit_influence_model(scorer, texts, y, cfg, seed=3)
-    return {"scorer": scorer, "report": report, "texts": texts, "y": y, "cfg": cfg,
-            "kind": request.param}
+    return {
+        "scorer": scorer,
+        "report": report,
+        "texts": texts,
+        "y": y,
+        "cfg": cfg,
+        "kind": request.param,
+    }
 
 
 def test_fit_learns_the_keyword(fitted):

@@ -145,8 +145,9 @@ def test_spearman_interval_is_fisher_z_with_the_bonett_wright_error():
 
 
 def _cfg(**kw) -> InfluenceConfig:
-    base = dict(encoder="tiny", max_tokens=32, train_encoder=False, epochs=12, head_lr=1e-2,
-                batch_size=16)
+    base = dict(
+        encoder="tiny", max_tokens=32, train_encoder=False, epochs=12, head_lr=1e-2, batch_size=16
+    )
     return InfluenceConfig(**{**base, **kw})
 
 
@@ -155,22 +156,40 @@ def ridge_fit():
     texts, y = synthetic(120, seed=5)
     scorer = _scorer()
     ticks: list[int] = []
-    report = fit_influence_model(scorer, texts, y, _cfg(head_fit="ridge"), seed=4,
-                                 progress=ticks.append)
+    report = fit_influence_model(
+        scorer, texts, y, _cfg(head_fit="ridge"), seed=4, progress=ticks.append
+    )
     return {"scorer": scorer, "report": report, "texts": texts, "y": y, "ticks": ticks}
 
 
 def test_ridge_fit_reports_a_nested_cross_validation(ridge_fit):
     report, n = ridge_fit["report"], 120
     d = report_dict(report)
-    assert {"val_spearman", "val_pearson", "train_spearman", "best_epoch", "epochs", "train_size",
-            "val_size", "target_mean", "target_std", "seconds", "cv_folds", "cv_low", "cv_high",
-            "fit", "ridge_lambda", "nested"} <= set(d)
+    assert {
+        "val_spearman",
+        "val_pearson",
+        "train_spearman",
+        "best_epoch",
+        "epochs",
+        "train_size",
+        "val_size",
+        "target_mean",
+        "target_std",
+        "seconds",
+        "cv_folds",
+        "cv_low",
+        "cv_high",
+        "fit",
+        "ridge_lambda",
+        "nested",
+    } <= set(d)
     json.dumps(d)  # a manifest entry
     assert report.fit == "ridge" and report.nested and report.cv_folds == 5
     assert report.val_size == report.train_size == report.num_probes == n
     assert report.cv_low <= report.val_spearman <= report.cv_high
-    assert (report.cv_low, report.cv_high) == pytest.approx(spearman_interval(report.val_spearman, n))
+    assert (report.cv_low, report.cv_high) == pytest.approx(
+        spearman_interval(report.val_spearman, n)
+    )
     assert report.ridge_lambda > 0 and report.best_epoch == -1
     assert ridge_fit["ticks"] == [12]  # progress: cfg.epochs units, at once
 

@@ -36,11 +36,14 @@ def test_repeating_a_state_records_nothing(manifest):
     assert [t["state"] for t in manifest.stage(0)["transitions"]] == ["pending", "training"]
 
 
-@pytest.mark.parametrize(("path", "bad"), [
-    (["training", "probing"], "training"),  # backwards
-    (["training", "done"], "failed"),  # a done stage cannot fail
-    (["training", "done"], "cancelled"),
-])
+@pytest.mark.parametrize(
+    ("path", "bad"),
+    [
+        (["training", "probing"], "training"),  # backwards
+        (["training", "done"], "failed"),  # a done stage cannot fail
+        (["training", "done"], "cancelled"),
+    ],
+)
 def test_illegal_transitions_are_refused(manifest, path, bad):
     for state in path:
         manifest.transition(0, state)

@@ -19,15 +19,28 @@ from mates.flops import encoder_cost
 from mates.influence import InfluenceModel, InfluenceScorer, fit_influence_model, load_encoder
 from mates.ngram import NgramEncoder, NgramTokenizer, is_ngram_dir
 
-REFERENCE = ["the striker scored a late goal", "the goal keeper saved a penalty",
-             "fans cheered the winning goal"]
-CORPUS = ["the minister said the budget will rise", "a late goal won the match",
-          "the report on the market was late", "the cat sat on the mat", ""]
+REFERENCE = [
+    "the striker scored a late goal",
+    "the goal keeper saved a penalty",
+    "fans cheered the winning goal",
+]
+CORPUS = [
+    "the minister said the budget will rise",
+    "a late goal won the match",
+    "the report on the market was late",
+    "the cat sat on the mat",
+    "",
+]
 
 
 def _features(enc: NgramEncoder, texts: list[str], max_words: int = 64) -> np.ndarray:
-    scorer = InfluenceScorer(InfluenceModel(enc), NgramTokenizer(enc.config.num_buckets), max_words, CPU,
-                             precision="fp32")
+    scorer = InfluenceScorer(
+        InfluenceModel(enc),
+        NgramTokenizer(enc.config.num_buckets),
+        max_words,
+        CPU,
+        precision="fp32",
+    )
     return scorer.features(scorer.tokenize(texts), batch_size=2).numpy()
 
 
@@ -67,7 +80,9 @@ def test_fitted_ridge_head_finds_a_keyword_and_survives_save_and_load(tmp_path):
     texts, y = synthetic(120, seed=3)
     enc = NgramEncoder.fit(REFERENCE, texts, num_buckets=1024)
     scorer = InfluenceScorer(InfluenceModel(enc), NgramTokenizer(1024), 32, CPU)
-    cfg = InfluenceConfig(encoder="ngram", max_tokens=32, train_encoder=False, head_fit="ridge", cv_folds=5)
+    cfg = InfluenceConfig(
+        encoder="ngram", max_tokens=32, train_encoder=False, head_fit="ridge", cv_folds=5
+    )
     report = fit_influence_model(scorer, texts, y, cfg, seed=0)
     assert report.fit == "ridge" and report.val_spearman > 0.7  # one keyword sets the target
     scorer.save(tmp_path / "im", "ngram", train_encoder=False)
@@ -82,7 +97,9 @@ def test_fitted_ridge_head_finds_a_keyword_and_survives_save_and_load(tmp_path):
 def test_bf16_and_compile_settings_leave_the_bag_in_fp32():
     enc = NgramEncoder.fit(REFERENCE, CORPUS, num_buckets=256)
     fp32 = InfluenceScorer(InfluenceModel(enc), NgramTokenizer(256), 32, CPU, precision="fp32")
-    bf16 = InfluenceScorer(InfluenceModel(enc), NgramTokenizer(256), 32, CPU, precision="bf16", compile=True)
+    bf16 = InfluenceScorer(
+        InfluenceModel(enc), NgramTokenizer(256), 32, CPU, precision="bf16", compile=True
+    )
     a = fp32.features(fp32.tokenize(CORPUS), 2)
     b = bf16.features(bf16.tokenize(CORPUS), 2)
     assert b.dtype == torch.float32 and torch.equal(a, b)
@@ -116,12 +133,15 @@ def test_flops_are_four_per_word():
     assert encoder_cost(enc, 128).forward(128) == 4 * 128
 
 
-def test_a_run_with_the_ngram_encoder_selects_and_charges_next_to_nothing(tiny_config_factory, tmp_path):
+def test_a_run_with_the_ngram_encoder_selects_and_charges_next_to_nothing(
+    tiny_config_factory, tmp_path
+):
     from mates.artifacts import RunPaths
     from mates.run import Run
 
-    cfg = tiny_config_factory("influence.encoder=ngram", "influence.train_encoder=false",
-                              "influence.head_fit=ridge")
+    cfg = tiny_config_factory(
+        "influence.encoder=ngram", "influence.train_encoder=false", "influence.head_fit=ridge"
+    )
     manifest = Run(cfg, tmp_path / "run", progress=False).execute().data
     assert [s["state"] for s in manifest["stages"]] == ["done"] * cfg.stages.num_stages
     for k in range(cfg.stages.num_stages - 1):

@@ -28,29 +28,34 @@ VOCAB, T = TINY_VOCAB, TINY_SEQ
 PROBE_LR, CLIP = 2e-3, 1.0
 
 
-
-
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device (fused AdamW path)")]),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a CUDA device (fused AdamW path)"
+            ),
+        ],
+    ),
 ]
 
 
-
-
-
-
 def _oracle(model, opt, ref) -> ExactOracle:
-    return ExactOracle(model, opt, ref, lr=PROBE_LR, grad_clip=CLIP, precision="fp32",
-                       eval_batch_sequences=4)
+    return ExactOracle(
+        model, opt, ref, lr=PROBE_LR, grad_clip=CLIP, precision="fp32", eval_batch_sequences=4
+    )
 
 
 def _full_state(model, opt) -> dict:
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "opt": {i: {k: v.clone() for k, v in opt.state[p].items()}
-                for i, p in enumerate(model.parameters()) if p in opt.state},
+        "opt": {
+            i: {k: v.clone() for k, v in opt.state[p].items()}
+            for i, p in enumerate(model.parameters())
+            if p in opt.state
+        },
         "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
     }
 
@@ -73,8 +78,9 @@ def _manual_ref_loss(model, ref: ReferenceSet) -> float:
     """Mean cross-entropy over scored tokens with full logits (independent of `lm_loss`)."""
     with torch.no_grad():
         logits = model(input_ids=ref.input_ids).logits.float()  # (N, T, V)
-        return float(F.cross_entropy(logits.reshape(-1, VOCAB), ref.labels.reshape(-1),
-                                     ignore_index=IGNORE))
+        return float(
+            F.cross_entropy(logits.reshape(-1, VOCAB), ref.labels.reshape(-1), ignore_index=IGNORE)
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,7 +123,9 @@ def test_influence_equals_an_independent_one_step_computation():
 def test_base_loss_is_the_reference_loss_at_the_checkpoint():
     model, opt = warm_tiny_lm()
     ref = synthetic_reference(6, 3)
-    assert _oracle(model, opt, ref).base_loss == pytest.approx(_manual_ref_loss(model, ref), abs=1e-6)
+    assert _oracle(model, opt, ref).base_loss == pytest.approx(
+        _manual_ref_loss(model, ref), abs=1e-6
+    )
 
 
 def test_training_on_the_reference_itself_is_helpful():
@@ -138,8 +146,12 @@ def test_snapshot_is_never_reloaded_from_disk(monkeypatch):
     def no_disk(*args, **kwargs):
         raise AssertionError("the oracle must restore from memory, not reload a checkpoint")
 
-    for target, name in [(torch, "load"), (safetensors.torch, "load_file"),
-                         (safetensors.torch, "load"), (mates.train, "load_file")]:
+    for target, name in [
+        (torch, "load"),
+        (safetensors.torch, "load_file"),
+        (safetensors.torch, "load"),
+        (mates.train, "load_file"),
+    ]:
         monkeypatch.setattr(target, name, no_disk)
     for _ in range(3):
         assert oracle.influence(random_tokens(5)) == expected

@@ -98,12 +98,19 @@ def test_cli_writes_the_report_and_names_a_missing_run(tiny_run, tmp_path, capsy
 
 def copy_run(src: Path, dest: Path) -> Path:
     """A writable copy of a run's manifest, logs and small artifacts (no weights)."""
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(
-        "checkpoint", "final-model", "influence-model", "tokenized", "tokenizer", "run.lock"))
+    shutil.copytree(
+        src,
+        dest,
+        ignore=shutil.ignore_patterns(
+            "checkpoint", "final-model", "influence-model", "tokenized", "tokenizer", "run.lock"
+        ),
+    )
     return dest
 
 
-def hand_arm(src: Path, dest: Path, run_id: str, method: str = "random", shift: float = 0.1) -> Path:
+def hand_arm(
+    src: Path, dest: Path, run_id: str, method: str = "random", shift: float = 0.1
+) -> Path:
     """A run directory with `src`'s manifest and shifted metrics log, and nothing else."""
     m = read_json(RunPaths(src).manifest)
     m.update(run_id=run_id, name=run_id.rsplit("-", 1)[0])
@@ -111,8 +118,9 @@ def hand_arm(src: Path, dest: Path, run_id: str, method: str = "random", shift: 
     dest.mkdir(parents=True)
     write_json(RunPaths(dest).manifest, m)
     rows = [json.loads(x) for x in RunPaths(src).metrics.read_text().splitlines()]
-    RunPaths(dest).metrics.write_text("".join(
-        json.dumps({**r, "heldout_loss": r["heldout_loss"] + shift}) + "\n" for r in rows))
+    RunPaths(dest).metrics.write_text(
+        "".join(json.dumps({**r, "heldout_loss": r["heldout_loss"] + shift}) + "\n" for r in rows)
+    )
     return dest
 
 
@@ -125,18 +133,29 @@ def test_the_resolved_config_is_in_the_view_and_the_report(tiny_run):
     view, cfg = run_view(tiny_run["dir"]), tiny_run["cfg"]
     c = view["config"]
     assert c["selection_method"] == cfg.selection.method == "gumbel"
-    assert (c["selection_ratio"], c["temperature"]) == (cfg.selection.ratio, cfg.selection.temperature)
+    assert (c["selection_ratio"], c["temperature"]) == (
+        cfg.selection.ratio,
+        cfg.selection.temperature,
+    )
     assert (c["probe_method"], c["num_probes"], c["probe_lr"]) == (
-        cfg.probing.method, cfg.probing.num_probes, cfg.probing.lr)
-    assert (c["influence_encoder"], c["influence_epochs"]) == (cfg.influence.encoder, cfg.influence.epochs)
+        cfg.probing.method,
+        cfg.probing.num_probes,
+        cfg.probing.lr,
+    )
+    assert (c["influence_encoder"], c["influence_epochs"]) == (
+        cfg.influence.encoder,
+        cfg.influence.epochs,
+    )
     per_step = cfg.train.batch_sequences * cfg.train.seq_tokens
     assert c["tokens_per_step"] == per_step
     steps = cfg.stages.stage0_steps + (cfg.stages.num_stages - 1) * cfg.stages.stage_steps
     assert c["total_tokens"] == per_step * steps == view["curve"][-1]["tokens"]
     text = render_report(view)
     table = re.search(r'<table class="config">.*?</table>', text, flags=re.S).group(0)
-    assert (f"{cfg.train.batch_sequences} sequences × {cfg.train.seq_tokens} tokens = "
-            f"{per_step:,} tokens per step") in table
+    assert (
+        f"{cfg.train.batch_sequences} sequences × {cfg.train.seq_tokens} tokens = "
+        f"{per_step:,} tokens per step"
+    ) in table
     assert f"temperature τ = {cfg.selection.temperature:g}" in table
     assert f"{cfg.probing.num_probes} probes per stage" in table and "the current train lr" in table
     assert f"{cfg.stages.num_stages} stages: {cfg.stages.stage0_steps} steps in stage 0" in table
@@ -152,8 +171,11 @@ def test_a_run_without_config_fields_still_renders(tiny_run, tmp_path):
     view = run_view(run_dir)
     assert view["config"]["tokens_per_step"] is None and view["config"]["temperature"] is None
     assert "topk, keep –" in render_report(view)
-    m["config"] = {"name": m["name"], "selection": {"method": "mates", "sampler": "topk", "temperature": 2},
-                   "train": {"cooldown_fraction": 0}}
+    m["config"] = {
+        "name": m["name"],
+        "selection": {"method": "mates", "sampler": "topk", "temperature": 2},
+        "train": {"cooldown_fraction": 0},
+    }
     write_json(RunPaths(run_dir).manifest, m)
     text = render_report(run_view(run_dir))
     assert "mates (topk sampler)" in text and "τ = 2 (used by the gumbel sampler only)" in text
@@ -163,7 +185,9 @@ def test_a_run_without_config_fields_still_renders(tiny_run, tmp_path):
 def test_history_shows_every_transition_a_failure_and_the_resumption(tiny_run, tmp_path):
     view = run_view(tiny_run["dir"])
     hist = view["history"]
-    assert hist[0]["what"] == "run created" and [h["at"] for h in hist] == sorted(h["at"] for h in hist)
+    assert hist[0]["what"] == "run created" and [h["at"] for h in hist] == sorted(
+        h["at"] for h in hist
+    )
     assert "pending" not in {h["what"] for h in hist}
     n_trans = sum(len(st["transitions"]) - 1 for st in tiny_run["manifest"]["stages"])
     assert sum(h["kind"] == "transition" for h in hist) == n_trans
@@ -172,19 +196,31 @@ def test_history_shows_every_transition_a_failure_and_the_resumption(tiny_run, t
     paths = RunPaths(run_dir)
     m = read_json(paths.manifest)
     t = m["stages"][2]["transitions"][1]["at"]
-    m["stages"][2]["transitions"] = [{"state": "pending", "at": m["created_at"]},
-                                     {"state": "training", "at": t},
-                                     {"state": "failed", "at": t + 5},
-                                     {"state": "training", "at": t + 100},
-                                     {"state": "done", "at": t + 110}]
+    m["stages"][2]["transitions"] = [
+        {"state": "pending", "at": m["created_at"]},
+        {"state": "training", "at": t},
+        {"state": "failed", "at": t + 5},
+        {"state": "training", "at": t + 100},
+        {"state": "done", "at": t + 110},
+    ]
     write_json(paths.manifest, m)
     paths.events.write_text(
-        json.dumps({"at": t + 5.01, "stage": 2, "event": "failed", "reason": "OSError: <disk full>"}) + "\n"
-        + json.dumps({"at": t + 50, "stage": 2, "event": "waiting for scorer", "error": "refused"}) + "\n")
+        json.dumps(
+            {"at": t + 5.01, "stage": 2, "event": "failed", "reason": "OSError: <disk full>"}
+        )
+        + "\n"
+        + json.dumps({"at": t + 50, "stage": 2, "event": "waiting for scorer", "error": "refused"})
+        + "\n"
+    )
     hist = run_view(run_dir)["history"]
     two = [(h["kind"], h["what"]) for h in hist if h["stage"] == 2]
-    assert two == [("transition", "training"), ("failed", "failed"), ("event", "waiting for scorer"),
-                   ("resumed", "training"), ("transition", "done")]
+    assert two == [
+        ("transition", "training"),
+        ("failed", "failed"),
+        ("event", "waiting for scorer"),
+        ("resumed", "training"),
+        ("transition", "done"),
+    ]
     failed = next(h for h in hist if h["kind"] == "failed")
     assert failed["detail"] == "OSError: <disk full>"  # the event's reason, listed once
     text = render_report(run_view(run_dir))
@@ -192,7 +228,9 @@ def test_history_shows_every_transition_a_failure_and_the_resumption(tiny_run, t
     assert "OSError: &lt;disk full&gt;" in items and "<disk full>" not in items
     assert "resumed (failed → training)" in items and "state-resumed" in items
     assert "waiting for scorer: refused" in items
-    assert items.count("<li>") == 1 + 2 + 4  # created; stages 0 and 1; 2, its failure, wait, resumption
+    assert (
+        items.count("<li>") == 1 + 2 + 4
+    )  # created; stages 0 and 1; 2, its failure, wait, resumption
 
 
 def test_a_stage_failed_now_shows_its_error_in_the_history(tiny_run, tmp_path):
@@ -200,7 +238,9 @@ def test_a_stage_failed_now_shows_its_error_in_the_history(tiny_run, tmp_path):
     paths = RunPaths(run_dir)
     m = read_json(paths.manifest)
     st = m["stages"][2]
-    st["transitions"] = st["transitions"][:2] + [{"state": "failed", "at": st["transitions"][1]["at"] + 1}]
+    st["transitions"] = st["transitions"][:2] + [
+        {"state": "failed", "at": st["transitions"][1]["at"] + 1}
+    ]
     st.update(state="failed", error="RuntimeError: nan loss")
     m["status"] = "failed"
     write_json(paths.manifest, m)
@@ -217,7 +257,9 @@ def test_each_spearman_shows_its_points_and_too_few_are_flagged(tiny_run, tmp_pa
     assert st["val_n"] == fit["val_size"]
     text = render_report(view)
     cell = spearman_text(st["val_spearman"], st["val_n"], interval=st.get("cv_interval"))
-    assert f"(n={fit['val_size']})" in cell and ("too few to read" in cell) == (fit["val_size"] < 10)
+    assert f"(n={fit['val_size']})" in cell and ("too few to read" in cell) == (
+        fit["val_size"] < 10
+    )
     assert cell in text
 
     # an older fit report without val_size: the size is derived as the fit splits
@@ -263,12 +305,16 @@ def test_the_distribution_marks_what_the_selection_kept_and_its_cut(tiny_run, tm
     # a top-k selection keeps every score up to its cut
     run_dir = copy_run(tiny_run["dir"], tmp_path / "topk")
     sel = read_json(RunPaths(run_dir).selection(1))
-    lowest = sorted(scores, key=scores.get)[:len(sel["ids"])]
-    write_json(RunPaths(run_dir).selection(1), {**sel, "method": "mates", "sampler": "topk", "ids": lowest})
+    lowest = sorted(scores, key=scores.get)[: len(sel["ids"])]
+    write_json(
+        RunPaths(run_dir).selection(1), {**sel, "method": "mates", "sampler": "topk", "ids": lowest}
+    )
     st = run_view(run_dir)["stages"][0]
     assert st["cut"]["score"] == max(scores[i] for i in lowest)
     assert all(s >= st["cut"]["score"] for i, s in scores.items() if i not in lowest)
-    assert any(c.startswith("cut: every kept score ≤ this") for c in comments(distribution_chart(st)))
+    assert any(
+        c.startswith("cut: every kept score ≤ this") for c in comments(distribution_chart(st))
+    )
     write_json(RunPaths(run_dir).selection(1), {**sel, "method": "random", "sampler": "random"})
     assert run_view(run_dir)["stages"][0]["cut"] is None  # a random draw has no cut
 
@@ -330,9 +376,18 @@ def test_cooldown_points_are_read_and_drawn(tiny_run, tmp_path):
     assert not any("cooldown" in c for c in comments(loss_chart(view)))
     for st in read_json(paths.manifest)["stages"][:2]:
         k, tokens = st["stage"], st["metrics"]["tokens"]
-        write_json(paths.cooldown(k), {"stage": k, "tokens": tokens, "primary": "heldout", "sets": {
-            "heldout": {"kind": "text", "loss": 5.0 - k, "accuracy": None},
-            "cloze": {"kind": "cloze", "loss": 1.0, "accuracy": 0.5}}})
+        write_json(
+            paths.cooldown(k),
+            {
+                "stage": k,
+                "tokens": tokens,
+                "primary": "heldout",
+                "sets": {
+                    "heldout": {"kind": "text", "loss": 5.0 - k, "accuracy": None},
+                    "cloze": {"kind": "cloze", "loss": 1.0, "accuracy": 0.5},
+                },
+            },
+        )
     view = run_view(run_dir)
     assert [st["cooldown"] and st["cooldown"]["loss"] for st in view["stages"]] == [5.0, 4.0, None]
     assert view["stages"][1]["cooldown"]["set"] == "heldout"

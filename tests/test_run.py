@@ -111,7 +111,8 @@ def test_every_stage_artifact_exists(tiny_run):
         assert paths.selection(k).is_file() and paths.pool(k).is_file()
         ck = paths.checkpoint(k)
         assert {"model.safetensors", "optimizer.pt", "rng.pt", "trainer.json"} <= {
-            p.name for p in ck.iterdir()}
+            p.name for p in ck.iterdir()
+        }
         assert read_json(ck / "trainer.json")["complete"] is True
         has_next = k < last
         assert paths.probes(k).is_file() == has_next
@@ -217,7 +218,8 @@ def test_another_seed_selects_differently(tiny_run, tiny_config_factory, tmp_pat
 
 
 def test_failed_run_is_recorded_and_resumes_to_the_same_selections(
-        tiny_run, tiny_config_factory, tmp_path, monkeypatch):
+    tiny_run, tiny_config_factory, tmp_path, monkeypatch
+):
     cfg = tiny_config_factory()
     out = tmp_path / "resumed"
     real_step = Trainer.train_step
@@ -251,7 +253,8 @@ def test_failed_run_is_recorded_and_resumes_to_the_same_selections(
 
 
 def test_cancelled_mid_stage_resumes_from_the_mid_stage_checkpoint(
-        tiny_run, tiny_config_factory, tmp_path, monkeypatch):
+    tiny_run, tiny_config_factory, tmp_path, monkeypatch
+):
     cfg = tiny_config_factory("train.checkpoint_every_steps=5")
     out = tmp_path / "cancelled"
     real_step = Trainer.train_step
@@ -291,10 +294,15 @@ def test_cancelled_mid_stage_resumes_from_the_mid_stage_checkpoint(
 
 
 def test_disjoint_pools_are_disjoint_slices(tiny_config_factory, tmp_path):
-    cfg = tiny_config_factory("stages.num_stages=2", "stages.pool_mode=disjoint",
-                              "stages.pool_docs=100", "stages.stage0_steps=2",
-                              "stages.stage_steps=2", "probing.num_probes=10",
-                              "influence.epochs=1")
+    cfg = tiny_config_factory(
+        "stages.num_stages=2",
+        "stages.pool_mode=disjoint",
+        "stages.pool_docs=100",
+        "stages.stage0_steps=2",
+        "stages.stage_steps=2",
+        "probing.num_probes=10",
+        "influence.epochs=1",
+    )
     Run(cfg, tmp_path / "disjoint", progress=False).execute()
     paths = RunPaths(tmp_path / "disjoint")
     p0, p1 = (read_json(paths.pool(k))["ids"] for k in range(2))
@@ -315,10 +323,20 @@ def _token_budget_config(demo_base, *extra: str):
     raw = yaml.safe_load(TINY_CONFIG.read_text())
     for name in ("stage0_steps", "stage_steps", "pool_docs"):
         del raw["stages"][name]
-    raw = apply_overrides(raw, ["stages.num_stages=3", "stages.pool_mode=disjoint",
-                                "stages.stage0_tokens=2000", "stages.stage_tokens=1024",
-                                "stages.pool_multiple=3", "data.chunk_tokens=64",
-                                "probing.num_probes=10", "influence.epochs=1", *extra])
+    raw = apply_overrides(
+        raw,
+        [
+            "stages.num_stages=3",
+            "stages.pool_mode=disjoint",
+            "stages.stage0_tokens=2000",
+            "stages.stage_tokens=1024",
+            "stages.pool_multiple=3",
+            "data.chunk_tokens=64",
+            "probing.num_probes=10",
+            "influence.epochs=1",
+            *extra,
+        ],
+    )
     return config_from_dict(raw, demo_base)
 
 
@@ -356,18 +374,25 @@ def test_token_budgets_give_disjoint_pools_and_one_epoch_per_stage(demo_base, tm
 def test_token_budgets_the_corpus_cannot_fill_fail_before_training(demo_base, tmp_path):
     cfg = _token_budget_config(demo_base, "stages.stage_tokens=10000000")
     out = tmp_path / "too-big-tokens"
-    with pytest.raises((ConfigError, StageFailed), match="`stages.stage_tokens`.*lower the budgets"):
+    with pytest.raises(
+        (ConfigError, StageFailed), match="`stages.stage_tokens`.*lower the budgets"
+    ):
         Run(cfg, out, progress=False).execute()
     assert not RunPaths(out).checkpoint(0).exists()
 
 
 def test_the_label_arm_fills_a_token_budget_with_matching_units_first(demo_base, tmp_path):
-    cfg = _token_budget_config(demo_base, "selection.method=label",
-                               "selection.target_labels=[news]")
+    cfg = _token_budget_config(
+        demo_base, "selection.method=label", "selection.target_labels=[news]"
+    )
     run = Run(cfg, tmp_path / "label-tokens", progress=False)
     run.execute()
     sel = read_json(RunPaths(tmp_path / "label-tokens").selection(1))
-    matching = [d for d in sel["ids"] if (run.corpus.domain(run.corpus.index_of(d)) or "").startswith("news")]
+    matching = [
+        d
+        for d in sel["ids"]
+        if (run.corpus.domain(run.corpus.index_of(d)) or "").startswith("news")
+    ]
     assert len(sel["ids"]) - len(matching) == sel["filled_at_random"]
     if sel["filled_at_random"]:  # too few news units: every one of them kept, then others
         assert len(matching) == sel["pool_matching"]
@@ -388,7 +413,8 @@ def test_failure_after_the_last_stage_is_recorded(tiny_config_factory, tmp_path,
 
 
 def test_re_executing_the_same_run_object_after_a_failure(
-        tiny_run, tiny_config_factory, tmp_path, monkeypatch):
+    tiny_run, tiny_config_factory, tmp_path, monkeypatch
+):
     cfg = tiny_config_factory()
     real_step = Trainer.train_step
 
@@ -429,9 +455,13 @@ def test_pool_scores_are_the_saved_models_predictions(tiny_run):
 
 
 def test_frozen_encoder_run_scores_with_cached_features(tiny_config_factory, tmp_path):
-    cfg = tiny_config_factory("influence.train_encoder=false", "influence.epochs=20",
-                              "stages.num_stages=3", "stages.stage0_steps=4",
-                              "stages.stage_steps=2")
+    cfg = tiny_config_factory(
+        "influence.train_encoder=false",
+        "influence.epochs=20",
+        "stages.num_stages=3",
+        "stages.stage0_steps=4",
+        "stages.stage_steps=2",
+    )
     out = tmp_path / "frozen"
     Run(cfg, out, progress=False).execute()
     for k in range(2):
@@ -458,7 +488,8 @@ def test_sharded_scoring_selects_the_same_documents(tiny_config_factory, tiny_ru
     Run(cfg, tmp_path / "sharded", progress=False).execute()
     ours, theirs = RunPaths(tmp_path / "sharded"), RunPaths(tiny_run["dir"])
     assert sorted(p.name for p in ours.score_shard(0, 0).parent.iterdir()) == [
-        f"shard-{i:05d}.jsonl" for i in range(math.ceil(cfg.stages.pool_docs / 64))]
+        f"shard-{i:05d}.jsonl" for i in range(math.ceil(cfg.stages.pool_docs / 64))
+    ]
     for k in range(cfg.stages.num_stages):
         assert read_json(ours.selection(k))["ids"] == read_json(theirs.selection(k))["ids"], k
     merged = [r["id"] for r in read_jsonl(ours.scores(0))]
@@ -466,8 +497,11 @@ def test_sharded_scoring_selects_the_same_documents(tiny_config_factory, tiny_ru
 
 
 def _snapshot(paths: RunPaths, num_stages: int) -> dict:
-    files = [paths.selection(k) for k in range(num_stages)] + [paths.scores(0), paths.probes(0),
-                                                              paths.influence_model(0) / "meta.json"]
+    files = [paths.selection(k) for k in range(num_stages)] + [
+        paths.scores(0),
+        paths.probes(0),
+        paths.influence_model(0) / "meta.json",
+    ]
     return {str(f): (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
 
 
@@ -538,8 +572,12 @@ def test_score_shard_with_an_outside_scorer(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_hybrid_probing_records_agreement_and_warns_below_the_floor(tiny_config_factory, tmp_path):
-    cfg = tiny_config_factory("probing.method=hybrid", "probing.exact_subset=8",
-                              "probing.min_spearman=1.0", "stages.num_stages=2")
+    cfg = tiny_config_factory(
+        "probing.method=hybrid",
+        "probing.exact_subset=8",
+        "probing.min_spearman=1.0",
+        "stages.num_stages=2",
+    )
     m = Run(cfg, tmp_path / "hybrid", progress=False).execute().data
     probes = m["stages"][0]["metrics"]["probes"]
     assert probes["method"] == "hybrid" and probes["exact_subset"] == 8
@@ -548,7 +586,9 @@ def test_hybrid_probing_records_agreement_and_warns_below_the_floor(tiny_config_
     assert len(rows) == cfg.probing.num_probes
     assert sum("exact" in r for r in rows) == 8
     events = RunPaths(tmp_path / "hybrid").events
-    warned = events.is_file() and any(e["event"] == "first_order_disagrees" for e in read_jsonl(events))
+    warned = events.is_file() and any(
+        e["event"] == "first_order_disagrees" for e in read_jsonl(events)
+    )
     assert warned == (probes["first_order_spearman"] < 1.0)
 
 
@@ -565,15 +605,23 @@ def test_first_order_runs_end_to_end(tiny_config_factory, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_an_influence_model_below_the_quality_gate_falls_back_to_random(tiny_config_factory, tmp_path):
+def test_an_influence_model_below_the_quality_gate_falls_back_to_random(
+    tiny_config_factory, tmp_path
+):
     """16 probes cannot clear a bar of 0.99: stage 1 selects at random, says so in its
     selection manifest and in a run event, and the probes ran in fp32 with the shared-step
     effect recorded."""
-    cfg = tiny_config_factory("stages.num_stages=2", "selection.fallback=random",
-                              "selection.min_cv_spearman=0.99", "train.precision=bf16")
+    cfg = tiny_config_factory(
+        "stages.num_stages=2",
+        "selection.fallback=random",
+        "selection.min_cv_spearman=0.99",
+        "train.precision=bf16",
+    )
     m = Run(cfg, tmp_path / "gate", progress=False).execute().data
     sel = read_json(RunPaths(tmp_path / "gate").selection(1))
-    assert sel["fallback"] == "random" and sel["sampler"] == "random" and sel["model_version"] is None
+    assert (
+        sel["fallback"] == "random" and sel["sampler"] == "random" and sel["model_version"] is None
+    )
     assert sel["gate"]["passed"] is False and sel["gate"]["min_cv_spearman"] == 0.99
     events = read_jsonl(RunPaths(tmp_path / "gate").events)
     assert [e["fallback"] for e in events if e["event"] == "influence_gate"] == ["random"]
@@ -588,20 +636,31 @@ def test_model_based_selections_standardize_scores_and_record_the_gate(tiny_run)
     assert sel["score_std"] > 0 and "gate" in sel and "fallback" not in sel
 
 
-def test_probe_history_fits_on_earlier_stages_probes_each_standardized(tiny_config_factory, tmp_path):
-    cfg = tiny_config_factory("influence.encoder=ngram", "influence.train_encoder=false",
-                              "influence.head_fit=ridge", "influence.probe_history=1")
+def test_probe_history_fits_on_earlier_stages_probes_each_standardized(
+    tiny_config_factory, tmp_path
+):
+    cfg = tiny_config_factory(
+        "influence.encoder=ngram",
+        "influence.train_encoder=false",
+        "influence.head_fit=ridge",
+        "influence.probe_history=1",
+    )
     run = Run(cfg, tmp_path / "history", progress=False)
     manifest = run.execute().data
     n = cfg.probing.num_probes
     fits = [manifest["stages"][k]["metrics"]["influence_model"] for k in (0, 1)]
     assert [f["num_probes"] for f in fits] == [n, 2 * n]  # stage 0 has no earlier stage
     rows, y = run._fit_rows(1)
-    assert [r["id"] for r in rows] == [r["id"] for r in read_jsonl(RunPaths(tmp_path / "history").probes(0))
-                                       + read_jsonl(RunPaths(tmp_path / "history").probes(1))]
+    assert [r["id"] for r in rows] == [
+        r["id"]
+        for r in read_jsonl(RunPaths(tmp_path / "history").probes(0))
+        + read_jsonl(RunPaths(tmp_path / "history").probes(1))
+    ]
     for part in (y[:n], y[n:]):  # each stage z-scored within itself
         assert part.mean() == pytest.approx(0, abs=1e-9) and part.std() == pytest.approx(1)
     plain = Run(tiny_config_factory(), tmp_path / "plain", progress=False)
     plain.ctx.paths = run.paths  # the same probes, read as a run without history reads them
     rows0, y0 = plain._fit_rows(1)
-    assert len(rows0) == n and np.array_equal(y0, [r["influence"] for r in read_jsonl(run.paths.probes(1))])
+    assert len(rows0) == n and np.array_equal(
+        y0, [r["influence"] for r in read_jsonl(run.paths.probes(1))]
+    )

@@ -73,11 +73,19 @@ def spawn(tmp_path):
 
     def start(*args: str, crash: str | None = None, preexec_fn=None) -> subprocess.Popen:
         log = tmp_path / f"child-{len(procs)}.log"
-        cmd = ([sys.executable, "-c", CRASH_CHILD, crash] if crash
-               else [sys.executable, "-m", "mates.cli"])
+        cmd = (
+            [sys.executable, "-c", CRASH_CHILD, crash]
+            if crash
+            else [sys.executable, "-m", "mates.cli"]
+        )
         with open(log, "wb") as fh:
-            p = subprocess.Popen([*cmd, *args, "--no-progress"], stdout=fh, stderr=subprocess.STDOUT,
-                                 cwd=tmp_path, preexec_fn=preexec_fn)
+            p = subprocess.Popen(
+                [*cmd, *args, "--no-progress"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                preexec_fn=preexec_fn,
+            )
         p.log = log  # type: ignore[attr-defined]
         procs.append(p)
         return p
@@ -143,12 +151,16 @@ def _mid_stage_checkpoint(run_dir: Path, k: int, at_least: int):
         except (FileNotFoundError, json.JSONDecodeError):
             return False
         return not meta["complete"] and meta["stage_step"] >= at_least
+
     return reached
 
 
 def _selection_ids(run_dir: Path) -> list[list[str]]:
     paths = RunPaths(run_dir)
-    return [read_json(paths.selection(k))["ids"] for k in range(len(read_json(paths.manifest)["stages"]))]
+    return [
+        read_json(paths.selection(k))["ids"]
+        for k in range(len(read_json(paths.manifest)["stages"]))
+    ]
 
 
 def _temporaries(run_dir: Path) -> list[Path]:
@@ -157,8 +169,11 @@ def _temporaries(run_dir: Path) -> list[Path]:
 
 def _hashes(run_dir: Path) -> dict[str, str]:
     """sha256 of every file of a run dir except the logs that are rewritten by design."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(run_dir).rglob("*")) if p.is_file() and p.name not in LOGS}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(run_dir).rglob("*"))
+        if p.is_file() and p.name not in LOGS
+    }
 
 
 def assert_same_as_uninterrupted(run_dir: Path, reference: dict) -> None:
@@ -170,7 +185,9 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: dict) -> None:
     assert _selection_ids(run_dir) == _selection_ids(ref_dir)
     for k in range(len(ref["stages"]) - 1):
         for artifact in (RunPaths.probes, RunPaths.scores):
-            assert read_jsonl(artifact(RunPaths(run_dir), k)) == read_jsonl(artifact(RunPaths(ref_dir), k))
+            assert read_jsonl(artifact(RunPaths(run_dir), k)) == read_jsonl(
+                artifact(RunPaths(ref_dir), k)
+            )
     for st, ref_st in zip(m["stages"], ref["stages"], strict=True):
         for key in ("steps", "tokens", "heldout_loss", "reference_loss", "train_loss"):
             assert st["metrics"][key] == ref_st["metrics"][key], (st["stage"], key)
@@ -178,8 +195,9 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: dict) -> None:
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps))  # rows logged past a resumed checkpoint were dropped
     strip = [{k: v for k, v in r.items() if k != "time"} for r in rows]
-    assert strip == [{k: v for k, v in r.items() if k != "time"}
-                     for r in read_jsonl(RunPaths(ref_dir).metrics)]
+    assert strip == [
+        {k: v for k, v in r.items() if k != "time"} for r in read_jsonl(RunPaths(ref_dir).metrics)
+    ]
     assert not _temporaries(run_dir)  # what the killed processes left was cleared
 
 
@@ -187,8 +205,9 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: dict) -> None:
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_run, tiny_config_factory, tmp_path,
-                                                           spawn):
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(
+    tiny_run, tiny_config_factory, tmp_path, spawn
+):
     cfg = tiny_config_factory(*CHECKPOINTED)
     out = tmp_path / "killed"
     config = _config_file(cfg, tmp_path / "tiny.json")
@@ -221,7 +240,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_run, tiny_config
 
 @pytest.mark.slow
 def test_writer_killed_mid_write_leaves_nothing_that_looks_complete(
-        tiny_run, tiny_config_factory, tmp_path, spawn):
+    tiny_run, tiny_config_factory, tmp_path, spawn
+):
     cfg = tiny_config_factory(*CHECKPOINTED)
     out = tmp_path / "torn"
     paths = RunPaths(out)
@@ -234,7 +254,10 @@ def test_writer_killed_mid_write_leaves_nothing_that_looks_complete(
     assert (ck["stage_step"], ck["complete"]) == (15, False)
     assert load_file(paths.checkpoint(0) / "model.safetensors")  # intact, loadable
     torn = [t / "checkpoint" / "model.safetensors" for t in _temporaries(paths.stage(0))]
-    assert len(torn) == 1 and 0 < torn[0].stat().st_size < (paths.checkpoint(0) / "model.safetensors").stat().st_size
+    assert (
+        len(torn) == 1
+        and 0 < torn[0].stat().st_size < (paths.checkpoint(0) / "model.safetensors").stat().st_size
+    )
 
     # run.json, after the end-of-stage checkpoint and before it records the stage's metrics
     p = spawn("resume", str(out), crash="record")
@@ -278,10 +301,13 @@ def _limit_file_size(max_bytes: int):
     def apply() -> None:  # in the child, before exec: writes past max_bytes fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
     return apply
 
 
-def _assert_failed_writing(run_dir: Path, p: subprocess.Popen, artifact: Path, reasons: tuple[str, ...]):
+def _assert_failed_writing(
+    run_dir: Path, p: subprocess.Popen, artifact: Path, reasons: tuple[str, ...]
+):
     p.wait(240)
     out = _output(p)
     assert p.returncode == 2, out
@@ -294,12 +320,16 @@ def _assert_failed_writing(run_dir: Path, p: subprocess.Popen, artifact: Path, r
 
 
 @pytest.mark.slow
-def test_disk_full_fails_the_stage_naming_the_file_and_damages_nothing(tiny_run, stage0_done, spawn):
+def test_disk_full_fails_the_stage_naming_the_file_and_damages_nothing(
+    tiny_run, stage0_done, spawn
+):
     out, before = stage0_done
     # room for run.json and the logs, not for a 360 kB model file
     p = spawn("resume", str(out), preexec_fn=_limit_file_size(200_000))
     _assert_failed_writing(out, p, RunPaths(out).checkpoint(1), ("File too large", "No space left"))
-    assert _hashes(out) == before  # stage 0's checkpoint, probes, model, scores; stage 1's pool, selection
+    assert (
+        _hashes(out) == before
+    )  # stage 0's checkpoint, probes, model, scores; stage 1's pool, selection
 
     _finish(spawn("resume", str(out)))  # the disk has room again
     assert_same_as_uninterrupted(out, tiny_run)
@@ -319,8 +349,9 @@ def test_unwritable_stage_folder_fails_the_stage_and_damages_nothing(tiny_run, s
         folder.chmod(0o555)
     try:
         p = spawn("resume", str(out))
-        _assert_failed_writing(out, p, RunPaths(out).checkpoint(1),
-                               ("Permission denied", "Operation not permitted"))
+        _assert_failed_writing(
+            out, p, RunPaths(out).checkpoint(1), ("Permission denied", "Operation not permitted")
+        )
     finally:
         if lock:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
@@ -348,7 +379,7 @@ def _corrupt_pool(cfg, tmp_path: Path, kinds) -> Path:
     """The demo pool with one corrupt line of each kind, the first at line BAD_LINE."""
     lines = Path(cfg.data.pool).read_bytes().splitlines()
     bad = [CORRUPT[kind][0] or lines[0] for kind in kinds]
-    return write_jsonl(tmp_path / "pool.jsonl", lines[: BAD_LINE - 1] + bad + lines[BAD_LINE - 1:])
+    return write_jsonl(tmp_path / "pool.jsonl", lines[: BAD_LINE - 1] + bad + lines[BAD_LINE - 1 :])
 
 
 @pytest.mark.parametrize("kind", list(CORRUPT))
@@ -366,7 +397,9 @@ def test_corrupt_corpus_row_fails_the_run_naming_file_and_line(tiny_config_facto
     assert not RunPaths(out).tokenized.exists()
 
 
-def test_skipped_corrupt_rows_are_counted_in_run_json_and_logged(tiny_config_factory, tmp_path, caplog):
+def test_skipped_corrupt_rows_are_counted_in_run_json_and_logged(
+    tiny_config_factory, tmp_path, caplog
+):
     cfg = tiny_config_factory()
     ids = [row["id"] for row in read_jsonl(cfg.data.pool)]
     pool = _corrupt_pool(cfg, tmp_path, list(CORRUPT))
@@ -376,6 +409,12 @@ def test_skipped_corrupt_rows_are_counted_in_run_json_and_logged(tiny_config_fac
     assert run.corpus.ids == ids  # the good rows, in order, the first of the duplicates kept
     corpus = read_json(RunPaths(tmp_path / "run").manifest)["corpus"]
     assert corpus["documents"] == len(ids) and corpus["skipped_rows"] == 4
-    assert corpus["skip_reasons"] == {"not valid JSON": 1, "missing or non-string `text`": 1,
-                                      "duplicate id": 1, "not valid UTF-8": 1}
-    assert any("4 rows of" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    assert corpus["skip_reasons"] == {
+        "not valid JSON": 1,
+        "missing or non-string `text`": 1,
+        "duplicate id": 1,
+        "not valid UTF-8": 1,
+    }
+    assert any(
+        "4 rows of" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records
+    )

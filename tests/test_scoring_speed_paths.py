@@ -53,8 +53,9 @@ def at(scorer):
 
 def test_fast_equals_naive_in_fp32(at):
     scorer, texts = at("fp32"), mixed_texts(40, seed=0)
-    np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8), atol=1e-5, rtol=0
+    )
 
 
 def test_fast_in_bf16_is_within_1e_2_of_naive(at):
@@ -68,7 +69,9 @@ def test_fast_in_bf16_is_within_1e_2_of_naive(at):
 
 def test_bf16_weight_copy_follows_changes_to_the_encoder():
     encoder, tok = load_encoder("tiny", seed=0)
-    scorer = InfluenceScorer(InfluenceModel(encoder), tok, max_tokens=32, device=CPU, precision="bf16")
+    scorer = InfluenceScorer(
+        InfluenceModel(encoder), tok, max_tokens=32, device=CPU, precision="bf16"
+    )
     texts = mixed_texts(8, seed=4)
     before = fast_predict(scorer, texts, 4)
     assert scorer._inference_encoder("bf16") is scorer._inference_encoder("bf16")  # cached
@@ -86,8 +89,9 @@ def test_bf16_weight_copy_follows_changes_to_the_encoder():
 @pytest.mark.slow
 def test_compiled_scoring_equals_the_naive_path_and_follows_weight_changes():
     encoder, tok = load_encoder("tiny", seed=0)
-    scorer = InfluenceScorer(InfluenceModel(encoder), tok, max_tokens=32, device=CPU,
-                             precision="fp32", compile=True)
+    scorer = InfluenceScorer(
+        InfluenceModel(encoder), tok, max_tokens=32, device=CPU, precision="fp32", compile=True
+    )
     texts = mixed_texts(40, seed=5)  # lengths 2..32 tokens: several batch shapes, one compile
     compiled = fast_predict(scorer, texts, 8)
     np.testing.assert_allclose(compiled, naive_predict(scorer, texts, 8), atol=1e-4, rtol=0)
@@ -97,12 +101,14 @@ def test_compiled_scoring_equals_the_naive_path_and_follows_weight_changes():
     with torch.no_grad():  # frozen weights are constants: a change must compile again
         for p in scorer.model.encoder.parameters():
             p.mul_(1.5)
-    np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8), atol=1e-4, rtol=0
+    )
     assert scorer._compiled[1] is not fn
     scorer.precision = "bf16"
-    np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8),
-                               atol=1e-2, rtol=0)
+    np.testing.assert_allclose(
+        fast_predict(scorer, texts, 8), naive_predict(scorer, texts, 8), atol=1e-2, rtol=0
+    )
 
 
 def test_output_order_is_input_order(at):
@@ -167,7 +173,9 @@ def test_unknown_precision_is_refused(scorer):
 def test_minilm_fast_equals_naive():
     encoder, tok = load_encoder("minilm")
     torch.manual_seed(0)
-    scorer = InfluenceScorer(InfluenceModel(encoder), tok, max_tokens=64, device=CPU, precision="fp32")
+    scorer = InfluenceScorer(
+        InfluenceModel(encoder), tok, max_tokens=64, device=CPU, precision="fp32"
+    )
     texts = mixed_texts(20, seed=5)
     naive = naive_predict(scorer, texts, 8)
     np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive, atol=1e-5, rtol=0)
@@ -175,8 +183,27 @@ def test_minilm_fast_equals_naive():
     np.testing.assert_allclose(fast_predict(scorer, texts, 8), naive, atol=1e-2, rtol=0)
 
 
-PIECES = ["market", "Minister", "shares", " ", " ", " ", "\t", "\n", "\x1c", "\u200b", "\u3000",
-          "é", "e\u0301", "中文", "!", "--", "unbelievably", "x" * 120, "3.5%"]
+PIECES = [
+    "market",
+    "Minister",
+    "shares",
+    " ",
+    " ",
+    " ",
+    "\t",
+    "\n",
+    "\x1c",
+    "\u200b",
+    "\u3000",
+    "é",
+    "e\u0301",
+    "中文",
+    "!",
+    "--",
+    "unbelievably",
+    "x" * 120,
+    "3.5%",
+]
 
 
 @pytest.mark.parametrize("max_tokens", [8, 32])

@@ -18,8 +18,16 @@ SERVICES = PACKAGE.parent.parent / "services"
 MODULES = sorted(PACKAGE.rglob("*.py")) + sorted(SERVICES.rglob("*.py"))
 
 # Modules whose loaders run code from the data they read.
-PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve",
-                  "marshal"}
+PICKLE_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "shelve",
+    "marshal",
+}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -35,8 +43,10 @@ def _dotted(node: ast.AST) -> str:
 
 
 def _keyword_is(call: ast.Call, name: str, value: object) -> bool:
-    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value
-               for k in call.keywords)
+    return any(
+        k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value
+        for k in call.keywords
+    )
 
 
 def _aliases(tree: ast.Module) -> dict[str, str]:
@@ -45,7 +55,9 @@ def _aliases(tree: ast.Module) -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                names[a.asname or a.name.split(".")[0]] = (
+                    a.name if a.asname else a.name.split(".")[0]
+                )
         elif isinstance(node, ast.ImportFrom) and node.module:
             for a in node.names:
                 names[a.asname or a.name] = f"{node.module}.{a.name}"
@@ -63,8 +75,11 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""])
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
             for m in modules:
                 if m.split(".")[0] in PICKLE_MODULES:
                     flag(node, f"imports {m} (its loaders run code from the data)")
@@ -75,8 +90,10 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
         full = aliases.get(head, head) + (f".{rest}" if rest else "")
         if full == "torch.load" and not _keyword_is(node, "weights_only", True):
             flag(node, "torch.load without weights_only=True")
-        elif full == "numpy.load" and not (_keyword_is(node, "allow_pickle", False)
-                                           or all(k.arg != "allow_pickle" for k in node.keywords)):
+        elif full == "numpy.load" and not (
+            _keyword_is(node, "allow_pickle", False)
+            or all(k.arg != "allow_pickle" for k in node.keywords)
+        ):
             flag(node, "numpy.load with allow_pickle")
         elif full.endswith("read_pickle"):
             flag(node, f"{full} unpickles")
@@ -147,7 +164,9 @@ def test_the_scan_sees_the_real_loaders():
             if isinstance(node, ast.Call):
                 head, _, rest = _dotted(node.func).partition(".")
                 if aliases.get(head, head) + (f".{rest}" if rest else "") in (
-                        "torch.load", "safetensors.torch.load_file"):
+                    "torch.load",
+                    "safetensors.torch.load_file",
+                ):
                     calls.append(path.name)
     # the LM checkpoint (mates/train.py) and the influence model (mates/influence/scorer.py)
     assert "train.py" in calls and "scorer.py" in calls, calls

@@ -51,10 +51,12 @@ def assert_frequencies(freq: np.ndarray, expected: np.ndarray, n: int) -> None:
 @pytest.fixture(scope="module")
 def gumbel_draws():
     """N seeded draws of k=2 from 5 items through the public entry point (draw order kept)."""
-    return np.array([
-        select_indices(SCORES, len(SCORES), ratio=0.4, method="gumbel", temperature=TAU, seed=s)
-        for s in range(N_DRAWS)
-    ])
+    return np.array(
+        [
+            select_indices(SCORES, len(SCORES), ratio=0.4, method="gumbel", temperature=TAU, seed=s)
+            for s in range(N_DRAWS)
+        ]
+    )
 
 
 def test_closed_form_helper_is_a_distribution():
@@ -114,11 +116,21 @@ def test_lower_score_is_preferred():
 
 def test_temperature_controls_sharpness():
     scores = np.linspace(0, 1, 20)
-    low = [select_indices(scores, 20, ratio=0.25, method="gumbel", temperature=0.01, seed=s)
-           for s in range(20)]
+    low = [
+        select_indices(scores, 20, ratio=0.25, method="gumbel", temperature=0.01, seed=s)
+        for s in range(20)
+    ]
     assert all(sorted(c.tolist()) == list(range(5)) for c in low)  # τ→0 is top-k
-    high = {tuple(sorted(select_indices(scores, 20, ratio=0.25, method="gumbel",
-                                        temperature=100.0, seed=s).tolist())) for s in range(20)}
+    high = {
+        tuple(
+            sorted(
+                select_indices(
+                    scores, 20, ratio=0.25, method="gumbel", temperature=100.0, seed=s
+                ).tolist()
+            )
+        )
+        for s in range(20)
+    }
     assert len(high) > 10  # τ→∞ is close to uniform
 
 
@@ -167,10 +179,13 @@ def test_seed_may_be_a_sequence():
     """The run seeds each stage's selection with [run seed, stage, tag]."""
     scores = np.random.default_rng(6).normal(size=100)
     kw = dict(ratio=0.2, method="gumbel", temperature=TAU)
-    assert select_indices(scores, 100, seed=[0, 1, 11], **kw).tolist() == \
+    assert (
         select_indices(scores, 100, seed=[0, 1, 11], **kw).tolist()
-    assert set(select_indices(scores, 100, seed=[0, 1, 11], **kw).tolist()) != \
-        set(select_indices(scores, 100, seed=[0, 2, 11], **kw).tolist())
+        == select_indices(scores, 100, seed=[0, 1, 11], **kw).tolist()
+    )
+    assert set(select_indices(scores, 100, seed=[0, 1, 11], **kw).tolist()) != set(
+        select_indices(scores, 100, seed=[0, 2, 11], **kw).tolist()
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan")])
@@ -184,8 +199,9 @@ def test_ratio_one_keeps_everything():
     assert sorted(chosen.tolist()) == list(range(7))
 
 
-@pytest.mark.parametrize(("pool", "ratio", "k"), [(200, 0.2, 40), (10, 0.3, 3), (10, 0.01, 1),
-                                                  (3, 1.0, 3), (7, 0.5, 4)])
+@pytest.mark.parametrize(
+    ("pool", "ratio", "k"), [(200, 0.2, 40), (10, 0.3, 3), (10, 0.01, 1), (3, 1.0, 3), (7, 0.5, 4)]
+)
 def test_num_selected(pool, ratio, k):
     assert num_selected(pool, ratio) == k
 

@@ -30,8 +30,9 @@ def pools(draw, unique: bool = False):
 
 
 def _select(scores, ratio, method, seed, temperature=0.5):
-    return select_indices(scores, len(scores), ratio=ratio, method=method,
-                          temperature=temperature, seed=seed)
+    return select_indices(
+        scores, len(scores), ratio=ratio, method=method, temperature=temperature, seed=seed
+    )
 
 
 @props
@@ -76,7 +77,7 @@ def test_top_k_picks_the_same_documents_whatever_their_order(scores, ratio, rnd)
 @props
 @given(pools(), ratios, seeds, st.integers(min_value=-20, max_value=20))
 def test_gumbel_depends_on_scores_only_through_score_over_temperature(scores, ratio, seed, e):
-    scale = 2.0 ** e  # a power of two scales exactly, so no rounding can flip a near tie
+    scale = 2.0**e  # a power of two scales exactly, so no rounding can flip a near tie
     a = _select(scores, ratio, "gumbel", seed, temperature=0.5)
     b = _select(scores * scale, ratio, "gumbel", seed, temperature=0.5 * scale)
     assert a.tolist() == b.tolist()
@@ -101,16 +102,24 @@ def test_gumbel_draws_come_out_in_draw_order(n, seed):
 
 
 @props
-@given(st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
-                 st.just(math.nan)), methods)
+@given(
+    st.one_of(
+        st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)
+    ),
+    methods,
+)
 def test_a_ratio_outside_the_unit_interval_is_refused(ratio, method):
     with pytest.raises(ConfigError, match=r"`selection.ratio` must be in \(0, 1\]"):
         _select(np.zeros(10), ratio, method, 0)
 
 
 @props
-@given(pools(), st.sampled_from([math.nan, math.inf, -math.inf]), st.data(),
-       st.sampled_from(["gumbel", "topk"]))
+@given(
+    pools(),
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.data(),
+    st.sampled_from(["gumbel", "topk"]),
+)
 def test_nan_or_infinite_scores_are_refused(scores, bad, data, method):
     i = data.draw(st.integers(min_value=0, max_value=len(scores) - 1))
     scores[i] = bad
@@ -134,16 +143,21 @@ def test_scores_of_the_wrong_length_are_refused(scores, off):
 
 
 @props
-@given(st.lists(finite, min_size=1, max_size=40, unique=True), st.randoms(use_true_random=False),
-       ratios, seeds)
+@given(
+    st.lists(finite, min_size=1, max_size=40, unique=True),
+    st.randoms(use_true_random=False),
+    ratios,
+    seeds,
+)
 def test_scores_join_by_id_whatever_the_row_order(values, rnd, ratio, seed):
     ids = [f"doc-{i}" for i in range(len(values))]
     rows = [{"id": d, "score": v} for d, v in zip(ids, values, strict=True)]
     shuffled = rnd.sample(rows, len(rows))
     assert join_scores(ids, shuffled).tolist() == values
     picked = select_ids(rows, fraction=ratio, method="topk", temperature=0.5, seed=seed)
-    assert sorted(picked) == sorted(select_ids(shuffled, fraction=ratio, method="topk",
-                                               temperature=0.5, seed=seed))
+    assert sorted(picked) == sorted(
+        select_ids(shuffled, fraction=ratio, method="topk", temperature=0.5, seed=seed)
+    )
     gumbel = select_ids(rows, fraction=ratio, method="gumbel", temperature=0.5, seed=seed)
     assert len(gumbel) == len(set(gumbel)) == num_selected(len(rows), ratio)
     assert set(gumbel) <= set(ids)

@@ -70,7 +70,9 @@ def test_loss_decreases_on_a_repeated_batch():
 
 def test_lr_schedule_is_linear_warmup_then_constant():
     cfg = tiny_train_config(lr=1e-3, warmup_steps=4)
-    assert [lr_at(s, cfg) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert [lr_at(s, cfg) for s in range(6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    )
     assert lr_at(0, tiny_train_config(warmup_steps=0)) == 1e-3
 
 
@@ -122,8 +124,9 @@ def test_checkpoint_restores_rng_state(tmp_path):
     assert torch.equal(torch.rand(3), after_save)
 
 
-def test_a_checkpoint_from_more_gpus_restores_the_rng_of_those_this_process_sees(tmp_path,
-                                                                              monkeypatch):
+def test_a_checkpoint_from_more_gpus_restores_the_rng_of_those_this_process_sees(
+    tmp_path, monkeypatch
+):
     trainer = _trainer()
     trainer.save(tmp_path / "ck", {"stream": {}})
     rng = torch.load(tmp_path / "ck" / "rng.pt", weights_only=True)
@@ -132,7 +135,9 @@ def test_a_checkpoint_from_more_gpus_restores_the_rng_of_those_this_process_sees
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append((i, int(state[0]))))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, i: restored.append((i, int(state[0])))
+    )
     trainer.load(tmp_path / "ck")
     assert restored == [(0, 0)]
 
@@ -146,7 +151,10 @@ def test_checkpoint_is_complete_and_atomic(tmp_path):
     meta = json.loads((tmp_path / "ck" / "trainer.json").read_text())
     assert meta["lr_schedule"]["kind"] == "linear-warmup-constant"
     assert {k: v for k, v in meta.items() if k != "lr_schedule"} == {
-        "step": 1, "tokens": 4 * T, "stage": 2}
+        "step": 1,
+        "tokens": 4 * T,
+        "stage": 2,
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporaries left
 
 
@@ -160,11 +168,10 @@ def test_missing_checkpoint_is_an_artifact_error(tmp_path):
         trainer.load(tmp_path / "ck")
 
 
-@pytest.mark.parametrize(("name", "content"), [
-    ("model.safetensors", b"garbage"),
-    ("optimizer.pt", b"garbage"),
-    ("rng.pt", b""),
-])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("model.safetensors", b"garbage"), ("optimizer.pt", b"garbage"), ("rng.pt", b"")],
+)
 def test_corrupt_checkpoint_file_is_an_artifact_error(tmp_path, name, content):
     trainer = _trainer()
     trainer.save(tmp_path / "ck", {})

@@ -87,7 +87,9 @@ class _PoisonAfter(Callback):
 
 
 @pytest.mark.parametrize(("checkpoint_every", "hooks_run_for"), [(0, [1, 2, 3]), (3, [1, 2])])
-def test_non_finite_loss_fails_at_the_next_read_back_naming_its_step(checkpoint_every, hooks_run_for):
+def test_non_finite_loss_fails_at_the_next_read_back_naming_its_step(
+    checkpoint_every, hooks_run_for
+):
     """Step 3 is the first non-finite one; read-backs every 4 steps (and at checkpoints) find it
     before the hooks of the read-back step run, so no checkpoint holds the poisoned weights."""
     cfg = tiny_train_config(log_every_steps=4, checkpoint_every_steps=checkpoint_every)

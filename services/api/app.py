@@ -46,8 +46,10 @@ TAGS = [
 
 
 async def _library_error(request: Request, exc: Exception) -> JSONResponse:
-    code = next((c for t, c in ERROR_STATUS.items() if isinstance(exc, t)),
-                status.HTTP_500_INTERNAL_SERVER_ERROR)
+    code = next(
+        (c for t, c in ERROR_STATUS.items() if isinstance(exc, t)),
+        status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
     if code >= 500:
         log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     if code == status.HTTP_422_UNPROCESSABLE_CONTENT:  # a run config: the request body
@@ -58,8 +60,10 @@ async def _library_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _broker_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s: the broker is unavailable: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": f"the task broker is unavailable: {exc}"},
-                        status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+    return JSONResponse(
+        {"detail": f"the task broker is unavailable: {exc}"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+    )
 
 
 @asynccontextmanager

@@ -26,7 +26,9 @@ def format_detail(detail: Any) -> str:
         for e in detail:
             if isinstance(e, dict):
                 where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-                parts.append(f"`{where}` {e.get('msg', '')}".strip() if where else str(e.get("msg")))
+                parts.append(
+                    f"`{where}` {e.get('msg', '')}".strip() if where else str(e.get("msg"))
+                )
             else:
                 parts.append(str(e))
         return "; ".join(parts)
@@ -60,8 +62,10 @@ class ApiClient:
         except httpx.TimeoutException:
             raise ApiError(f"the MATES API at {self.base_url} did not answer in time") from None
         except httpx.TransportError as e:
-            raise ApiError(f"cannot reach the MATES API at {self.base_url} ({e}); is `mates serve "
-                           "api` running, and is --api / MATES_API_URL right?") from None
+            raise ApiError(
+                f"cannot reach the MATES API at {self.base_url} ({e}); is `mates serve "
+                "api` running, and is --api / MATES_API_URL right?"
+            ) from None
         if r.is_success:
             return r.json()
         try:
@@ -69,8 +73,9 @@ class ApiClient:
         except ValueError:
             detail = r.text.strip() or r.reason_phrase
         hint = {401: " (set MATES_API_KEY)", 403: " (check MATES_API_KEY)"}.get(r.status_code, "")
-        raise ApiError(f"{method} {path}: {r.status_code} {format_detail(detail)}{hint}",
-                       r.status_code, detail)
+        raise ApiError(
+            f"{method} {path}: {r.status_code} {format_detail(detail)}{hint}", r.status_code, detail
+        )
 
     def submit(self, config: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/v1/runs", json=config)

@@ -24,8 +24,10 @@ class Transition(BaseModel):
 
 class Stage(BaseModel):
     stage: int
-    state: str = Field(description="pending, training, probing, fitting, scoring, selecting, "
-                       "done, failed or cancelled")
+    state: str = Field(
+        description="pending, training, probing, fitting, scoring, selecting, "
+        "done, failed or cancelled"
+    )
     error: str | None = None
     timings: dict[str, float] = Field(description="seconds spent per step")
     metrics: dict[str, Any] = Field(description="losses, probe and fit summaries, selection")

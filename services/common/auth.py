@@ -24,8 +24,11 @@ def _check(creds: HTTPAuthorizationCredentials | None, settings: Settings) -> No
     """401 when no bearer key is given, 403 when the key is wrong. Neither the given key
     nor the expected one ever goes into a message or a log line."""
     if creds is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing bearer API key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not key_matches(creds.credentials, settings.api_key):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API key")
 
@@ -34,16 +37,21 @@ def check_key(authorization: str | None, settings: Settings) -> None:
     """`_check` on a raw `Authorization` header, for a route that reads it itself (the
     dashboard's pages, which answer a locked page instead of an error)."""
     scheme, _, token = (authorization or "").partition(" ")
-    creds = (HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
-             if scheme.lower() == "bearer" and token.strip() else None)
+    creds = (
+        HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+        if scheme.lower() == "bearer" and token.strip()
+        else None
+    )
     _check(creds, settings)
 
 
 def require_key(get_settings):
     """Dependency for mutating endpoints: the key is always required."""
 
-    def dep(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-            settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    def dep(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        settings: Annotated[Settings, Depends(get_settings)],
+    ) -> None:
         _check(creds, settings)
 
     return dep
@@ -52,8 +60,10 @@ def require_key(get_settings):
 def require_read_key(get_settings):
     """Dependency for read endpoints: the key is required only with `read_auth`."""
 
-    def dep(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-            settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    def dep(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        settings: Annotated[Settings, Depends(get_settings)],
+    ) -> None:
         if settings.read_auth:
             _check(creds, settings)
 

@@ -14,7 +14,6 @@ only ever looked up, never joined into a path, and anything else (`..`, `/`, NUL
 refused at the edge: 422 in the API, and in the scorer's `model` string."""
 
 
-
 def random_baseline_name(name: str) -> str:
     """The name of a run's random baseline when both were submitted through the API: the
     dashboard overlays `<name>-random` on run `<name>` (names are at most 64 characters)."""
@@ -64,8 +63,9 @@ class Document(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model: str = Field(description="`<run_id>/<stage>` or `<run_id>/latest`",
-                       examples=["tiny-1a2b3c4d/latest"])
+    model: str = Field(
+        description="`<run_id>/<stage>` or `<run_id>/latest`", examples=["tiny-1a2b3c4d/latest"]
+    )
     documents: list[Document] = Field(description="the documents to score, IDs unique")
 
     @field_validator("documents")
@@ -89,14 +89,19 @@ class DocumentScore(BaseModel):
 MODEL_VERSION_HEADER = "X-Model-Version"
 """The response header of `POST /v1/score` naming the resolved version, `<run_id>/<stage>`."""
 
-SCORE_RESPONSES: dict[int | str, dict] = {200: {
-    "description": "one `{id, score}` per document, in request order; the resolved model "
-                   f"version is in the `{MODEL_VERSION_HEADER}` header",
-    "headers": {MODEL_VERSION_HEADER: {
-        "description": "the model version that scored the documents, `<run_id>/<stage>` "
-                       "(`latest` resolved)",
-        "schema": {"type": "string", "examples": ["tiny-1a2b3c4d/1"]}}},
-}}
+SCORE_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "one `{id, score}` per document, in request order; the resolved model "
+        f"version is in the `{MODEL_VERSION_HEADER}` header",
+        "headers": {
+            MODEL_VERSION_HEADER: {
+                "description": "the model version that scored the documents, `<run_id>/<stage>` "
+                "(`latest` resolved)",
+                "schema": {"type": "string", "examples": ["tiny-1a2b3c4d/1"]},
+            }
+        },
+    }
+}
 """OpenAPI `responses` entry of `POST /v1/score`, shared by the scorer and the API."""
 
 

@@ -28,9 +28,11 @@ class BodyTooLarge(HTTPException):
     The rest of the body stays unread, so the connection cannot be reused: it is closed."""
 
     def __init__(self, limit: int, what: str):
-        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE,
-                         f"{what} is over the limit of {limit} bytes (MATES_MAX_BODY_BYTES)",
-                         headers={"Connection": "close"})
+        super().__init__(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"{what} is over the limit of {limit} bytes (MATES_MAX_BODY_BYTES)",
+            headers={"Connection": "close"},
+        )
 
 
 def _problem(exc: HTTPException) -> JSONResponse:
@@ -107,18 +109,22 @@ def describe_error(e: dict[str, Any]) -> str:
 
 
 def validation_problem(errors: list[dict[str, Any]]) -> JSONResponse:
-    body = {"detail": "invalid request: " + "; ".join(describe_error(e) for e in errors),
-            "errors": [{"loc": list(e["loc"]), "msg": str(e["msg"]), "type": e["type"]}
-                       for e in errors]}
+    body = {
+        "detail": "invalid request: " + "; ".join(describe_error(e) for e in errors),
+        "errors": [
+            {"loc": list(e["loc"]), "msg": str(e["msg"]), "type": e["type"]} for e in errors
+        ],
+    }
     return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 def unprocessable(detail: str, loc: tuple[str, ...], kind: str) -> JSONResponse:
     """A 422 found past FastAPI's validation (a run config, a model name): the same shape,
     its one error at `loc`."""
-    return JSONResponse({"detail": detail, "errors": [{"loc": list(loc), "msg": detail,
-                                                       "type": kind}]},
-                        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return JSONResponse(
+        {"detail": detail, "errors": [{"loc": list(loc), "msg": detail, "type": kind}]},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -131,9 +137,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     cause = exc.__cause__
     # FastAPI answers a body it cannot decode with a bare 400 "error parsing the body".
     if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(cause, UnicodeDecodeError):
-        return validation_problem([{
-            "loc": ("body",), "type": "unicode_invalid",
-            "msg": f"is not valid UTF-8 JSON ({cause.reason} at byte {cause.start})"}])
+        return validation_problem(
+            [
+                {
+                    "loc": ("body",),
+                    "type": "unicode_invalid",
+                    "msg": f"is not valid UTF-8 JSON ({cause.reason} at byte {cause.start})",
+                }
+            ]
+        )
     return await http_exception_handler(request, exc)
 
 
@@ -142,13 +154,26 @@ VALIDATION_PROBLEM_SCHEMA = {
     "type": "object",
     "required": ["detail", "errors"],
     "properties": {
-        "detail": {"type": "string", "description": "every invalid field by its dotted "
-                   "location (`body.documents.0.id`, `query.limit`) and what is wrong with it"},
-        "errors": {"type": "array", "items": {
-            "type": "object", "required": ["loc", "msg", "type"],
-            "properties": {"loc": {"type": "array",
-                                   "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
-                           "msg": {"type": "string"}, "type": {"type": "string"}}}},
+        "detail": {
+            "type": "string",
+            "description": "every invalid field by its dotted "
+            "location (`body.documents.0.id`, `query.limit`) and what is wrong with it",
+        },
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
     },
 }
 
@@ -175,7 +200,11 @@ def install_edge(app: FastAPI, settings: Settings, expose_headers: tuple[str, ..
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     origins = settings.cors_origin_list
     if origins:  # added last: outermost, so refusals (401, 413) carry CORS headers too
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=list(expose_headers))
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=list(expose_headers),
+        )
     _document_422(app)

@@ -22,8 +22,9 @@ def stored_manifest(store: Store, row: dict) -> Manifest:
     return manifest
 
 
-def end_run(store: Store, run_id: str, status: str, reason: str,
-            generation: int | None = None) -> bool:
+def end_run(
+    store: Store, run_id: str, status: str, reason: str, generation: int | None = None
+) -> bool:
     """End an active run from outside its tasks, at its current stage: a task still running
     for it goes stale (its generation is bumped).
 

@@ -27,6 +27,14 @@ class PublishPending(MatesError):
 
 
 TRANSIENT: tuple[type[BaseException], ...] = (
-    TransientError, httpx.TransportError, OperationalError, RedisConnectionError, RedisTimeoutError,
-    ConnectionError, TimeoutError, BrokerUnavailable, PublishPending)
+    TransientError,
+    httpx.TransportError,
+    OperationalError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    BrokerUnavailable,
+    PublishPending,
+)
 """What a stage task retries with backoff; anything else fails its stage."""

@@ -28,8 +28,9 @@ from services.common.watchdog import check_broker_of, end_silent_runs
 log = logging.getLogger(__name__)
 
 
-def _queue_from_next_stage(store: Store, settings: Settings, manifest: Manifest,
-                           generation: int) -> None:
+def _queue_from_next_stage(
+    store: Store, settings: Settings, manifest: Manifest, generation: int
+) -> None:
     run_id = manifest.run_id
     manifest.on_save = store.sync_manifest
     manifest.set_status("queued")
@@ -39,8 +40,10 @@ def _queue_from_next_stage(store: Store, settings: Settings, manifest: Manifest,
         enqueue(settings, store, run_id, "train_stage", stage, generation)
     except BrokerUnavailable as e:
         manifest.set_status("failed", str(e))
-        raise BrokerUnavailable(f"{e}; run {run_id} is recorded failed: resume it "
-                                f"(POST /v1/runs/{run_id}/resume) once the broker is back") from e
+        raise BrokerUnavailable(
+            f"{e}; run {run_id} is recorded failed: resume it "
+            f"(POST /v1/runs/{run_id}/resume) once the broker is back"
+        ) from e
 
 
 def create_run(store: Store, settings: Settings, cfg: RunConfig) -> dict:
@@ -61,8 +64,9 @@ def cancel_run(store: Store, settings: Settings, run_id: str) -> dict:
     if not store.set_status_if(run_id, CANCELLING, ACTIVE):  # atomic: no race with a worker
         status = _get(store, run_id)["status"]
         raise RunStateError(f"run {run_id} is {status}; only an active run can be cancelled")
-    RunPaths(Path(row["artifacts_dir"])).cancel.write_text("cancel requested through the API\n",
-                                                          encoding="utf-8")
+    RunPaths(Path(row["artifacts_dir"])).cancel.write_text(
+        "cancel requested through the API\n", encoding="utf-8"
+    )
     return store.get_run(run_id)
 
 
@@ -75,7 +79,8 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     if not store.set_status_if(run_id, "queued", RESUMABLE):  # one resume wins
         status = _get(store, run_id)["status"]
         raise RunStateError(
-            f"run {run_id} is {status}; only a failed or cancelled run can be resumed")
+            f"run {run_id} is {status}; only a failed or cancelled run can be resumed"
+        )
     generation = store.bump_generation(run_id)  # first: tasks of the old generation now stop
     RunPaths(Path(row["artifacts_dir"])).cancel.unlink(missing_ok=True)
     _queue_from_next_stage(store, settings, stored_manifest(store, row), generation)
@@ -110,12 +115,20 @@ def rescue_stalled_runs(settings: Settings, store: Store) -> list[str]:
             if any(b["generation"] == generation for b in store.list_heartbeats(run_id)):
                 continue
             task = RESCUED.get(last["task"], last["task"])
-            if enqueue(settings, store, run_id, task, last["stage"], generation,
-                       claim_as=f"rescue:{task}"):
-                log.warning("run %s: nothing of generation %d ran or was delivered for %.0f s "
-                            "after %s of stage %d was published (its message was lost?); "
-                            "published %s again", run_id, generation, settings.stall_s,
-                            last["task"], last["stage"], task)
+            if enqueue(
+                settings, store, run_id, task, last["stage"], generation, claim_as=f"rescue:{task}"
+            ):
+                log.warning(
+                    "run %s: nothing of generation %d ran or was delivered for %.0f s "
+                    "after %s of stage %d was published (its message was lost?); "
+                    "published %s again",
+                    run_id,
+                    generation,
+                    settings.stall_s,
+                    last["task"],
+                    last["stage"],
+                    task,
+                )
                 rescued.append(run_id)
     return rescued
 

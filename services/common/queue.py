@@ -59,9 +59,13 @@ class ClosingSafeQoS(kombu_redis.QoS):
         try:
             return super().restore_unacked(client)
         except (AttributeError, OSError, redis.RedisError) as e:
-            log.warning("could not put %d unacknowledged task(s) back as the broker connection "
-                        "closed (%s: %s); the broker redelivers them after the visibility timeout",
-                        len(self._delivered), type(e).__name__, e)
+            log.warning(
+                "could not put %d unacknowledged task(s) back as the broker connection "
+                "closed (%s: %s); the broker redelivers them after the visibility timeout",
+                len(self._delivered),
+                type(e).__name__,
+                e,
+            )
             self._delivered.clear()  # as a successful restore leaves it
             return None
 
@@ -77,8 +81,13 @@ class ClosingSafeQoS(kombu_redis.QoS):
         try:
             return settle(*args, **kwargs)
         except AttributeError as e:
-            log.warning("could not %s task %s on a closed broker connection (%s); the broker "
-                        "redelivers it after the visibility timeout", what, delivery_tag, e)
+            log.warning(
+                "could not %s task %s on a closed broker connection (%s); the broker "
+                "redelivers it after the visibility timeout",
+                what,
+                delivery_tag,
+                e,
+            )
             kombu_virtual.QoS.ack(self, delivery_tag)
             return None
 
@@ -91,13 +100,17 @@ def transport_options(settings: Settings) -> dict:
     `visibility_timeout_s` has passed, found by a sweep every few seconds (kombu's default
     sweeps only every ~100 s, far too rarely for a short timeout)."""
     vt = settings.visibility_timeout_s
-    return {"visibility_timeout": vt, "unacked_restore_interval": max(1, min(10, vt // 4)),
-            "unacked_restore_throttle": 1}
+    return {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": max(1, min(10, vt // 4)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("mates", broker=settings.broker_url, backend=settings.backend_url,
-                 include=TASK_MODULES)
+    app = Celery(
+        "mates", broker=settings.broker_url, backend=settings.backend_url, include=TASK_MODULES
+    )
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -120,10 +133,19 @@ def make_celery(settings: Settings) -> Celery:
 @functools.lru_cache(maxsize=8)
 def _app_for(broker_url: str, backend_url: str, visibility_timeout_s: int) -> Celery:
     s = get_settings()
-    if (broker_url, backend_url, visibility_timeout_s) == (s.broker_url, s.backend_url, s.visibility_timeout_s):
+    if (broker_url, backend_url, visibility_timeout_s) == (
+        s.broker_url,
+        s.backend_url,
+        s.visibility_timeout_s,
+    ):
         return default_app()
-    return make_celery(Settings(broker_url=broker_url, result_backend=backend_url,
-                                visibility_timeout_s=visibility_timeout_s))
+    return make_celery(
+        Settings(
+            broker_url=broker_url,
+            result_backend=backend_url,
+            visibility_timeout_s=visibility_timeout_s,
+        )
+    )
 
 
 @functools.cache
@@ -153,14 +175,23 @@ def claim(store: Store, run_id: str, generation: int, task: str, stage: int) -> 
     if store.claim_dispatch(run_id, generation, task, stage):
         return True
     if store.dispatch_sent(run_id, generation, task, stage):
-        log.info("%s %s stage %d (generation %d) was already enqueued", task, run_id, stage,
-                 generation)
+        log.info(
+            "%s %s stage %d (generation %d) was already enqueued", task, run_id, stage, generation
+        )
         return False
     raise PublishPending(f"{task} of run {run_id} stage {stage} is claimed but not yet sent")
 
 
-def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int, generation: int,
-            *args: int, claim_as: str | None = None) -> bool:
+def enqueue(
+    settings: Settings,
+    store: Store,
+    run_id: str,
+    task: str,
+    stage: int,
+    generation: int,
+    *args: int,
+    claim_as: str | None = None,
+) -> bool:
     """Send `mates.<task>` once per (run, generation, task, stage); False if already sent.
     `claim_as` claims it under another name (a task published again, once, by the watch).
 
@@ -171,11 +202,17 @@ def enqueue(settings: Settings, store: Store, run_id: str, task: str, stage: int
     if not claim(store, run_id, generation, task_claim, stage):
         return False
     try:
-        app_for(settings).send_task(f"mates.{task}", args=(run_id, stage, *args, generation),
-                                    retry=True, retry_policy=PUBLISH_RETRY, ignore_result=True)
+        app_for(settings).send_task(
+            f"mates.{task}",
+            args=(run_id, stage, *args, generation),
+            retry=True,
+            retry_policy=PUBLISH_RETRY,
+            ignore_result=True,
+        )
     except Exception as e:  # kombu/redis raise many types for "broker unreachable"
         raise BrokerUnavailable(
-            f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}") from e
+            f"could not enqueue {task} of run {run_id} stage {stage}: {type(e).__name__}: {e}"
+        ) from e
     store.mark_sent(run_id, generation, task_claim, stage)
     return True
 
@@ -190,8 +227,13 @@ def _limit_threads(settings: Settings) -> None:
         torch.set_num_threads(settings.threads)
 
 
-def run_worker(queues: list[str], pool: str, concurrency: int, kind: str,
-               watch_also: tuple[Callable[[Settings, Store], object], ...] = ()) -> None:
+def run_worker(
+    queues: list[str],
+    pool: str,
+    concurrency: int,
+    kind: str,
+    watch_also: tuple[Callable[[Settings, Store], object], ...] = (),
+) -> None:
     """Consume `queues` in this process until it is stopped: `mates serve worker|trainer`.
     Every pool process limits its torch threads; the worker watches the broker and the
     heartbeats (the watchdog), and runs `watch_also` with them, once it is ready."""
@@ -199,13 +241,36 @@ def run_worker(queues: list[str], pool: str, concurrency: int, kind: str,
 
     settings = get_settings()
     name = settings.node_name or f"{kind}-{os.getpid()}"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     _limit_threads(settings)
     worker_process_init.connect(lambda **_: _limit_threads(get_settings()), weak=False)
-    worker_ready.connect(lambda **_: start_watch(get_settings(), default_store(), watch_also),
-                         weak=False)
-    log.info("worker %s: queues %s, pool %s x%d, broker %s", name, queues, pool, concurrency,
-             settings.broker_url)
-    default_app().worker_main(["worker", "-Q", ",".join(queues), "--pool", pool, "-c",
-                               str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
-                               "--without-gossip", "--without-mingle"])
+    worker_ready.connect(
+        lambda **_: start_watch(get_settings(), default_store(), watch_also), weak=False
+    )
+    log.info(
+        "worker %s: queues %s, pool %s x%d, broker %s",
+        name,
+        queues,
+        pool,
+        concurrency,
+        settings.broker_url,
+    )
+    default_app().worker_main(
+        [
+            "worker",
+            "-Q",
+            ",".join(queues),
+            "--pool",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

@@ -45,18 +45,22 @@ class ScorerClient:
             out: list[float] = []
             with self.sync() as client:
                 for i in range(0, len(ids), per):
-                    docs = [{"id": d, "text": t}
-                            for d, t in zip(ids[i:i + per], texts[i:i + per], strict=True)]
+                    docs = [
+                        {"id": d, "text": t}
+                        for d, t in zip(ids[i : i + per], texts[i : i + per], strict=True)
+                    ]
                     try:
                         r = client.post(SCORE_PATH, json={"model": version, "documents": docs})
                     except httpx.TransportError as e:
-                        raise ScorerUnavailable(f"scorer at {s.scorer_url} unreachable: "
-                                                f"{type(e).__name__}: {e}") from e
+                        raise ScorerUnavailable(
+                            f"scorer at {s.scorer_url} unreachable: {type(e).__name__}: {e}"
+                        ) from e
                     if r.status_code >= 500 or r.status_code == 429:
                         raise ScorerUnavailable(f"scorer answered {r.status_code}: {r.text[:200]}")
                     if r.status_code != 200:
-                        raise ArtifactError(f"scorer refused the shard ({r.status_code}): "
-                                            f"{r.text[:300]}")
+                        raise ArtifactError(
+                            f"scorer refused the shard ({r.status_code}): {r.text[:300]}"
+                        )
                     got = {row["id"]: row["score"] for row in r.json()}
                     out.extend(float(got[d["id"]]) for d in docs)
             return out

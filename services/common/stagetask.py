@@ -54,24 +54,35 @@ class StageTask(Task):
     def heartbeat(self, run_id: str, stage: int, *rest: int) -> Heartbeat:
         """Beat in the run store while this delivery runs, so that its death is noticed."""
         generation, shard = rest[-1], (rest[0] if len(rest) == 2 else -1)
-        return Heartbeat(default_store(), get_settings().heartbeat_s, self.request.id, run_id,
-                         generation, self.name, stage, shard)
+        return Heartbeat(
+            default_store(),
+            get_settings().heartbeat_s,
+            self.request.id,
+            run_id,
+            generation,
+            self.name,
+            stage,
+            shard,
+        )
 
     def poisoned(self, run_id: str, stage: int, *rest: int) -> bool:
         """Count this delivery; past the limit, fail the run instead of running the task."""
         generation, shard = rest[-1], (rest[0] if len(rest) == 2 else -1)
         store = default_store()
         try:
-            n = store.count_delivery(run_id, generation, self.name, stage, shard,
-                                     self.request.retries)
+            n = store.count_delivery(
+                run_id, generation, self.name, stage, shard, self.request.retries
+            )
         except TRANSIENT:  # the store is briefly down: run the task, it retries on its own
             return False
         limit = get_settings().task_max_deliveries
         if n <= limit:
             return False
         what = f"{self.name} of stage {stage}" + (f" shard {shard}" if shard >= 0 else "")
-        reason = (f"{what} was delivered {n} times (MATES_TASK_MAX_DELIVERIES = {limit}) and "
-                  "never finished: each delivery lost its worker (killed, e.g. out of memory)")
+        reason = (
+            f"{what} was delivered {n} times (MATES_TASK_MAX_DELIVERIES = {limit}) and "
+            "never finished: each delivery lost its worker (killed, e.g. out of memory)"
+        )
         log.error("run %s: %s; failing the run instead of redelivering it", run_id, reason)
         record_failure(store, run_id, stage, generation, reason)
         return True
@@ -81,8 +92,13 @@ class StageTask(Task):
         retried = self.request.retries
         after = f" (after {retried} retries)" if retried else ""
         try:
-            record_failure(default_store(), run_id, stage, generation,
-                           f"{self.name}: {type(exc).__name__}: {exc}{after}")
+            record_failure(
+                default_store(),
+                run_id,
+                stage,
+                generation,
+                f"{self.name}: {type(exc).__name__}: {exc}{after}",
+            )
         except Exception:  # the original error is what Celery reports; do not mask it
             log.exception("could not record the failure of %s for run %s", self.name, run_id)
 
@@ -109,8 +125,13 @@ def wanted(run_id: str, stage: int, generation: int):
     store = default_store()
     current = store.get_generation(run_id)
     if current != generation:
-        log.info("run %s stage %d: generation %d is stale (now %d); skipping", run_id, stage,
-                 generation, current)
+        log.info(
+            "run %s stage %d: generation %d is stale (now %d); skipping",
+            run_id,
+            stage,
+            generation,
+            current,
+        )
         yield None
         return
     run = open_run(store, run_id, generation)

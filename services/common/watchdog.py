@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- broker marker
 
 MARKER = "mates:broker-marker"
-REASON = ("the broker (Redis) lost its queued tasks (restarted without persistence?) while "
-          "this run was active; resume it to continue from its last completed step")
+REASON = (
+    "the broker (Redis) lost its queued tasks (restarted without persistence?) while "
+    "this run was active; resume it to continue from its last completed step"
+)
 
 
 def broker_lost(client: redis.Redis, store: Store) -> bool:
@@ -85,8 +87,13 @@ def fail_stranded_runs(store: Store, since: float) -> list[str]:
             claimed = store.last_dispatch_at(row["id"], generation)
             if claimed is None or claimed >= since:
                 continue
-            if end_run(store, row["id"], "cancelled" if status == "cancelling" else "failed",
-                       REASON, generation=generation):
+            if end_run(
+                store,
+                row["id"],
+                "cancelled" if status == "cancelling" else "failed",
+                REASON,
+                generation=generation,
+            ):
                 ended.append(row["id"])
     return ended
 
@@ -113,8 +120,9 @@ def check_broker(client: redis.Redis, store: Store) -> list[str]:
     if not broker_lost(client, store):
         return []
     ended = fail_stranded_runs(store, since=broker_started_at(client))
-    log.warning("the broker lost its queued tasks; runs ended (resume them): %s",
-                ", ".join(ended) or "none")
+    log.warning(
+        "the broker lost its queued tasks; runs ended (resume them): %s", ", ".join(ended) or "none"
+    )
     return ended
 
 
@@ -140,11 +148,26 @@ class Heartbeat:
     """`with Heartbeat(...):` beats for one task while the block runs. Store errors are
     logged and retried at the next beat: the heartbeat never fails the task."""
 
-    def __init__(self, store: Store, every_s: float, task_id: str, run_id: str, generation: int,
-                 task: str, stage: int, shard: int = -1):
+    def __init__(
+        self,
+        store: Store,
+        every_s: float,
+        task_id: str,
+        run_id: str,
+        generation: int,
+        task: str,
+        stage: int,
+        shard: int = -1,
+    ):
         self.store, self.every_s, self.task_id = store, every_s, task_id
-        self.row = {"run_id": run_id, "generation": generation, "task": task, "stage": stage,
-                    "shard": shard, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        self.row = {
+            "run_id": run_id,
+            "generation": generation,
+            "task": task,
+            "stage": stage,
+            "shard": shard,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{task_id}", daemon=True)
 
@@ -159,8 +182,9 @@ class Heartbeat:
         try:
             self.store.end_beat(self.task_id)
         except Exception:  # the row goes stale; the next run of the task replaces it
-            log.warning("heartbeat of task %s: could not delete its row", self.task_id,
-                        exc_info=True)
+            log.warning(
+                "heartbeat of task %s: could not delete its row", self.task_id, exc_info=True
+            )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -170,29 +194,38 @@ class Heartbeat:
         try:
             self.store.beat(self.task_id, **self.row)
         except Exception:  # a busy or briefly absent store: the next beat tries again
-            log.warning("heartbeat of task %s (run %s): store write failed", self.task_id,
-                        self.row["run_id"], exc_info=True)
+            log.warning(
+                "heartbeat of task %s (run %s): store write failed",
+                self.task_id,
+                self.row["run_id"],
+                exc_info=True,
+            )
 
 
-WHAT_STOPPED = {"mates.train_stage": ("training", "the trainer"),
-                "mates.fit_influence_model": ("the influence-model fit", "the worker"),
-                "mates.score_shard": ("scoring", "the worker"),
-                "mates.select": ("selection", "the worker")}
+WHAT_STOPPED = {
+    "mates.train_stage": ("training", "the trainer"),
+    "mates.fit_influence_model": ("the influence-model fit", "the worker"),
+    "mates.score_shard": ("scoring", "the worker"),
+    "mates.select": ("selection", "the worker"),
+}
 
 
 def silent_reason(silent: dict, now: float, status: str) -> str:
     what, who = WHAT_STOPPED.get(silent["task"], (silent["task"], "its worker"))
     if silent["shard"] >= 0:
         what += f" of shard {silent['shard']}"
-    why = (f"{what} stopped: no heartbeat from its process ({silent['worker']}) for "
-           f"{now - silent['beat_at']:.0f} s ({who} was killed or lost?)")
+    why = (
+        f"{what} stopped: no heartbeat from its process ({silent['worker']}) for "
+        f"{now - silent['beat_at']:.0f} s ({who} was killed or lost?)"
+    )
     if status == "cancelled":
         return f"cancelled; {why}"
     return f"{why}; resume to continue from the last checkpoint"
 
 
-def end_silent_runs(store: Store, settings: Settings, run_id: str | None = None,
-                    cancel: bool = False) -> list[str]:
+def end_silent_runs(
+    store: Store, settings: Settings, run_id: str | None = None, cancel: bool = False
+) -> list[str]:
     """End each active run (or just `run_id`) whose started tasks have all been silent for
     `heartbeat_timeout_s`: failed, or cancelled if a cancel was asked (or `cancel`); its
     generation is bumped, so a task of it that was merely frozen does nothing more."""
@@ -211,14 +244,19 @@ def end_silent_runs(store: Store, settings: Settings, run_id: str | None = None,
 # --------------------------------------------------------------------------- the watch loop
 
 
-def watch(settings: Settings, store: Store, stop: threading.Event,
-          also: tuple[Callable[[Settings, Store], object], ...] = ()) -> None:
+def watch(
+    settings: Settings,
+    store: Store,
+    stop: threading.Event,
+    also: tuple[Callable[[Settings, Store], object], ...] = (),
+) -> None:
     """Every `broker_watch_s` until `stop` is set: check the broker (a Redis one), end the
     runs whose tasks' processes stopped beating (`Heartbeat`), then run each of `also`."""
     client = None
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2,
-                                      socket_timeout=2)
+        client = redis.Redis.from_url(
+            settings.broker_url, socket_connect_timeout=2, socket_timeout=2
+        )
     while True:
         try:
             if client is not None:
@@ -240,10 +278,12 @@ def watch(settings: Settings, store: Store, stop: threading.Event,
             return
 
 
-def start_watch(settings: Settings, store: Store,
-                also: tuple[Callable[[Settings, Store], object], ...] = ()) -> threading.Event:
+def start_watch(
+    settings: Settings, store: Store, also: tuple[Callable[[Settings, Store], object], ...] = ()
+) -> threading.Event:
     """Start the watch in a daemon thread; set the returned event to stop it."""
     stop = threading.Event()
-    threading.Thread(target=watch, args=(settings, store, stop, also), name="broker-watch",
-                     daemon=True).start()
+    threading.Thread(
+        target=watch, args=(settings, store, stop, also), name="broker-watch", daemon=True
+    ).start()
     return stop

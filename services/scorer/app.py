@@ -1,10 +1,10 @@
 """The scorer's HTTP app: score documents with an influence-model version of a run.
 
-    POST /v1/score    {"model": "<run_id>/<stage>|<run_id>/latest", "documents": [{id, text}]}
-                      -> [{id, score}] in request order; header X-Model-Version: <run_id>/<stage>
-    GET  /v1/models   every model version in the artifact store, with its fit report
-    GET  /healthz     the process is alive
-    GET  /readyz      the artifact store is readable and the model thread runs (503 if not)
+POST /v1/score    {"model": "<run_id>/<stage>|<run_id>/latest", "documents": [{id, text}]}
+                  -> [{id, score}] in request order; header X-Model-Version: <run_id>/<stage>
+GET  /v1/models   every model version in the artifact store, with its fit report
+GET  /healthz     the process is alive
+GET  /readyz      the artifact store is readable and the model thread runs (503 if not)
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ router = APIRouter()
 
 
 @router.post("/v1/score", response_model=list[DocumentScore], responses=SCORE_RESPONSES)
-async def score(req: ScoreRequest, response: Response, service: Service,
-                _: KeyRequired) -> list[DocumentScore]:
+async def score(
+    req: ScoreRequest, response: Response, service: Service, _: KeyRequired
+) -> list[DocumentScore]:
     """Score documents with an influence-model version: a list of `{id, score}`, one per
     document in request order. The resolved version (`<run_id>/<stage>`, `latest` resolved)
     is in the `X-Model-Version` response header."""

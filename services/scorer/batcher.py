@@ -141,8 +141,12 @@ class Batcher:
                 job.future.set_exception(e)
             return
         self.batches += 1
-        log.debug("scored %d documents from %d requests in %.3fs",
-                  len(tokens), len(batch), time.perf_counter() - t0)
+        log.debug(
+            "scored %d documents from %d requests in %.3fs",
+            len(tokens),
+            len(batch),
+            time.perf_counter() - t0,
+        )
         start = 0
         for job in batch:
             end = start + len(job.token_lists)

@@ -83,7 +83,9 @@ class ModelCache:
             while len(self._entries) > self.capacity:
                 evicted, _ = self._entries.popitem(last=False)
                 log.info("evicted model %s from the cache", evicted)
-        log.info("loaded model %s on %s in %.2fs", version.name, self.device, time.perf_counter() - t0)
+        log.info(
+            "loaded model %s on %s in %.2fs", version.name, self.device, time.perf_counter() - t0
+        )
         return entry
 
     def versions(self) -> list[str]:

@@ -49,13 +49,16 @@ def parse_model(model: str) -> tuple[str, int | None]:
     if not sep or not run_id or not stage:
         raise BadModelName(f"model must be '<run_id>/<stage>' or '<run_id>/latest', got {model!r}")
     if not re.fullmatch(RUN_ID_PATTERN, run_id):
-        raise BadModelName(f"model {model!r}: {run_id!r} is not a run ID (letters, digits, "
-                           "'.', '_' and '-', starting with a letter or digit)")
+        raise BadModelName(
+            f"model {model!r}: {run_id!r} is not a run ID (letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit)"
+        )
     if stage == LATEST:
         return run_id, None
     if not stage.isascii() or not stage.isdigit():
         raise BadModelName(
-            f"model {model!r}: stage must be a non-negative integer or 'latest', got {stage!r}")
+            f"model {model!r}: stage must be a non-negative integer or 'latest', got {stage!r}"
+        )
     return run_id, int(stage)
 
 
@@ -78,11 +81,17 @@ class ModelRegistry:
                 data = read_json(paths.manifest)
                 run = _Run(str(data["run_id"]), paths, int(data["config"]["stages"]["num_stages"]))
             except (ArtifactError, KeyError, TypeError, ValueError) as e:
-                log.warning("skipping %s: unreadable run manifest (%s: %s)", child, type(e).__name__, e)
+                log.warning(
+                    "skipping %s: unreadable run manifest (%s: %s)", child, type(e).__name__, e
+                )
                 continue
             if run.run_id in runs:
-                log.warning("run %s is in both %s and %s; using the first",
-                            run.run_id, runs[run.run_id].paths.root, child)
+                log.warning(
+                    "run %s is in both %s and %s; using the first",
+                    run.run_id,
+                    runs[run.run_id].paths.root,
+                    child,
+                )
                 continue
             runs[run.run_id] = run
         with self._lock:
@@ -100,8 +109,11 @@ class ModelRegistry:
 
     @staticmethod
     def _stages(run: _Run) -> list[int]:
-        return [k for k in range(run.num_stages)
-                if (run.paths.influence_model(k) / MODEL_META).is_file()]
+        return [
+            k
+            for k in range(run.num_stages)
+            if (run.paths.influence_model(k) / MODEL_META).is_file()
+        ]
 
     def resolve(self, model: str) -> Version:
         """The version a `model` string names; raises BadModelName, ModelNotFound, ModelNotReady."""
@@ -110,20 +122,25 @@ class ModelRegistry:
         stages = self._stages(run)
         if not stages:
             raise ModelNotReady(
-                f"run {run_id!r} has no trained influence model yet; retry once stage 0 is fitted")
+                f"run {run_id!r} has no trained influence model yet; retry once stage 0 is fitted"
+            )
         if stage is None:
             stage = stages[-1]
         elif stage not in stages:
             raise ModelNotFound(
                 f"run {run_id!r} has no influence model for stage {stage} "
-                f"(stages with a model: {', '.join(map(str, stages))})")
+                f"(stages with a model: {', '.join(map(str, stages))})"
+            )
         return Version(run_id, stage, run.paths.influence_model(stage))
 
     def versions(self) -> list[Version]:
         """Every complete model version in the store, by run ID then stage."""
         runs = self.scan()
-        return [Version(run.run_id, k, run.paths.influence_model(k))
-                for run_id, run in sorted(runs.items()) for k in self._stages(run)]
+        return [
+            Version(run.run_id, k, run.paths.influence_model(k))
+            for run_id, run in sorted(runs.items())
+            for k in self._stages(run)
+        ]
 
     @staticmethod
     def meta(version: Version) -> dict:

@@ -37,16 +37,24 @@ class ScoringService:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.registry = ModelRegistry(settings.artifacts_dir)
-        self.cache = ModelCache(settings.scorer_cache_models, self.device,
-                                functools.partial(InfluenceScorer.load, compile=settings.scorer_compile))
+        self.cache = ModelCache(
+            settings.scorer_cache_models,
+            self.device,
+            functools.partial(InfluenceScorer.load, compile=settings.scorer_compile),
+        )
         self.batcher = Batcher(settings.scorer_batch_docs, settings.scorer_batch_wait_ms / 1000)
 
     def start(self) -> None:
         # An empty store is a ready store: the first run creates its directory in it.
         self.registry.root.mkdir(parents=True, exist_ok=True)
         self.batcher.start()
-        log.info("scorer ready: artifacts %s, device %s, %d docs per pass, %.1f ms batch wait",
-                 self.registry.root, self.device, self.batcher.max_docs, self.batcher.wait_s * 1000)
+        log.info(
+            "scorer ready: artifacts %s, device %s, %d docs per pass, %.1f ms batch wait",
+            self.registry.root,
+            self.device,
+            self.batcher.max_docs,
+            self.batcher.wait_s * 1000,
+        )
 
     def stop(self) -> None:
         self.batcher.stop()
@@ -54,12 +62,16 @@ class ScoringService:
     def check_limits(self, req: ScoreRequest) -> None:
         s = self.settings
         if len(req.documents) > s.scorer_max_documents:
-            raise TooLarge(f"{len(req.documents)} documents in one request; the limit is "
-                           f"{s.scorer_max_documents} (MATES_SCORER_MAX_DOCUMENTS)")
+            raise TooLarge(
+                f"{len(req.documents)} documents in one request; the limit is "
+                f"{s.scorer_max_documents} (MATES_SCORER_MAX_DOCUMENTS)"
+            )
         for doc in req.documents:
             if len(doc.text) > s.scorer_max_chars:
-                raise TooLarge(f"document {doc.id!r} has {len(doc.text)} characters; the limit is "
-                               f"{s.scorer_max_chars} (MATES_SCORER_MAX_CHARS)")
+                raise TooLarge(
+                    f"document {doc.id!r} has {len(doc.text)} characters; the limit is "
+                    f"{s.scorer_max_chars} (MATES_SCORER_MAX_CHARS)"
+                )
 
     async def score(self, req: ScoreRequest) -> Scored:
         self.check_limits(req)
@@ -67,8 +79,13 @@ class ScoringService:
         model = await run_in_threadpool(self.cache.get, version)
         tokens = await run_in_threadpool(model.tokenize, [d.text for d in req.documents])
         scores = await asyncio.wrap_future(self.batcher.submit(model.scorer, tokens))
-        return Scored(version.name, [DocumentScore(id=doc.id, score=float(s))
-                                     for doc, s in zip(req.documents, scores, strict=True)])
+        return Scored(
+            version.name,
+            [
+                DocumentScore(id=doc.id, score=float(s))
+                for doc, s in zip(req.documents, scores, strict=True)
+            ],
+        )
 
     def models(self) -> list[ModelInfo]:
         out = []
@@ -78,8 +95,9 @@ class ScoringService:
             except ArtifactError as e:
                 log.warning("model %s: %s", v.name, e)
                 fit = None
-            out.append(ModelInfo(version=v.name, run_id=v.run_id, stage=v.stage, path=str(v.path),
-                                 fit=fit))
+            out.append(
+                ModelInfo(version=v.name, run_id=v.run_id, stage=v.stage, path=str(v.path), fit=fit)
+            )
         return out
 
     def not_ready(self) -> str | None:

@@ -13,5 +13,4 @@ from services.common.queue import run_worker
 
 
 def serve() -> None:
-    run_worker([TRAIN], "solo", 1, "trainer",
-               watch_also=(rescue_stalled_runs,))
+    run_worker([TRAIN], "solo", 1, "trainer", watch_also=(rescue_stalled_runs,))

@@ -45,11 +45,14 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
                 else:
                     run.train_stage(stage)
                 after = run.after_training(stage)
-            if after == "last" and not (run.manifest.data["status"] == "done"
-                                        and run.paths.export().is_dir()):
+            if after == "last" and not (
+                run.manifest.data["status"] == "done" and run.paths.export().is_dir()
+            ):
                 run.finish()
         if after == "fit":
-            enqueue(get_settings(), default_store(), run_id, "fit_influence_model", stage, generation)
+            enqueue(
+                get_settings(), default_store(), run_id, "fit_influence_model", stage, generation
+            )
         elif after == "next":
             enqueue(get_settings(), default_store(), run_id, "train_stage", stage + 1, generation)
         log.info("run %s stage %d trained; next: %s", run_id, stage, after)
@@ -60,9 +63,18 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
 def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) -> Run:
     """Train the stage in `torchrun --nproc-per-node N` (DDP), mirroring its manifest into
     the run store while it runs; returns the run re-opened from what it wrote."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={settings.trainer_nproc}", "-m", "mates.cli", "train-stage",
-            str(run.paths.root), str(stage)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={settings.trainer_nproc}",
+        "-m",
+        "mates.cli",
+        "train-stage",
+        str(run.paths.root),
+        str(stage),
+    ]
     log.info("run %s stage %d: %s", run.manifest.run_id, stage, " ".join(argv))
     done = threading.Event()
 
@@ -82,8 +94,10 @@ def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) 
         try:
             child.wait(settings.trainer_timeout_s)
         except subprocess.TimeoutExpired:
-            raise StageFailed(f"torchrun training of stage {stage} ran past "
-                              f"MATES_TRAINER_TIMEOUT_S = {settings.trainer_timeout_s:.0f}s") from None
+            raise StageFailed(
+                f"torchrun training of stage {stage} ran past "
+                f"MATES_TRAINER_TIMEOUT_S = {settings.trainer_timeout_s:.0f}s"
+            ) from None
         finally:
             if child.poll() is None:  # this task is being torn down: do not orphan the ranks
                 child.terminate()

@@ -10,5 +10,10 @@ from services.common.settings import get_settings
 
 def serve() -> None:
     s = get_settings()
-    run_worker([FIT, SCORE], s.worker_pool, s.worker_concurrency, "worker",
-               watch_also=(rescue_stalled_runs,))
+    run_worker(
+        [FIT, SCORE],
+        s.worker_pool,
+        s.worker_concurrency,
+        "worker",
+        watch_also=(rescue_stalled_runs,),
+    )

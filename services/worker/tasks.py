@@ -58,15 +58,19 @@ def fan_out(app, store: Store, run_id: str, stage: int, shards: int, generation:
     if not claim(store, run_id, generation, "score_shard", stage):
         return
     after = app.signature("mates.select", args=(run_id, stage, generation), immutable=True)
-    after.link_error(app.signature("mates.select", args=(run_id, stage, generation),
-                                   immutable=True))
-    shard_tasks = [app.signature("mates.score_shard", args=(run_id, stage, s, generation))
-                   for s in range(shards)]
+    after.link_error(
+        app.signature("mates.select", args=(run_id, stage, generation), immutable=True)
+    )
+    shard_tasks = [
+        app.signature("mates.score_shard", args=(run_id, stage, s, generation))
+        for s in range(shards)
+    ]
     try:
         chord(shard_tasks, app=app)(after)
     except Exception as e:  # the broker or the result backend refused the chord
-        raise BrokerUnavailable(f"could not enqueue the shards of run {run_id} stage {stage}: "
-                                f"{type(e).__name__}: {e}") from e
+        raise BrokerUnavailable(
+            f"could not enqueue the shards of run {run_id} stage {stage}: {type(e).__name__}: {e}"
+        ) from e
     store.mark_sent(run_id, generation, "score_shard", stage)
 
 
@@ -100,29 +104,42 @@ def score_shard(self, run_id: str, stage: int, shard: int, generation: int) -> s
     return "cancelled"
 
 
-def note_scorer_wait(run: Run, stage: int, shard: int, retries: int, max_retries: int | None,
-                     error: Exception) -> None:
+def note_scorer_wait(
+    run: Run, stage: int, shard: int, retries: int, max_retries: int | None, error: Exception
+) -> None:
     """Show that the stage waits for the scorer: its metrics `scorer_wait` (what the API
     returns) and an event in events.jsonl. Best effort: the retry matters, not the note."""
     last = max_retries is not None and retries >= max_retries
-    wait = {"state": "gave up" if last else "waiting", "shard": shard, "retries": retries,
-            "max_retries": max_retries, "error": str(error)[:300], "at": time.time()}
+    wait = {
+        "state": "gave up" if last else "waiting",
+        "shard": shard,
+        "retries": retries,
+        "max_retries": max_retries,
+        "error": str(error)[:300],
+        "at": time.time(),
+    }
     try:
-        append_jsonl(run.paths.events, {"at": wait["at"], "stage": stage,
-                                        "event": "waiting for scorer", **wait})
+        append_jsonl(
+            run.paths.events,
+            {"at": wait["at"], "stage": stage, "event": "waiting for scorer", **wait},
+        )
         run.manifest.update_metrics(stage, scorer_wait=wait)
     except Exception:
-        log.warning("run %s stage %d: could not record the scorer wait", run.manifest.run_id,
-                    stage, exc_info=True)
+        log.warning(
+            "run %s stage %d: could not record the scorer wait",
+            run.manifest.run_id,
+            stage,
+            exc_info=True,
+        )
 
 
 def note_scorer_back(run: Run, stage: int) -> None:
     wait = run.manifest.stage(stage)["metrics"].get("scorer_wait")
     if wait and wait.get("state") == "waiting":
-        run.manifest.update_metrics(stage, scorer_wait={**wait, "state": "recovered",
-                                                        "at": time.time()})
-        append_jsonl(run.paths.events, {"at": time.time(), "stage": stage,
-                                        "event": "scorer back"})
+        run.manifest.update_metrics(
+            stage, scorer_wait={**wait, "state": "recovered", "at": time.time()}
+        )
+        append_jsonl(run.paths.events, {"at": time.time(), "stage": stage, "event": "scorer back"})
 
 
 # --------------------------------------------------------------------------- select
@@ -135,8 +152,12 @@ def score_missing_shards(run: Run, stage: int) -> None:
     fn = http_scorer(f"{run.manifest.run_id}/{stage}")
     for shard in range(run.num_shards(stage)):
         if not run.paths.score_shard(stage, shard).is_file():
-            log.warning("run %s stage %d: shard %d has no scores yet; scoring it in select",
-                        run.manifest.run_id, stage, shard)
+            log.warning(
+                "run %s stage %d: shard %d has no scores yet; scoring it in select",
+                run.manifest.run_id,
+                stage,
+                shard,
+            )
             run.score_shard(stage, shard, fn)
 
 

@@ -39,8 +39,9 @@ def probeable_stages(run: Run) -> list[int]:
     return out
 
 
-def probe_agreement(run_dir: Path, lrs: list[float], probes: int,
-                    stages: list[int] | None = None) -> list[dict]:
+def probe_agreement(
+    run_dir: Path, lrs: list[float], probes: int, stages: list[int] | None = None
+) -> list[dict]:
     """One row per (stage, lr): Spearman of each first-order method against exact probes."""
     if not lrs or any(not lr > 0 for lr in lrs):
         raise ConfigError(f"probe lrs must be positive numbers, got {lrs}")
@@ -53,8 +54,10 @@ def probe_agreement(run_dir: Path, lrs: list[float], probes: int,
     stages = available if stages is None else stages
     missing = sorted(set(stages) - set(available))
     if missing:
-        raise ConfigError(f"{run_dir}: no finished checkpoint with a next pool for stage(s) "
-                          f"{missing}; probeable stages: {available}")
+        raise ConfigError(
+            f"{run_dir}: no finished checkpoint with a next pool for stage(s) "
+            f"{missing}; probeable stages: {available}"
+        )
     tc = run.cfg.train
     rows = []
     for k in stages:
@@ -62,18 +65,31 @@ def probe_agreement(run_dir: Path, lrs: list[float], probes: int,
         trainer = run._build_trainer()
         trainer.load(run.paths.checkpoint(k))
         for lr in lrs:
-            kw = dict(lr=lr, grad_clip=tc.grad_clip, precision=tc.precision,
-                      eval_batch_sequences=tc.eval_batch_sequences)
+            kw = dict(
+                lr=lr,
+                grad_clip=tc.grad_clip,
+                precision=tc.precision,
+                eval_batch_sequences=tc.eval_batch_sequences,
+            )
             t0 = time.perf_counter()
             exact = ExactOracle(trainer.model, trainer.optimizer, run.reference, **kw)
             exact_vals = np.array([exact.influence(t) for t in tokens])
-            row = {"stage": k, "lr": lr, "probes": len(tokens),
-                   "exact_s": round(time.perf_counter() - t0, 2),
-                   "clipped_fraction": exact.clipped / len(tokens)}
+            row = {
+                "stage": k,
+                "lr": lr,
+                "probes": len(tokens),
+                "exact_s": round(time.perf_counter() - t0, 2),
+                "clipped_fraction": exact.clipped / len(tokens),
+            }
             for method in METHODS:
                 t0 = time.perf_counter()
-                fo = FirstOrderOracle(trainer.model, trainer.optimizer, run.reference,
-                                      shift=method == "first_order_shift", **kw)
+                fo = FirstOrderOracle(
+                    trainer.model,
+                    trainer.optimizer,
+                    run.reference,
+                    shift=method == "first_order_shift",
+                    **kw,
+                )
                 vals = np.array([fo.influence(t) for t in tokens])
                 row[f"{method}_spearman"] = round(float(spearman(vals, exact_vals)), 4)
                 row[f"{method}_s"] = round(time.perf_counter() - t0, 2)
@@ -83,13 +99,30 @@ def probe_agreement(run_dir: Path, lrs: list[float], probes: int,
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("stage", "probe lr", "probes", "clipped", "Spearman first-order", "Spearman shifted",
-            "exact s", "first-order s")
+    head = (
+        "stage",
+        "probe lr",
+        "probes",
+        "clipped",
+        "Spearman first-order",
+        "Spearman shifted",
+        "exact s",
+        "first-order s",
+    )
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        lines.append(" | ".join([
-            str(r["stage"]), f"{r['lr']:g}", str(r["probes"]), f"{r['clipped_fraction']:.0%}",
-            f"{r['first_order_spearman']:.3f}", f"{r['first_order_shift_spearman']:.3f}",
-            f"{r['exact_s']:.1f}", f"{r['first_order_s']:.1f}",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    str(r["stage"]),
+                    f"{r['lr']:g}",
+                    str(r["probes"]),
+                    f"{r['clipped_fraction']:.0%}",
+                    f"{r['first_order_spearman']:.3f}",
+                    f"{r['first_order_shift_spearman']:.3f}",
+                    f"{r['exact_s']:.1f}",
+                    f"{r['first_order_s']:.1f}",
+                ]
+            )
+        )
     return "\n".join(lines)

@@ -36,8 +36,13 @@ def naive_predict(scorer: InfluenceScorer, texts: Sequence[str], batch_size: int
     scorer.model.eval()
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = scorer.tokenizer(list(texts[start : start + batch_size]), padding="max_length",
-                               truncation=True, max_length=scorer.max_tokens, return_tensors="pt")
+        enc = scorer.tokenizer(
+            list(texts[start : start + batch_size]),
+            padding="max_length",
+            truncation=True,
+            max_length=scorer.max_tokens,
+            return_tensors="pt",
+        )
         ids, mask = enc["input_ids"].to(scorer.device), enc["attention_mask"].to(scorer.device)
         out.append(scorer.model(ids, mask).float().cpu())  # (B,)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
@@ -56,9 +61,13 @@ class NaiveTrainer(Trainer):
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
         if world()[1] > 1:
-            raise ConfigError("NaiveTrainer is a single-process benchmark baseline; run it without torchrun")
+            raise ConfigError(
+                "NaiveTrainer is a single-process benchmark baseline; run it without torchrun"
+            )
         model.set_attn_implementation("eager")
-        super().__init__(model, cfg.model_copy(update={"precision": "fp32", "compile": False}), device)
+        super().__init__(
+            model, cfg.model_copy(update={"precision": "fp32", "compile": False}), device
+        )
 
     @classmethod
     def for_run(cls, run: Run) -> NaiveTrainer:

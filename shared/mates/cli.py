@@ -18,17 +18,27 @@ from mates.errors import MatesError  # noqa: E402
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML run config (see configs/)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set selection.method=random (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set selection.method=random (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mates", description="Model-aware pretraining data selection.")
+    ap = argparse.ArgumentParser(
+        prog="mates", description="Model-aware pretraining data selection."
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="data sets").add_subparsers(
+        dest="data_command", required=True
+    )
     demo = data.add_parser("build-demo", help="build the demo pool, reference and held-out sets")
     demo.add_argument("--out", type=Path, required=True)
     demo.add_argument("--seed", type=int, default=0)
@@ -38,37 +48,70 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
 
     bench = sub.add_parser("bench", help="each optimized path against the straightforward way")
-    bench.add_argument("--quick", action="store_true", help="smaller inputs (about 5 min on 2 CPU cores)")
+    bench.add_argument(
+        "--quick", action="store_true", help="smaller inputs (about 5 min on 2 CPU cores)"
+    )
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    bench.add_argument("--reference", choices=("demo", "text"), default="demo",
-                       help="probe reference: the demo's LAMBADA-style set, or 256 full-length "
-                       "sequences of news text (loss on every token)")
-    bench.add_argument("--only", default="probe,scorer,trainer,overhead",
-                       help="comma-separated sections (default: all but presets)")
-    bench.add_argument("--preset", type=Path, action="append", default=[], metavar="CONFIG",
-                       help="also time the Trainer on this config's model and batch (random tokens) "
-                       "and report tokens/s and MFU, e.g. configs/pythia-160m.yaml (repeatable)")
+    bench.add_argument(
+        "--reference",
+        choices=("demo", "text"),
+        default="demo",
+        help="probe reference: the demo's LAMBADA-style set, or 256 full-length "
+        "sequences of news text (loss on every token)",
+    )
+    bench.add_argument(
+        "--only",
+        default="probe,scorer,trainer,overhead",
+        help="comma-separated sections (default: all but presets)",
+    )
+    bench.add_argument(
+        "--preset",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="also time the Trainer on this config's model and batch (random tokens) "
+        "and report tokens/s and MFU, e.g. configs/pythia-160m.yaml (repeatable)",
+    )
     bench.add_argument("--preset-steps", type=int, default=5, help="timed steps per preset")
-    bench.add_argument("--peak-tflops", type=float, default=None,
-                       help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs only)")
+    bench.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs only)",
+    )
 
     rep = sub.add_parser("report", help="a self-contained HTML report of a run (charts embedded)")
     rep.add_argument("run_dir", type=Path)
-    rep.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
-    rep.add_argument("--baseline", type=Path, default=None,
-                     help="another run dir (e.g. the random arm) to overlay and report alongside")
+    rep.add_argument(
+        "--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)"
+    )
+    rep.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another run dir (e.g. the random arm) to overlay and report alongside",
+    )
 
-    agree = sub.add_parser("probe-agreement", help="Spearman of first-order vs exact probes on a "
-                           "run's stage checkpoints, by probe lr (reads the run only)")
+    agree = sub.add_parser(
+        "probe-agreement",
+        help="Spearman of first-order vs exact probes on a "
+        "run's stage checkpoints, by probe lr (reads the run only)",
+    )
     agree.add_argument("run_dir", type=Path)
     agree.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="comma-separated probe lrs")
     agree.add_argument("--probes", type=int, default=48, help="probe documents per stage")
-    agree.add_argument("--stages", default=None, help="comma-separated stages (default: all probeable)")
+    agree.add_argument(
+        "--stages", default=None, help="comma-separated stages (default: all probeable)"
+    )
     agree.add_argument("--json", type=Path, default=None, help="also write the rows here")
 
-    ts = sub.add_parser("train-stage", help="train one stage of a run dir; under `torchrun "
-                        "--nproc-per-node N` with DDP (what the trainer service runs on N GPUs)")
+    ts = sub.add_parser(
+        "train-stage",
+        help="train one stage of a run dir; under `torchrun "
+        "--nproc-per-node N` with DDP (what the trainer service runs on N GPUs)",
+    )
     ts.add_argument("run_dir", type=Path)
     ts.add_argument("stage", type=int)
 
@@ -76,17 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("run_dir", type=Path)
     res.add_argument("--no-progress", action="store_true")
 
-    cmp_ = sub.add_parser("compare", help="selection methods (arms) over seeds against random, "
-                          "same stage 0, pools and token budget; intervals, tokens and compute to match")
+    cmp_ = sub.add_parser(
+        "compare",
+        help="selection methods (arms) over seeds against random, "
+        "same stage 0, pools and token budget; intervals, tokens and compute to match",
+    )
     _add_config_args(cmp_)
-    cmp_.add_argument("--arms", default=None, help="comma-separated arms (default `compare.arms`): "
-                      "random, mates, static, dsir, perplexity, label, random-aa")
-    cmp_.add_argument("--seeds", type=int, default=None, help="seeds per arm (default `compare.seeds`)")
+    cmp_.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated arms (default `compare.arms`): "
+        "random, mates, static, dsir, perplexity, label, random-aa",
+    )
+    cmp_.add_argument(
+        "--seeds", type=int, default=None, help="seeds per arm (default `compare.seeds`)"
+    )
 
     score = sub.add_parser("score", help="score documents with an influence model")
     score.add_argument("--model", type=Path, required=True, help="influence-model directory")
     score.add_argument("--input", type=Path, required=True, help="JSONL {id, text}")
-    score.add_argument("--output", type=Path, default=None, help="JSONL {id, score} (default stdout)")
+    score.add_argument(
+        "--output", type=Path, default=None, help="JSONL {id, score} (default stdout)"
+    )
     score.add_argument("--batch-size", type=int, default=64)
 
     sel = sub.add_parser("select", help="select document IDs from a scores file")
@@ -148,8 +202,10 @@ def cmd_bench(args) -> int:
     sections = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(sections) - {"probe", "scorer", "trainer", "overhead", "presets"}
     if unknown:
-        raise MatesError(f"--only: unknown section(s) {sorted(unknown)}; "
-                         "choose from probe, scorer, trainer, overhead, presets")
+        raise MatesError(
+            f"--only: unknown section(s) {sorted(unknown)}; "
+            "choose from probe, scorer, trainer, overhead, presets"
+        )
     if args.preset:
         sections = tuple(dict.fromkeys((*sections, "presets")))
     elif "presets" in sections:
@@ -157,9 +213,16 @@ def cmd_bench(args) -> int:
     if args.preset_steps < 1:
         raise MatesError(f"--preset-steps must be at least 1, got {args.preset_steps}")
     logging.getLogger("mates").setLevel(logging.INFO)
-    result = run_bench(args.quick, args.device, progress=False, sections=sections,
-                       reference=args.reference, presets=tuple(args.preset),
-                       preset_steps=args.preset_steps, peak=args.peak_tflops)
+    result = run_bench(
+        args.quick,
+        args.device,
+        progress=False,
+        sections=sections,
+        reference=args.reference,
+        presets=tuple(args.preset),
+        preset_steps=args.preset_steps,
+        peak=args.peak_tflops,
+    )
     print(table(result))
     if args.json:
         write_json(args.json, {**flat(result), "nested": result})
@@ -211,14 +274,18 @@ def cmd_resume(args) -> int:
 
 
 def print_stages(data: dict) -> None:
-    print(f"{'stage':>5} {'state':>9} {'tokens':>10} {'held-out':>9} {'ref':>7} {'val rho':>7} {'seconds':>8}")
+    print(
+        f"{'stage':>5} {'state':>9} {'tokens':>10} {'held-out':>9} {'ref':>7} {'val rho':>7} {'seconds':>8}"
+    )
     for st in data["stages"]:
         m = st["metrics"]
         rho = (m.get("influence_model") or {}).get("val_spearman")
         secs = sum(st["timings"].values())
-        print(f"{st['stage']:>5} {st['state']:>9} {m.get('tokens', 0):>10} "
-              f"{m.get('heldout_loss', float('nan')):>9.4f} {m.get('reference_loss', float('nan')):>7.4f} "
-              f"{'-' if rho is None else f'{rho:.3f}':>7} {secs:>8.1f}")
+        print(
+            f"{st['stage']:>5} {st['state']:>9} {m.get('tokens', 0):>10} "
+            f"{m.get('heldout_loss', float('nan')):>9.4f} {m.get('reference_loss', float('nan')):>7.4f} "
+            f"{'-' if rho is None else f'{rho:.3f}':>7} {secs:>8.1f}"
+        )
 
 
 def cmd_compare(args) -> int:
@@ -244,7 +311,9 @@ def cmd_score(args) -> int:
     from mates.influence import InfluenceScorer
 
     rows = list(iter_corpus(args.input, domain_field=None))
-    scorer = InfluenceScorer.load(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    scorer = InfluenceScorer.load(
+        args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     scores = scorer.score_texts([r.text for r in rows], args.batch_size)
     out = [{"id": r.id, "score": float(s)} for r, s in zip(rows, scores, strict=True)]
     if args.output:
@@ -276,8 +345,10 @@ def _read_scores(path: Path) -> list[dict]:
         except DataError as e:
             raise DataError(f"{path}:{lineno}: {e}") from None
         if doc_id in first_line:
-            raise DataError(f"{path}:{lineno}: duplicate score for id {doc_id!r} "
-                            f"(first on line {first_line[doc_id]})")
+            raise DataError(
+                f"{path}:{lineno}: duplicate score for id {doc_id!r} "
+                f"(first on line {first_line[doc_id]})"
+            )
         first_line[doc_id] = lineno
         rows.append(row)
     return rows
@@ -292,17 +363,30 @@ def cmd_select(args) -> int:
 
     rows = _read_scores(args.scores)
     try:
-        ids = select_ids(rows, fraction=args.fraction, method=args.method,
-                         temperature=args.temperature, seed=args.seed)
+        ids = select_ids(
+            rows,
+            fraction=args.fraction,
+            method=args.method,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
     except DataError as e:
         raise DataError(f"{args.scores}: {e}") from None
     print("\n".join(json.dumps(i) for i in ids))
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train-stage": cmd_train_stage,
-            "probe-agreement": cmd_probe_agreement, "report": cmd_report, "resume": cmd_resume,
-            "compare": cmd_compare, "score": cmd_score, "select": cmd_select}
+COMMANDS = {
+    "run": cmd_run,
+    "bench": cmd_bench,
+    "train-stage": cmd_train_stage,
+    "probe-agreement": cmd_probe_agreement,
+    "report": cmd_report,
+    "resume": cmd_resume,
+    "compare": cmd_compare,
+    "score": cmd_score,
+    "select": cmd_select,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's "Writing shards" is noise
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     handler = cmd_build_demo if args.command == "data" else COMMANDS[args.command]
     try:
         return handler(args)

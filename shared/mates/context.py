@@ -70,7 +70,11 @@ class Context:
     def pool_need(self, k: int) -> int:
         """Tokens of stage k's pool under token budgets: stage 0's budget, or a later stage's
         times `stages.pool_multiple`."""
-        return self.stage_need(0) if k == 0 else int(np.ceil(self.cfg.pool_multiple * self.stage_need(k)))
+        return (
+            self.stage_need(0)
+            if k == 0
+            else int(np.ceil(self.cfg.pool_multiple * self.stage_need(k)))
+        )
 
     # -- control and records -------------------------------------------------
 
@@ -98,7 +102,9 @@ class Context:
     def event(self, k: int, event: str, **fields: Any) -> None:
         """A line of the run's events.jsonl (rank 0 only)."""
         if self.primary:
-            append_jsonl(self.paths.events, {"at": time.time(), "stage": k, "event": event, **fields})
+            append_jsonl(
+                self.paths.events, {"at": time.time(), "stage": k, "event": event, **fields}
+            )
 
     # -- the data, built once ------------------------------------------------------
 
@@ -123,28 +129,49 @@ class Context:
             if (self.paths.tokenizer / "tokenizer.json").is_file():
                 self.tokenizer = load_tokenizer(self.paths.tokenizer)
             else:
-                texts = (r.text for r in iter_corpus(
-                    d.pool, id_field=d.id_field, text_field=d.text_field,
-                    domain_field=None, on_bad_row=d.on_bad_row))
+                texts = (
+                    r.text
+                    for r in iter_corpus(
+                        d.pool,
+                        id_field=d.id_field,
+                        text_field=d.text_field,
+                        domain_field=None,
+                        on_bad_row=d.on_bad_row,
+                    )
+                )
                 self.tokenizer = train_bpe(texts, d.vocab_size, self.paths.tokenizer)
         else:
             self.tokenizer = load_tokenizer(d.tokenizer)
         self.corpus = tokenize_corpus(
-            d.pool, self.tokenizer, self.paths.tokenized, id_field=d.id_field,
-            text_field=d.text_field, domain_field=d.domain_field, on_bad_row=d.on_bad_row,
-            chunk_tokens=d.chunk_tokens)
+            d.pool,
+            self.tokenizer,
+            self.paths.tokenized,
+            id_field=d.id_field,
+            text_field=d.text_field,
+            domain_field=d.domain_field,
+            on_bad_row=d.on_bad_row,
+            chunk_tokens=d.chunk_tokens,
+        )
         self._record_corpus()
         T = cfg.train.seq_tokens
-        self.reference = load_reference(d.reference, self.tokenizer, T,
-                                        cfg.probing.max_reference_examples, d.reference_kind)
+        self.reference = load_reference(
+            d.reference, self.tokenizer, T, cfg.probing.max_reference_examples, d.reference_kind
+        )
         self.heldout_specs = {h.name: h for h in d.heldout_specs()}
-        self.heldouts = {name: load_heldout(h, self.tokenizer, T) for name, h in self.heldout_specs.items()}
+        self.heldouts = {
+            name: load_heldout(h, self.tokenizer, T) for name, h in self.heldout_specs.items()
+        }
         self.eos = self.tokenizer.eos_token_id
         st = cfg.stages
-        if st.pool_mode == "disjoint" and not st.token_budgets and st.num_stages * st.pool_docs > len(self.corpus):
+        if (
+            st.pool_mode == "disjoint"
+            and not st.token_budgets
+            and st.num_stages * st.pool_docs > len(self.corpus)
+        ):
             raise ConfigError(
                 f"`stages.pool_docs` ({st.pool_docs}) x {st.num_stages} stages exceeds the corpus "
-                f"({len(self.corpus)} documents); lower it or use `stages.pool_mode: resample`")
+                f"({len(self.corpus)} documents); lower it or use `stages.pool_mode: resample`"
+            )
         self.order = np.random.default_rng([cfg.seed, 7]).permutation(len(self.corpus))
         if st.token_budgets:
             self._check_token_budgets()
@@ -155,28 +182,43 @@ class Context:
         have = int(self.corpus.num_tokens().sum()) + len(self.corpus)  # an EOS after each unit
         if st.pool_mode == "disjoint":
             need = sum(self.pool_need(k) for k in range(n))
-            what = (f"disjoint pools (`stages.pool_mode`) of `stages.stage0_tokens` ({st.stage0_tokens:,}) "
-                    f"and {n - 1} x `stages.pool_multiple` ({self.cfg.pool_multiple:g}) x "
-                    f"`stages.stage_tokens` ({st.stage_tokens:,})")
+            what = (
+                f"disjoint pools (`stages.pool_mode`) of `stages.stage0_tokens` ({st.stage0_tokens:,}) "
+                f"and {n - 1} x `stages.pool_multiple` ({self.cfg.pool_multiple:g}) x "
+                f"`stages.stage_tokens` ({st.stage_tokens:,})"
+            )
         else:  # a later pool draws from what earlier stages did not train on
-            need = sum(self.stage_need(k) for k in range(n - 1)) + (self.pool_need(n - 1) if n > 1 else 0)
-            what = (f"`stages.stage0_tokens` ({st.stage0_tokens:,}), the later stages' `stages.stage_tokens` "
-                    f"({st.stage_tokens:,}) and a last pool of `stages.pool_multiple` "
-                    f"({self.cfg.pool_multiple:g}) times that")
+            need = sum(self.stage_need(k) for k in range(n - 1)) + (
+                self.pool_need(n - 1) if n > 1 else 0
+            )
+            what = (
+                f"`stages.stage0_tokens` ({st.stage0_tokens:,}), the later stages' `stages.stage_tokens` "
+                f"({st.stage_tokens:,}) and a last pool of `stages.pool_multiple` "
+                f"({self.cfg.pool_multiple:g}) times that"
+            )
         if need > have:
-            raise ConfigError(f"the corpus holds {have:,} tokens (EOS included) but {what} need {need:,} "
-                              f"(whole batches of `train.batch_sequences` x `train.seq_tokens`); "
-                              "lower the budgets or use a larger corpus")
+            raise ConfigError(
+                f"the corpus holds {have:,} tokens (EOS included) but {what} need {need:,} "
+                f"(whole batches of `train.batch_sequences` x `train.seq_tokens`); "
+                "lower the budgets or use a larger corpus"
+            )
 
     def _record_corpus(self) -> None:
         """The corpus's counts in run.json, rows skipped under `data.on_bad_row: skip` included."""
         meta = self.corpus.meta
-        summary = {"documents": meta["num_docs"], "tokens": meta["num_tokens"],
-                   "skipped_rows": meta.get("skipped_rows", 0),
-                   "skip_reasons": meta.get("skip_reasons", {})}
+        summary = {
+            "documents": meta["num_docs"],
+            "tokens": meta["num_tokens"],
+            "skipped_rows": meta.get("skipped_rows", 0),
+            "skip_reasons": meta.get("skip_reasons", {}),
+        }
         if summary["skipped_rows"]:
-            log.warning("%d rows of %s were skipped (data.on_bad_row: skip): %s",
-                        summary["skipped_rows"], self.cfg.data.pool, summary["skip_reasons"])
+            log.warning(
+                "%d rows of %s were skipped (data.on_bad_row: skip): %s",
+                summary["skipped_rows"],
+                self.cfg.data.pool,
+                summary["skip_reasons"],
+            )
         if self.primary and self.manifest.data.get("corpus") != summary:
             self.manifest.data["corpus"] = summary
             self.manifest.save()

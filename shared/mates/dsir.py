@@ -98,11 +98,15 @@ def feature_bucket(feature: str, num_buckets: int = NUM_BUCKETS) -> int:
     raise ValueError(f"a feature is one word or two words separated by a space, got {feature!r}")
 
 
-def _hashed(texts: Sequence[str], max_words: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _hashed(
+    texts: Sequence[str], max_words: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(buckets-to-be, doc of each feature, per-text feature count): the 64-bit hashes of
     every text's unigrams (its first `max_words` words, all if None), then of its bigrams."""
     if isinstance(texts, str):
-        raise TypeError("ngram_counts and feature_buckets take a sequence of texts, not a single string")
+        raise TypeError(
+            "ngram_counts and feature_buckets take a sequence of texts, not a single string"
+        )
     vocab: dict[str, int] = {}
     ids: list[int] = []
     lengths = np.zeros(len(texts), dtype=np.int64)
@@ -124,9 +128,11 @@ def _hashed(texts: Sequence[str], max_words: int | None) -> tuple[np.ndarray, np
     # Bigram (t, t+1) is kept when both words belong to the same text.
     same_doc = doc_of_word[:-1] == doc_of_word[1:]
     bigram_hashes = _bigram_hash(hashes[:-1][same_doc], hashes[1:][same_doc])
-    return (np.concatenate([hashes, bigram_hashes]),
-            np.concatenate([doc_of_word, doc_of_word[:-1][same_doc]]),
-            2 * lengths - (lengths > 0))
+    return (
+        np.concatenate([hashes, bigram_hashes]),
+        np.concatenate([doc_of_word, doc_of_word[:-1][same_doc]]),
+        2 * lengths - (lengths > 0),
+    )
 
 
 def ngram_counts(texts: Sequence[str], num_buckets: int = NUM_BUCKETS) -> scipy.sparse.csr_matrix:
@@ -146,8 +152,9 @@ def ngram_counts(texts: Sequence[str], num_buckets: int = NUM_BUCKETS) -> scipy.
     return counts
 
 
-def feature_buckets(texts: Sequence[str], num_buckets: int = NUM_BUCKETS,
-                    max_words: int | None = None) -> list[list[int]]:
+def feature_buckets(
+    texts: Sequence[str], num_buckets: int = NUM_BUCKETS, max_words: int | None = None
+) -> list[list[int]]:
     """Each text's features as bucket ids, as :func:`ngram_counts` counts them: the
     unigrams of its first ``max_words`` words (all if None), then their bigrams."""
     num_buckets = _check_buckets(num_buckets)
@@ -248,9 +255,7 @@ class DsirModel:
 
 
 def dsir_scores(
-    reference_texts: Sequence[str],
-    pool_texts: Sequence[str],
-    num_buckets: int = NUM_BUCKETS,
+    reference_texts: Sequence[str], pool_texts: Sequence[str], num_buckets: int = NUM_BUCKETS
 ) -> np.ndarray:
     """DSIR scores of the pool: ``-log w(x)``, lower is more helpful.
 

@@ -17,8 +17,12 @@ import torch
 
 def linear_params(model: torch.nn.Module) -> int:
     """Weights and biases of every `nn.Linear` in the model."""
-    return sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
-               for p in m.parameters(recurse=False))
+    return sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+        for p in m.parameters(recurse=False)
+    )
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,17 @@ class TransformerCost:
         return float(tokens * (6 * self.params + 3 * self.attention))
 
 
-def lm_cost(model: torch.nn.Module, num_layers: int, hidden_size: int, seq_tokens: int) -> TransformerCost:
+def lm_cost(
+    model: torch.nn.Module, num_layers: int, hidden_size: int, seq_tokens: int
+) -> TransformerCost:
     head = model.get_output_embeddings()
-    return TransformerCost(linear_params(model), num_layers, hidden_size, seq_tokens,
-                           head_params=sum(p.numel() for p in head.parameters()))
+    return TransformerCost(
+        linear_params(model),
+        num_layers,
+        hidden_size,
+        seq_tokens,
+        head_params=sum(p.numel() for p in head.parameters()),
+    )
 
 
 def encoder_cost(encoder: torch.nn.Module, max_tokens: int) -> TransformerCost:
@@ -62,7 +73,9 @@ def encoder_cost(encoder: torch.nn.Module, max_tokens: int) -> TransformerCost:
     return TransformerCost(linear_params(encoder), c.num_hidden_layers, c.hidden_size, max_tokens)
 
 
-def exact_probe_flops(lm: TransformerCost, doc_tokens: int, ref_tokens: int, ref_scored: int) -> float:
+def exact_probe_flops(
+    lm: TransformerCost, doc_tokens: int, ref_tokens: int, ref_scored: int
+) -> float:
     """One exact probe: a training step on the document, then the reference loss after it."""
     return lm.train(doc_tokens) + lm.forward(ref_tokens, ref_scored)
 

@@ -34,8 +34,11 @@ def build_lm(cfg: ModelConfig, vocab_size: int, seq_tokens: int, eos_id: int) ->
         num_attention_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
         max_position_embeddings=seq_tokens,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "partial_rotary_factor": cfg.rotary_pct},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": cfg.rotary_pct,
+        },
         initializer_range=cfg.init_std,
         use_parallel_residual=True,
         tie_word_embeddings=False,
@@ -80,8 +83,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
-            reduction: str = "mean") -> torch.Tensor:
+def lm_loss(
+    model: GPTNeoXForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Cross-entropy on the positions whose label is not IGNORE.
 
     `labels[:, t]` is the target for position t (already shifted). Only scored
@@ -92,8 +99,9 @@ def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, labels: torch.Te
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
-def scored_logits(model: GPTNeoXForCausalLM, input_ids: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scored_logits(
+    model: GPTNeoXForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits (M, V) and targets (M,) of the M scored positions, and the (B, T) mask of them."""
     hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, C)
     mask = labels != IGNORE  # (B, T)
@@ -106,13 +114,17 @@ def _batches(ref: ReferenceSet, batch_sequences: int, device: torch.device):
     for start in range(0, len(ref), batch_sequences):
         end = min(start + batch_sequences, len(ref))
         width = int(ref.lengths[start:end].max())
-        yield (start, ref.input_ids[start:end, :width].to(device, non_blocking=True),
-               ref.labels[start:end, :width].to(device, non_blocking=True))
+        yield (
+            start,
+            ref.input_ids[start:end, :width].to(device, non_blocking=True),
+            ref.labels[start:end, :width].to(device, non_blocking=True),
+        )
 
 
 @torch.no_grad()
-def reference_loss(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int,
-                   precision: str = "fp32") -> float:
+def reference_loss(
+    model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int, precision: str = "fp32"
+) -> float:
     """Mean loss over all scored tokens of a reference set, batched, no Python loop per example."""
     was_training = model.training
     model.eval()
@@ -126,8 +138,9 @@ def reference_loss(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences
 
 
 @torch.no_grad()
-def row_losses(model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int,
-               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_losses(
+    model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of a reference set: summed loss (float64), scored tokens, and whether every
     scored token is the model's top-1 prediction (a cloze row is then answered correctly)."""
     was_training = model.training

@@ -54,8 +54,15 @@ class Manifest:
         self.still_current: Callable[[], bool] | None = None
 
     @classmethod
-    def create(cls, path: Path, config: dict, fingerprint: str, num_stages: int,
-               extra: dict | None = None, run_id: str | None = None) -> Manifest:
+    def create(
+        cls,
+        path: Path,
+        config: dict,
+        fingerprint: str,
+        num_stages: int,
+        extra: dict | None = None,
+        run_id: str | None = None,
+    ) -> Manifest:
         data = {
             "run_id": run_id or new_run_id(config["name"]),
             "name": config["name"],
@@ -67,8 +74,14 @@ class Manifest:
             "current_stage": 0,
             "error": None,
             "stages": [
-                {"stage": k, "state": "pending", "transitions": [{"state": "pending", "at": now()}],
-                 "timings": {}, "metrics": {}, "error": None}
+                {
+                    "stage": k,
+                    "state": "pending",
+                    "transitions": [{"state": "pending", "at": now()}],
+                    "timings": {},
+                    "metrics": {},
+                    "error": None,
+                }
                 for k in range(num_stages)
             ],
             **(extra or {}),
@@ -86,8 +99,10 @@ class Manifest:
         if self.readonly:
             return
         if self.still_current is not None and not self.still_current():
-            raise RunStateError(f"run {self.run_id} was resumed since this process opened it; "
-                                "its stale copy of the manifest is not written")
+            raise RunStateError(
+                f"run {self.run_id} was resumed since this process opened it; "
+                "its stale copy of the manifest is not written"
+            )
         write_json(self.path, self.data)
         if self.on_save is not None:
             self.on_save(self.data)

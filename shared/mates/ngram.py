@@ -67,10 +67,14 @@ class NgramTokenizer:
         self.num_buckets = int(num_buckets)
         self.pad_token_id = self.num_buckets  # one past the last bucket: never counted
 
-    def __call__(self, texts: Sequence[str], truncation: bool = True,
-                 max_length: int | None = None) -> dict[str, list[list[int]]]:
-        return {"input_ids": feature_buckets(list(texts), self.num_buckets,
-                                             max_words=max_length if truncation else None)}
+    def __call__(
+        self, texts: Sequence[str], truncation: bool = True, max_length: int | None = None
+    ) -> dict[str, list[list[int]]]:
+        return {
+            "input_ids": feature_buckets(
+                list(texts), self.num_buckets, max_words=max_length if truncation else None
+            )
+        }
 
     def save_pretrained(self, path: Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)  # the encoder writes the config
@@ -85,25 +89,39 @@ class NgramEncoder(torch.nn.Module):
         super().__init__()
         self.config = NgramConfig(len(log_ratio))
         self.register_buffer("log_ratio", torch.as_tensor(log_ratio, dtype=torch.float32))
-        self.register_buffer("ratio_stats", torch.tensor([ratio_mean, ratio_std], dtype=torch.float32))
+        self.register_buffer(
+            "ratio_stats", torch.tensor([ratio_mean, ratio_std], dtype=torch.float32)
+        )
 
     @classmethod
-    def fit(cls, reference_texts: Sequence[str], corpus_texts: Sequence[str],
-            num_buckets: int = NUM_BUCKETS, max_words: int | None = None) -> NgramEncoder:
+    def fit(
+        cls,
+        reference_texts: Sequence[str],
+        corpus_texts: Sequence[str],
+        num_buckets: int = NUM_BUCKETS,
+        max_words: int | None = None,
+    ) -> NgramEncoder:
         """p_ref on the reference texts, p_corpus on the corpus texts (whole texts, as DSIR
         counts them); the reference feature standardized over the corpus texts as the
         encoder reads them (their first `max_words` words)."""
         dsir = DsirModel.fit(reference_texts, corpus_texts, num_buckets)
         log_ratio = torch.as_tensor(dsir.log_p_ref - dsir.log_p_raw, dtype=torch.float32)
         lr = log_ratio.numpy()
-        ratios = np.array([lr[ids].mean() if ids else 0.0
-                           for ids in feature_buckets(list(corpus_texts), num_buckets, max_words)])
+        ratios = np.array(
+            [
+                lr[ids].mean() if ids else 0.0
+                for ids in feature_buckets(list(corpus_texts), num_buckets, max_words)
+            ]
+        )
         std = float(ratios.std())
         return cls(log_ratio, float(ratios.mean()), std if std > 0 else 1.0)
 
     def _counts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        counts = torch.zeros((input_ids.shape[0], self.config.num_buckets + 1),
-                             dtype=torch.float32, device=input_ids.device)
+        counts = torch.zeros(
+            (input_ids.shape[0], self.config.num_buckets + 1),
+            dtype=torch.float32,
+            device=input_ids.device,
+        )
         counts.scatter_add_(1, input_ids, attention_mask.to(torch.float32))
         return counts[:, : self.config.num_buckets]
 
@@ -125,8 +143,13 @@ class NgramEncoder(torch.nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / _CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2), encoding="utf-8")
-        save_file({"log_ratio": self.log_ratio.contiguous().cpu(),
-                   "ratio_stats": self.ratio_stats.contiguous().cpu()}, path / _WEIGHTS)
+        save_file(
+            {
+                "log_ratio": self.log_ratio.contiguous().cpu(),
+                "ratio_stats": self.ratio_stats.contiguous().cpu(),
+            },
+            path / _WEIGHTS,
+        )
 
     @classmethod
     def from_pretrained(cls, path: Path) -> NgramEncoder:
@@ -135,11 +158,15 @@ class NgramEncoder(torch.nn.Module):
             weights = load_file(path / _WEIGHTS)
             enc = cls(weights["log_ratio"], *weights["ratio_stats"].tolist())
         except Exception as e:  # safetensors raises its own error types
-            raise ArtifactError(f"n-gram encoder {path} is unreadable: {type(e).__name__}: {e}") from e
+            raise ArtifactError(
+                f"n-gram encoder {path} is unreadable: {type(e).__name__}: {e}"
+            ) from e
         num_buckets = json.loads((path / _CONFIG).read_text(encoding="utf-8")).get("num_buckets")
         if num_buckets != enc.config.num_buckets:
-            raise ArtifactError(f"n-gram encoder {path}: config says {num_buckets} buckets, "
-                                f"its weights hold {enc.config.num_buckets}")
+            raise ArtifactError(
+                f"n-gram encoder {path}: config says {num_buckets} buckets, "
+                f"its weights hold {enc.config.num_buckets}"
+            )
         return enc
 
 
@@ -152,4 +179,3 @@ def is_ngram_dir(path: Path) -> bool:
         return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
     except (json.JSONDecodeError, AttributeError):
         return False
-

@@ -43,7 +43,9 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> S
 
 
 @torch.no_grad()
-def restore_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, snap: Snapshot) -> None:
+def restore_snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, snap: Snapshot
+) -> None:
     """Put weights, AdamW moments, step counts and group settings back exactly."""
     for p, saved, saved_state in zip(model.parameters(), snap.params, snap.opt_state, strict=True):
         p.copy_(saved)
@@ -61,8 +63,16 @@ def restore_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
 class _Oracle:
     """What every oracle holds: the model at a checkpoint, the reference set and the probe step."""
 
-    def __init__(self, model: torch.nn.Module, reference: ReferenceSet, *, lr: float,
-                 grad_clip: float, precision: str, eval_batch_sequences: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        reference: ReferenceSet,
+        *,
+        lr: float,
+        grad_clip: float,
+        precision: str,
+        eval_batch_sequences: int,
+    ):
         self.model = model
         self.device = next(model.parameters()).device
         self.reference = reference.to(self.device)
@@ -84,11 +94,25 @@ class _Oracle:
 class ExactOracle(_Oracle):
     """Measures exact one-step influences on the reference set at a fixed checkpoint."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
-                 eval_batch_sequences: int):
-        super().__init__(model, reference, lr=lr, grad_clip=grad_clip, precision=precision,
-                         eval_batch_sequences=eval_batch_sequences)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        reference: ReferenceSet,
+        *,
+        lr: float,
+        grad_clip: float,
+        precision: str,
+        eval_batch_sequences: int,
+    ):
+        super().__init__(
+            model,
+            reference,
+            lr=lr,
+            grad_clip=grad_clip,
+            precision=precision,
+            eval_batch_sequences=eval_batch_sequences,
+        )
         self.optimizer = optimizer
         self.snapshot = take_snapshot(model, optimizer)
         self.base_loss = self._ref_loss()
@@ -170,8 +194,17 @@ def _adam_buckets(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
             v = st["exp_avg_sq"] if st else torch.zeros_like(p)
             key = (gi, step)
             if key not in buckets:
-                buckets[key] = _AdamBucket([], [], [], [], beta1, beta2, float(group["eps"]),
-                                           float(group["weight_decay"]), step + 1)
+                buckets[key] = _AdamBucket(
+                    [],
+                    [],
+                    [],
+                    [],
+                    beta1,
+                    beta2,
+                    float(group["eps"]),
+                    float(group["weight_decay"]),
+                    step + 1,
+                )
             b = buckets[key]
             b.index.append(position[id(p)])
             b.params.append(p.detach())
@@ -216,14 +249,32 @@ class FirstOrderOracle(_Oracle):
     exactly the directions in which x's gradient is large.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 reference: ReferenceSet, *, lr: float, grad_clip: float, precision: str,
-                 eval_batch_sequences: int, shift: bool = False, batch: bool = False):
-        super().__init__(model, reference, lr=lr, grad_clip=grad_clip, precision=precision,
-                         eval_batch_sequences=eval_batch_sequences)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        reference: ReferenceSet,
+        *,
+        lr: float,
+        grad_clip: float,
+        precision: str,
+        eval_batch_sequences: int,
+        shift: bool = False,
+        batch: bool = False,
+    ):
+        super().__init__(
+            model,
+            reference,
+            lr=lr,
+            grad_clip=grad_clip,
+            precision=precision,
+            eval_batch_sequences=eval_batch_sequences,
+        )
         if shift and batch:
-            raise ValueError("first-order probes linearise either after the shared step (shift) "
-                             "or inside a batch (batch), not both")
+            raise ValueError(
+                "first-order probes linearise either after the shared step (shift) "
+                "or inside a batch (batch), not both"
+            )
         self.shift = shift
         self.batch = batch
         self._params = list(model.parameters())
@@ -259,10 +310,15 @@ class FirstOrderOracle(_Oracle):
                 end = min(start + self.eval_batch, len(ref))
                 width = int(ref.lengths[start:end].max())
                 with autocast(self.device, self.precision):
-                    loss = lm_loss(self.model, ref.input_ids[start:end, :width],
-                                   ref.labels[start:end, :width], reduction="sum")
-                grads = torch.autograd.grad(loss / ref.scored_tokens, self._params,
-                                            allow_unused=True)
+                    loss = lm_loss(
+                        self.model,
+                        ref.input_ids[start:end, :width],
+                        ref.labels[start:end, :width],
+                        reduction="sum",
+                    )
+                grads = torch.autograd.grad(
+                    loss / ref.scored_tokens, self._params, allow_unused=True
+                )
                 used = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
                 torch._foreach_add_([v for v, _ in used], [g.float() for _, g in used])
         finally:
@@ -333,7 +389,9 @@ class FirstOrderOracle(_Oracle):
         self._adam_delta(None)
         return float(self._grad_ref.dot(self._delta))
 
-    def _clipped_grads(self, tokens: torch.Tensor, clip: bool = True) -> tuple[list[torch.Tensor], list[int]]:
+    def _clipped_grads(
+        self, tokens: torch.Tensor, clip: bool = True
+    ) -> tuple[list[torch.Tensor], list[int]]:
         """The training loss's gradient on one example, clipped by global norm as the trainer does
         (unless `clip` is false).
 
@@ -351,8 +409,10 @@ class FirstOrderOracle(_Oracle):
             self.model.train(was_training)
         missing = [i for i, g in enumerate(grads) if g is None]
         # contiguous: autograd may hand back a broadcast view, which cannot be scaled in place
-        grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().contiguous()
-                 for p, g in zip(self._params, grads, strict=True)]
+        grads = [
+            torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().contiguous()
+            for p, g in zip(self._params, grads, strict=True)
+        ]
         if clip:
             norm = torch.nn.utils.get_total_norm(grads)
             self.clipped += int(norm > self.grad_clip)

@@ -51,8 +51,13 @@ def init_run(cfg: RunConfig, root: Path) -> Manifest:
     run_id = new_run_id(cfg.name)
     paths = RunPaths(Path(root) / run_id)
     paths.root.mkdir(parents=True)
-    return Manifest.create(paths.manifest, cfg.model_dump(mode="json"), cfg.fingerprint(),
-                           cfg.stages.num_stages, run_id=run_id)
+    return Manifest.create(
+        paths.manifest,
+        cfg.model_dump(mode="json"),
+        cfg.fingerprint(),
+        cfg.stages.num_stages,
+        run_id=run_id,
+    )
 
 
 # How long a rank waits at a collective. The non-primary ranks wait at a barrier while
@@ -69,9 +74,11 @@ def init_distributed(device_name: str) -> None:
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"torchrun local rank {local_rank} has no GPU of its own: this machine "
-                              f"has {torch.cuda.device_count()}; use --nproc-per-node at most that, "
-                              "or set `device: cpu`")
+            raise ConfigError(
+                f"torchrun local rank {local_rank} has no GPU of its own: this machine "
+                f"has {torch.cuda.device_count()}; use --nproc-per-node at most that, "
+                "or set `device: cpu`"
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
 
@@ -149,8 +156,12 @@ class Run:
 
     # -- the algorithm, in one process --------------------------------------------
 
-    def execute(self, seed_stage0_from: Path | None = None, prepared_from: Path | None = None,
-                probes_from: Path | None = None) -> Manifest:
+    def execute(
+        self,
+        seed_stage0_from: Path | None = None,
+        prepared_from: Path | None = None,
+        probes_from: Path | None = None,
+    ) -> Manifest:
         """Run (or resume) every stage to the end in this process; returns the final manifest.
 
         `seed_stage0_from` copies stage 0 from another arm's run; that run, or
@@ -179,8 +190,9 @@ class Run:
                 self.check_cancel()
             self.select_stage(k)
 
-    def _begin(self, seed_stage0_from: Path | None, prepared_from: Path | None,
-               probes_from: Path | None) -> None:
+    def _begin(
+        self, seed_stage0_from: Path | None, prepared_from: Path | None, probes_from: Path | None
+    ) -> None:
         if self.manifest.data["status"] == "done":
             raise RunStateError(f"run {self.manifest.run_id} is already done")
         removed = remove_stale_temporaries(self.paths.root)
@@ -213,8 +225,10 @@ class Run:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise RunStateError(f"run {self.manifest.run_id} is being executed by another "
-                                    f"process (pid {holder}); cancel it or wait") from None
+                raise RunStateError(
+                    f"run {self.manifest.run_id} is being executed by another "
+                    f"process (pid {holder}); cancel it or wait"
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
@@ -285,8 +299,12 @@ class Run:
     def shard_ids(self, k: int, shard: int) -> list[str]:
         return scoring.shard_ids(self.ctx, k, shard)
 
-    def score_shard(self, k: int, shard: int,
-                    score_texts: Callable[[list[str], list[str]], Sequence[float]] | None = None) -> Path:
+    def score_shard(
+        self,
+        k: int,
+        shard: int,
+        score_texts: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+    ) -> Path:
         """Score one shard of stage k+1's pool with stage k's influence model, here or
         through `score_texts(ids, texts)` (the HTTP scorer); returns the shard's file."""
         return scoring.score_shard(self.ctx, self.model, k, shard, score_texts)
@@ -384,8 +402,10 @@ def _open_manifest(cfg: RunConfig, paths: RunPaths) -> Manifest:
     if paths.manifest.is_file():
         m = Manifest.load(paths.manifest)
         if m.data["config_fingerprint"] != fp:
-            raise ConfigError(f"{paths.root} holds a run with a different config; "
-                              "resume it with its own config or choose another --out")
+            raise ConfigError(
+                f"{paths.root} holds a run with a different config; "
+                "resume it with its own config or choose another --out"
+            )
         return m
     paths.root.mkdir(parents=True, exist_ok=True)
     return Manifest.create(paths.manifest, cfg.model_dump(mode="json"), fp, cfg.stages.num_stages)

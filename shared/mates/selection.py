@@ -28,7 +28,9 @@ def num_selected(pool_size: int, ratio: float) -> int:
     return max(1, min(pool_size, int(round(ratio * pool_size))))
 
 
-def gumbel_top_k(scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
+def gumbel_top_k(
+    scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator
+) -> np.ndarray:
     """Indices of k draws without replacement from softmax(−scores/τ), in draw order."""
     if not temperature > 0:  # NaN too
         raise ConfigError(f"`selection.temperature` must be > 0, got {temperature}")
@@ -42,8 +44,15 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")[:k]
 
 
-def select_indices(scores: np.ndarray | None, pool_size: int, *, ratio: float, method: str,
-                   temperature: float, seed: int) -> np.ndarray:
+def select_indices(
+    scores: np.ndarray | None,
+    pool_size: int,
+    *,
+    ratio: float,
+    method: str,
+    temperature: float,
+    seed: int,
+) -> np.ndarray:
     """Indices into the pool chosen by `method`; `scores` may be None for 'random'."""
     k = num_selected(pool_size, ratio)
     rng = np.random.default_rng(seed)
@@ -52,8 +61,9 @@ def select_indices(scores: np.ndarray | None, pool_size: int, *, ratio: float, m
     return _by_score(scores, pool_size, k, method=method, temperature=temperature, rng=rng)
 
 
-def selection_order(scores: np.ndarray | None, pool_size: int, *, method: str, temperature: float,
-                    seed) -> np.ndarray:
+def selection_order(
+    scores: np.ndarray | None, pool_size: int, *, method: str, temperature: float, seed
+) -> np.ndarray:
     """Every pool index in the order `method` would keep them: a seeded permutation
     ('random'), the lowest scores first ('topk'), or Gumbel-top-k draw order ('gumbel').
     A token budget keeps the shortest prefix that fills it (`fill_budget`)."""
@@ -65,8 +75,15 @@ def selection_order(scores: np.ndarray | None, pool_size: int, *, method: str, t
     return _by_score(scores, pool_size, pool_size, method=method, temperature=temperature, rng=rng)
 
 
-def _by_score(scores: np.ndarray | None, pool_size: int, k: int, *, method: str, temperature: float,
-              rng: np.random.Generator) -> np.ndarray:
+def _by_score(
+    scores: np.ndarray | None,
+    pool_size: int,
+    k: int,
+    *,
+    method: str,
+    temperature: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """The first k pool indices that 'topk' or 'gumbel' keeps, after checking the scores."""
     if method not in METHODS:
         raise ConfigError(f"`selection.method` must be one of {METHODS}, got {method!r}")
@@ -91,30 +108,38 @@ def label_order(matching: np.ndarray, *, seed) -> np.ndarray:
     """The matching documents in random order, then the others in random order."""
     matching = np.asarray(matching, dtype=bool)
     rng = np.random.default_rng(seed)
-    return np.concatenate([rng.permutation(np.flatnonzero(matching)),
-                           rng.permutation(np.flatnonzero(~matching))])
+    return np.concatenate(
+        [rng.permutation(np.flatnonzero(matching)), rng.permutation(np.flatnonzero(~matching))]
+    )
 
 
 def label_matches(labels: Sequence[str | None], targets: Sequence[str]) -> np.ndarray:
     """Which labels are a target or sit below one ('news' matches 'news/sports')."""
     wanted = tuple(targets)
     below = tuple(t.rstrip("/") + "/" for t in wanted)
-    return np.array([bool(lab) and (lab in wanted or lab.startswith(below)) for lab in labels], dtype=bool)
+    return np.array(
+        [bool(lab) and (lab in wanted or lab.startswith(below)) for lab in labels], dtype=bool
+    )
 
 
-def target_label_mask(labels: Sequence[str | None], targets: Sequence[str], *, setting: str,
-                      field: str | None) -> np.ndarray:
+def target_label_mask(
+    labels: Sequence[str | None], targets: Sequence[str], *, setting: str, field: str | None
+) -> np.ndarray:
     """`label_matches`, refusing what cannot select anything: no targets (named by `setting`),
     no label column (`field`, i.e. `data.domain_field`), or targets that match no label."""
     if not targets:
         raise ConfigError(f"{setting} must name at least one label for method 'label'")
     if not field or not any(labels):
-        raise ConfigError("method 'label' needs a label column: set `data.domain_field` to a "
-                          f"corpus column that holds labels (now {field!r}, no values found)")
+        raise ConfigError(
+            "method 'label' needs a label column: set `data.domain_field` to a "
+            f"corpus column that holds labels (now {field!r}, no values found)"
+        )
     mask = label_matches(labels, targets)
     if not mask.any():
         found = sorted({lab for lab in labels if lab})[:10]
-        raise ConfigError(f"{setting} {list(targets)} match no document's `{field}` (labels found: {found})")
+        raise ConfigError(
+            f"{setting} {list(targets)} match no document's `{field}` (labels found: {found})"
+        )
     return mask
 
 
@@ -143,7 +168,11 @@ def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
             raise DataError(f"score row without a string `id`: {row!r}")
         if doc_id in by_id:
             raise DataError(f"duplicate score for id {doc_id!r}")
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        if (
+            not isinstance(score, (int, float))
+            or isinstance(score, bool)
+            or not math.isfinite(score)
+        ):
             raise DataError(f"score for id {doc_id!r} is not a finite number: {score!r}")
         by_id[doc_id] = float(score)
     missing = [d for d in pool_ids if d not in by_id]
@@ -151,15 +180,19 @@ def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
         raise DataError(f"{len(missing)} pool documents have no score, e.g. {missing[:3]}")
     extra = set(by_id) - set(pool_ids)
     if extra:
-        raise DataError(f"{len(extra)} scores name documents outside the pool, e.g. {sorted(extra)[:3]}")
+        raise DataError(
+            f"{len(extra)} scores name documents outside the pool, e.g. {sorted(extra)[:3]}"
+        )
     return np.array([by_id[d] for d in pool_ids], dtype=np.float64)
 
 
-def select_ids(rows: list[dict], *, fraction: float, method: str, temperature: float,
-               seed: int) -> list[str]:
+def select_ids(
+    rows: list[dict], *, fraction: float, method: str, temperature: float, seed: int
+) -> list[str]:
     """Select from scored rows {id, score} (the `mates select` command)."""
     ids = [r.get("id") if isinstance(r, dict) else None for r in rows]
     scores = join_scores(ids, rows)  # validates IDs and values
-    chosen = select_indices(scores, len(ids), ratio=fraction, method=method,
-                            temperature=temperature, seed=seed)
+    chosen = select_indices(
+        scores, len(ids), ratio=fraction, method=method, temperature=temperature, seed=seed
+    )
     return [ids[i] for i in chosen]

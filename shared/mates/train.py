@@ -60,8 +60,9 @@ class Callback:
     def train_end(self, trainer: Trainer, info: StepInfo | None) -> None: ...
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                   fast: bool = True) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fast: bool = True
+) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (norms and biases are not decayed).
 
     `fast`: the fused kernel (one kernel for all parameters; CUDA, and CPU since torch
@@ -71,8 +72,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if not fast:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
     fused = device.type in ("cuda", "cpu")
@@ -136,9 +139,13 @@ class Trainer:
             if micro % self.world_size:
                 raise ConfigError(
                     f"`train.micro_batch_sequences` (or `train.batch_sequences`) = {micro} must be "
-                    f"divisible by the {self.world_size} DDP processes")
-            ids = [torch.cuda.current_device() if device.index is None else device.index] \
-                if device.type == "cuda" else None
+                    f"divisible by the {self.world_size} DDP processes"
+                )
+            ids = (
+                [torch.cuda.current_device() if device.index is None else device.index]
+                if device.type == "cuda"
+                else None
+            )
             loss = self._ddp = DistributedDataParallel(loss, device_ids=ids)
         # compiled once here; the parameters stay the model's, so checkpoints are unaffected
         self._loss = torch.compile(loss) if cfg.compile else loss
@@ -167,7 +174,9 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.current_lr
-        return self.cfg.batch_sequences // (self.cfg.micro_batch_sequences or self.cfg.batch_sequences)
+        return self.cfg.batch_sequences // (
+            self.cfg.micro_batch_sequences or self.cfg.batch_sequences
+        )
 
     def _end_step(self) -> None:
         self.optimizer.step()
@@ -187,7 +196,11 @@ class Trainer:
             if self.world_size > 1:  # this rank's share of the rows
                 x, y = x[self.rank :: self.world_size], y[self.rank :: self.world_size]
             last = i == n_micro - 1
-            ctx = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
+            ctx = (
+                self._ddp.no_sync()
+                if self._ddp is not None and not last
+                else contextlib.nullcontext()
+            )
             with ctx:  # forward and backward both inside: DDP reduces on the last micro-batch
                 with autocast(self.device, self.cfg.precision):
                     loss = self._loss(x, y) / n_micro
@@ -219,12 +232,16 @@ class Trainer:
     def _reads_back(self, stage_step: int, steps: int) -> bool:
         """Read-back points: every `log_every_steps`, where hooks evaluate or checkpoint, at the end."""
         c = self.cfg
-        return (stage_step == steps or stage_step % c.log_every_steps == 0
-                or stage_step % c.eval_every_steps == 0
-                or bool(c.checkpoint_every_steps and stage_step % c.checkpoint_every_steps == 0))
+        return (
+            stage_step == steps
+            or stage_step % c.log_every_steps == 0
+            or stage_step % c.eval_every_steps == 0
+            or bool(c.checkpoint_every_steps and stage_step % c.checkpoint_every_steps == 0)
+        )
 
-    def train(self, stream: PackedStream, steps: int, callbacks: list[Callback],
-              stage_step: int = 0) -> StepInfo | None:
+    def train(
+        self, stream: PackedStream, steps: int, callbacks: list[Callback], stage_step: int = 0
+    ) -> StepInfo | None:
         """Run `steps - stage_step` more steps; a non-finite loss fails the stage.
 
         The check happens at the next read-back (see the module docstring), before that
@@ -238,8 +255,15 @@ class Trainer:
             loss = torch.as_tensor(self.train_step(stream), device=self.device)
             self._pending.append((self.step, loss))
             losses = tuple(self.read_losses()) if self._reads_back(s + 1, steps) else ()
-            info = StepInfo(self.step, s + 1, self.tokens, loss, self.optimizer.param_groups[0]["lr"],
-                            time.perf_counter() - t0, losses)
+            info = StepInfo(
+                self.step,
+                s + 1,
+                self.tokens,
+                loss,
+                self.optimizer.param_groups[0]["lr"],
+                time.perf_counter() - t0,
+                losses,
+            )
             for cb in callbacks:
                 cb.step_end(self, info)
         for cb in callbacks:
@@ -289,8 +313,11 @@ class Trainer:
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng.pt")
             # the lr schedule is a pure function of the step, so step + these settings are its state
-            schedule = {"kind": "linear-warmup-constant", "lr": self.cfg.lr,
-                        "warmup_steps": self.cfg.warmup_steps}
+            schedule = {
+                "kind": "linear-warmup-constant",
+                "lr": self.cfg.lr,
+                "warmup_steps": self.cfg.warmup_steps,
+            }
             meta = {"step": self.step, "tokens": self.tokens, "lr_schedule": schedule, **extra}
             (tmp / "trainer.json").write_text(json.dumps(meta), encoding="utf-8")
 
@@ -299,8 +326,12 @@ class Trainer:
         path = Path(path)
         try:
             meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
-            self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)))
-            opt_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+            self.model.load_state_dict(
+                load_file(path / "model.safetensors", device=str(self.device))
+            )
+            opt_state = torch.load(
+                path / "optimizer.pt", map_location=self.device, weights_only=True
+            )
             rng = torch.load(path / "rng.pt", weights_only=True)
             self.optimizer.load_state_dict(opt_state)
         except Exception as e:  # safetensors, pickle and torch raise many unrelated types

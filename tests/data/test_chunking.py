@@ -20,8 +20,10 @@ def _counter(tok):
 
 def _encoder(tok):
     backend = tok.backend_tokenizer
-    return lambda texts: [(e.ids, [a for a, _ in e.offsets])
-                          for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return lambda texts: [
+        (e.ids, [a for a, _ in e.offsets])
+        for e in backend.encode_batch(list(texts), add_special_tokens=False)
+    ]
 
 
 def chunk_text(text: str, tok, limit: int) -> list[str]:
@@ -62,9 +64,14 @@ def test_sentences_then_words_then_characters_when_nothing_coarser_fits(bpe_toke
 
 
 @settings(max_examples=60, deadline=None)
-@given(words=st.lists(st.sampled_from(["the", "market", "rose.", "film\n\n", "star\n", "won!", "a" * 30]),
-                      min_size=1, max_size=120),
-       limit=st.integers(min_value=8, max_value=48))
+@given(
+    words=st.lists(
+        st.sampled_from(["the", "market", "rose.", "film\n\n", "star\n", "won!", "a" * 30]),
+        min_size=1,
+        max_size=120,
+    ),
+    limit=st.integers(min_value=8, max_value=48),
+)
 def test_chunks_respect_the_limit_and_keep_every_word_in_order(bpe_tokenizer, words, limit):
     count = _counter(bpe_tokenizer)
     text = " ".join(words)
@@ -82,9 +89,16 @@ def _corpus(tmp_path, rows) -> object:
 
 
 def test_a_tokenized_corpus_stores_chunks_with_their_own_tokens(bpe_tokenizer, tmp_path):
-    long = "\n\n".join(" ".join(["the market shares rose sharply after the report."] * 3) for _ in range(6))
-    path = _corpus(tmp_path, [{"id": "a", "text": "the film star", "domain": "x"},
-                              {"id": "b", "text": long, "domain": "y"}])
+    long = "\n\n".join(
+        " ".join(["the market shares rose sharply after the report."] * 3) for _ in range(6)
+    )
+    path = _corpus(
+        tmp_path,
+        [
+            {"id": "a", "text": "the film star", "domain": "x"},
+            {"id": "b", "text": long, "domain": "y"},
+        ],
+    )
     corpus = tokenize_corpus(path, bpe_tokenizer, tmp_path / "tok", chunk_tokens=32)
     assert corpus.ids[0] == "a" and corpus.ids[1:] == [f"b#{n}" for n in range(len(corpus) - 1)]
     assert len(corpus) > 3

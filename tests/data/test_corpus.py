@@ -72,11 +72,14 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path, bad, reason):
         list(iter_corpus(path))
 
 
-@pytest.mark.parametrize(("bad", "reason"), [
-    ({"id": None, "text": "no id", "domain": "x"}, r"missing or non-string `id`"),
-    ({"id": "a", "text": "dup", "domain": "x"}, r"duplicate id 'a'"),
-    ({"id": "e", "text": "", "domain": "x"}, r"empty `text`"),
-])
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({"id": None, "text": "no id", "domain": "x"}, r"missing or non-string `id`"),
+        ({"id": "a", "text": "dup", "domain": "x"}, r"duplicate id 'a'"),
+        ({"id": "e", "text": "", "domain": "x"}, r"empty `text`"),
+    ],
+)
 def test_bad_parquet_row_names_file_and_row(tmp_path, bad, reason):
     rows = [dict(ROWS[0]), dict(ROWS[1]), bad]
     for r in rows:
@@ -130,8 +133,9 @@ def test_skipped_rows_are_recorded_in_meta(tmp_path, bpe_tokenizer):
     assert not (tmp_path / "tok-strict").exists()  # no half-written artifact
 
 
-@pytest.mark.parametrize("rows", [[], [{"text": "no id"}, {"id": "x", "text": ""}]],
-                         ids=["empty-file", "all-rows-bad"])
+@pytest.mark.parametrize(
+    "rows", [[], [{"text": "no id"}, {"id": "x", "text": ""}]], ids=["empty-file", "all-rows-bad"]
+)
 def test_empty_pool_is_a_data_error(tmp_path, bpe_tokenizer, rows):
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     with pytest.raises(DataError, match="no usable documents"):

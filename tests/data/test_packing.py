@@ -131,7 +131,9 @@ def test_empty_selection_is_rejected():
 
 
 def test_packs_a_real_tokenized_corpus(tmp_path, bpe_tokenizer):
-    rows = [{"id": f"d{i}", "text": f"the market rose {i} times after the report"} for i in range(6)]
+    rows = [
+        {"id": f"d{i}", "text": f"the market rose {i} times after the report"} for i in range(6)
+    ]
     corpus = tokenize_corpus(write_jsonl(tmp_path / "c.jsonl", rows), bpe_tokenizer, tmp_path / "t")
     eos = bpe_tokenizer.eos_token_id
     stream = PackedStream(corpus, np.arange(len(corpus)), T, eos, seed=0)

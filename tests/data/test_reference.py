@@ -26,15 +26,18 @@ def _scored(ref, i: int) -> list[int]:
     return ref.labels[i][ref.labels[i] != IGNORE].tolist()
 
 
-@pytest.mark.parametrize(("row", "reason"), [
-    ({"context": "a b c", "continuation": ""}, "missing or empty `continuation`"),
-    ({"context": "a b c", "continuation": "   "}, "missing or empty `continuation`"),
-    ({"context": "a b c"}, "missing or empty `continuation`"),
-    ({"continuation": " x"}, "missing or non-string `context`"),
-    ("not json", "not valid JSON"),
-    (b'{"context": "\xff", "continuation": " x"}', "not valid UTF-8"),
-    ("[1]", "row must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"context": "a b c", "continuation": ""}, "missing or empty `continuation`"),
+        ({"context": "a b c", "continuation": "   "}, "missing or empty `continuation`"),
+        ({"context": "a b c"}, "missing or empty `continuation`"),
+        ({"continuation": " x"}, "missing or non-string `context`"),
+        ("not json", "not valid JSON"),
+        (b'{"context": "\xff", "continuation": " x"}', "not valid UTF-8"),
+        ("[1]", "row must be a JSON object"),
+    ],
+)
 def test_bad_row_names_file_and_line(tmp_path, bpe_tokenizer, row, reason):
     path = write_jsonl(tmp_path / "ref.jsonl", [PAIRS[0], "", row])
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: {re.escape(reason)}"):

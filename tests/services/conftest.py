@@ -24,7 +24,6 @@ REDIS_TEST_DB = 13
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 
-
 def _redis_answers(url: str) -> bool:
     import redis
 
@@ -61,9 +60,25 @@ def redis_url(tmp_path_factory):
             pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server to start one")
         port = free_port()
         pidfile = tmp_path_factory.mktemp("redis") / "redis.pid"
-        subprocess.run([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                        "--appendonly", "no", "--daemonize", "yes", "--pidfile", str(pidfile)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(pidfile),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         url = f"redis://127.0.0.1:{port}/{REDIS_TEST_DB}"
         _wait_for(lambda: _redis_answers(url), "redis-server")
     redis.Redis.from_url(url).flushdb()
@@ -78,8 +93,14 @@ def _pg_admin():
 
     for user in ("postgres", "root"):
         try:
-            return psycopg.connect(host=PG_HOST, port=PG_PORT, user=user, dbname="test",
-                                   autocommit=True, connect_timeout=2), user
+            return psycopg.connect(
+                host=PG_HOST,
+                port=PG_PORT,
+                user=user,
+                dbname="test",
+                autocommit=True,
+                connect_timeout=2,
+            ), user
         except psycopg.OperationalError:
             continue
     return None, None
@@ -94,8 +115,10 @@ def postgres_server():
             pytest.skip(f"PostgreSQL tests skipped: nothing listens on {PG_HOST}:{PG_PORT}")
     admin, user = _pg_admin()
     if admin is None:
-        pytest.skip(f"PostgreSQL tests skipped: cannot log in to {PG_HOST}:{PG_PORT} "
-                    "as postgres or root (trust auth, database `test`)")
+        pytest.skip(
+            f"PostgreSQL tests skipped: cannot log in to {PG_HOST}:{PG_PORT} "
+            "as postgres or root (trust auth, database `test`)"
+        )
     yield admin, user
     admin.close()
 

@@ -29,8 +29,9 @@ class Proc:
         self.name = name
         self.log = log_dir / f"{name}.log"
         self._fh = self.log.open("wb")
-        self.popen = subprocess.Popen(argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     @property
     def pid(self) -> int:
@@ -71,7 +72,9 @@ def wait_http(url: str, procs: list[Proc], timeout: float = 120.0) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s:\n" + "\n".join(p.tail() for p in procs))
+    raise TimeoutError(
+        f"{url} not ready after {timeout:.0f}s:\n" + "\n".join(p.tail() for p in procs)
+    )
 
 
 @contextmanager
@@ -83,8 +86,9 @@ def serving(app, port: int | None = None, **config) -> Iterator[str]:
     import uvicorn
 
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           **{"log_level": "warning", **config}))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **config})
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

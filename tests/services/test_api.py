@@ -23,11 +23,16 @@ KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-
 def make_settings(tmp_path: Path, redis_url: str, **over) -> Settings:
-    values = {"api_key": KEY, "dev": False, "database_url": f"sqlite:///{tmp_path}/db/runs.db",
-              "artifacts_dir": tmp_path / "artifacts", "broker_url": redis_url,
-              "scorer_url": f"http://127.0.0.1:{free_port()}", "http_timeout_s": 5.0}
+    values = {
+        "api_key": KEY,
+        "dev": False,
+        "database_url": f"sqlite:///{tmp_path}/db/runs.db",
+        "artifacts_dir": tmp_path / "artifacts",
+        "broker_url": redis_url,
+        "scorer_url": f"http://127.0.0.1:{free_port()}",
+        "http_timeout_s": 5.0,
+    }
     return Settings(**{**values, **over})
 
 
@@ -151,19 +156,26 @@ def test_body_must_be_a_json_object(client, broker):
 # --------------------------------------------------------------------------- auth
 
 
-@pytest.mark.parametrize("headers, code, detail", [
-    ({}, 401, "missing bearer API key"),
-    ({"Authorization": f"Basic {KEY}"}, 401, "missing bearer API key"),
-    ({"Authorization": "Bearer"}, 401, "missing bearer API key"),
-    ({"Authorization": "Bearer wrong"}, 403, "invalid API key"),
-    ({"Authorization": f"Bearer {KEY}x"}, 403, "invalid API key"),
-    ({"Authorization": f"Bearer {KEY[:-1]}"}, 403, "invalid API key"),
-], ids=["none", "basic", "empty", "wrong", "longer", "prefix"])
+@pytest.mark.parametrize(
+    "headers, code, detail",
+    [
+        ({}, 401, "missing bearer API key"),
+        ({"Authorization": f"Basic {KEY}"}, 401, "missing bearer API key"),
+        ({"Authorization": "Bearer"}, 401, "missing bearer API key"),
+        ({"Authorization": "Bearer wrong"}, 403, "invalid API key"),
+        ({"Authorization": f"Bearer {KEY}x"}, 403, "invalid API key"),
+        ({"Authorization": f"Bearer {KEY[:-1]}"}, 403, "invalid API key"),
+    ],
+    ids=["none", "basic", "empty", "wrong", "longer", "prefix"],
+)
 def test_posts_need_the_key(client, broker, valid_config, headers, code, detail):
     """401 without a bearer key (with `WWW-Authenticate`), 403 with a wrong one; nothing runs."""
-    for path, body in (("/v1/runs", valid_config), ("/v1/runs/x/cancel", None),
-                       ("/v1/runs/x/resume", None),
-                       ("/v1/score", {"model": "x/0", "documents": [{"id": "a", "text": "b"}]})):
+    for path, body in (
+        ("/v1/runs", valid_config),
+        ("/v1/runs/x/cancel", None),
+        ("/v1/runs/x/resume", None),
+        ("/v1/score", {"model": "x/0", "documents": [{"id": "a", "text": "b"}]}),
+    ):
         r = client.post(path, json=body, headers=headers)
         assert (r.status_code, r.json()["detail"]) == (code, detail), path
         assert ("www-authenticate" in r.headers) == (code == 401)
@@ -175,8 +187,13 @@ def test_reads_are_open_by_default_and_keyed_with_read_auth(tmp_path, redis_url,
         assert c.get("/v1/runs").status_code == 200
         assert c.get("/v1/models").status_code == 200
     with make_client(make_settings(tmp_path, redis_url, read_auth=True)) as c:
-        for path in ("/v1/runs", "/v1/models", "/v1/runs/x", "/v1/runs/x/metrics",
-                     "/v1/runs/x/stages/0/selection"):
+        for path in (
+            "/v1/runs",
+            "/v1/models",
+            "/v1/runs/x",
+            "/v1/runs/x/metrics",
+            "/v1/runs/x/stages/0/selection",
+        ):
             assert c.get(path).status_code == 401, path
             assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 403, path
         assert c.get("/v1/runs", headers=AUTH).status_code == 200
@@ -195,9 +212,13 @@ def test_placeholder_key_is_refused_unless_dev(tmp_path, redis_url):
 
 
 def test_unknown_runs_are_404(client):
-    for method, path in (("get", "/v1/runs/nope"), ("post", "/v1/runs/nope/cancel"),
-                         ("post", "/v1/runs/nope/resume"), ("get", "/v1/runs/nope/metrics"),
-                         ("get", "/v1/runs/nope/stages/0/selection")):
+    for method, path in (
+        ("get", "/v1/runs/nope"),
+        ("post", "/v1/runs/nope/cancel"),
+        ("post", "/v1/runs/nope/resume"),
+        ("get", "/v1/runs/nope/metrics"),
+        ("get", "/v1/runs/nope/stages/0/selection"),
+    ):
         r = getattr(client, method)(path, headers=AUTH)
         assert r.status_code == 404, path
         assert "nope" in r.json()["detail"]
@@ -227,14 +248,16 @@ def test_illegal_state_changes_are_409_with_the_reason(client, broker, settings)
     assert client.post(f"/v1/runs/{active}/cancel", headers=AUTH).status_code == 202
     r = client.post(f"/v1/runs/{active}/cancel", headers=AUTH)  # twice
     assert r.status_code == 409
-    assert r.json()["detail"] == (f"run {active} is cancelling; only an active run can be "
-                                  "cancelled")
+    assert r.json()["detail"] == (
+        f"run {active} is cancelling; only an active run can be cancelled"
+    )
 
     done = hand_made_run(client, settings.artifacts_dir, "done", run_id="hand-0002")
     r = client.post(f"/v1/runs/{done}/resume", headers=AUTH)
     assert r.status_code == 409
-    assert r.json()["detail"] == (f"run {done} is done; only a failed or cancelled run can be "
-                                  "resumed")
+    assert r.json()["detail"] == (
+        f"run {done} is done; only a failed or cancelled run can be resumed"
+    )
 
     failed = hand_made_run(client, settings.artifacts_dir, "failed", run_id="hand-0003")
     assert client.post(f"/v1/runs/{failed}/resume", headers=AUTH).status_code == 202
@@ -244,8 +267,17 @@ def test_illegal_state_changes_are_409_with_the_reason(client, broker, settings)
     assert len(train_messages(broker)) == 1
 
 
-TRAVERSALS = ["%2e%2e", "%2E%2E%2Fetc%2Fpasswd", "..%5C..%5Cwindows", "%2fetc%2fpasswd",
-              "a%00b", ".hidden", "-x", "x%20y", "r" * 129]
+TRAVERSALS = [
+    "%2e%2e",
+    "%2E%2E%2Fetc%2Fpasswd",
+    "..%5C..%5Cwindows",
+    "%2fetc%2fpasswd",
+    "a%00b",
+    ".hidden",
+    "-x",
+    "x%20y",
+    "r" * 129,
+]
 
 
 @pytest.mark.parametrize("run_id", TRAVERSALS)
@@ -253,8 +285,13 @@ def test_run_ids_that_could_escape_the_store_are_refused(client, settings, run_i
     """404 (no route) or 422 (not a run ID) on every run route; nothing outside the store
     is read, whatever lies next to it."""
     (settings.artifacts_dir.parent / "run.json").write_text('{"secret": "outside"}')
-    for method, suffix in (("get", ""), ("get", "/metrics"), ("get", "/stages/0/selection"),
-                           ("post", "/cancel"), ("post", "/resume")):
+    for method, suffix in (
+        ("get", ""),
+        ("get", "/metrics"),
+        ("get", "/stages/0/selection"),
+        ("post", "/cancel"),
+        ("post", "/resume"),
+    ):
         r = getattr(client, method)(f"/v1/runs/{run_id}{suffix}", headers=AUTH)
         assert r.status_code in (404, 422), (run_id, suffix, r.status_code)
         assert "outside" not in r.text
@@ -266,11 +303,13 @@ def test_run_ids_that_could_escape_the_store_are_refused(client, settings, run_i
 
 def test_wrong_query_and_path_types_are_422_naming_the_parameter(client, settings):
     run_id = hand_made_run(client, settings.artifacts_dir, "running")
-    for path, params, field in (("/v1/runs", {"limit": "ten"}, "`query.limit`"),
-                                ("/v1/runs", {"limit": 0}, "`query.limit`"),
-                                ("/v1/runs", {"offset": -1}, "`query.offset`"),
-                                ("/v1/runs", {"status": "sleeping"}, "`query.status`"),
-                                (f"/v1/runs/{run_id}/stages/one/selection", {}, "`path.stage`")):
+    for path, params, field in (
+        ("/v1/runs", {"limit": "ten"}, "`query.limit`"),
+        ("/v1/runs", {"limit": 0}, "`query.limit`"),
+        ("/v1/runs", {"offset": -1}, "`query.offset`"),
+        ("/v1/runs", {"status": "sleeping"}, "`query.status`"),
+        (f"/v1/runs/{run_id}/stages/one/selection", {}, "`path.stage`"),
+    ):
         r = client.get(path, params=params)
         assert r.status_code == 422, (path, params)
         assert r.json()["detail"].startswith("invalid request: ") and field in r.json()["detail"]
@@ -282,12 +321,16 @@ def test_wrong_query_and_path_types_are_422_naming_the_parameter(client, setting
 def test_metrics_rows_and_stage_summaries(client, settings):
     run_id = hand_made_run(client, settings.artifacts_dir, "running")
     assert client.get(f"/v1/runs/{run_id}/metrics").json() == {
-        "run_id": run_id, "rows": [], "stages": [{"stage": 0, "metrics": {}},
-                                                 {"stage": 1, "metrics": {}}]}
+        "run_id": run_id,
+        "rows": [],
+        "stages": [{"stage": 0, "metrics": {}}, {"stage": 1, "metrics": {}}],
+    }
     paths = RunPaths(settings.artifacts_dir / run_id)
     # two complete rows and one still being appended
-    paths.metrics.write_text('{"step": 0, "heldout_loss": 7.0}\n{"step": 10, "heldout_loss": NaN}\n'
-                             '{"step": 20, "held', encoding="utf-8")
+    paths.metrics.write_text(
+        '{"step": 0, "heldout_loss": 7.0}\n{"step": 10, "heldout_loss": NaN}\n{"step": 20, "held',
+        encoding="utf-8",
+    )
     m = Manifest.load(paths.manifest)
     m.on_save = client.app.state.store.sync_manifest
     m.update_metrics(0, tokens=640)
@@ -311,11 +354,13 @@ def test_selection_of_a_stage(client, settings):
 def test_models_list(client, settings):
     run_id = hand_made_run(client, settings.artifacts_dir, "running")
     assert client.get("/v1/models").json() == []
-    client.app.state.store.register_model(run_id, 0, "/m/0", {"val_spearman": 0.3, "val_pearson": 0.4,
-                                                              "train_size": 9, "val_size": 1})
+    client.app.state.store.register_model(
+        run_id, 0, "/m/0", {"val_spearman": 0.3, "val_pearson": 0.4, "train_size": 9, "val_size": 1}
+    )
     models = client.get("/v1/models", params={"run_id": run_id}).json()
     assert [(m["version"], m["val_spearman"], m["num_probes"]) for m in models] == [
-        (f"{run_id}/0", 0.3, 10)]
+        (f"{run_id}/0", 0.3, 10)
+    ]
     assert client.get("/v1/models", params={"run_id": "other"}).json() == []
 
 
@@ -328,7 +373,9 @@ def real_scorer(tiny_run):
     from services.scorer.app import create_app as create_scorer
 
     port = free_port()
-    app = create_scorer(Settings(api_key=KEY, artifacts_dir=tiny_run["dir"].parent, scorer_port=port))
+    app = create_scorer(
+        Settings(api_key=KEY, artifacts_dir=tiny_run["dir"].parent, scorer_port=port)
+    )
     with serving(app, port) as url:
         yield url, read_json(RunPaths(tiny_run["dir"]).manifest)["run_id"]
 
@@ -337,8 +384,10 @@ def test_score_is_relayed_to_the_scorer(tmp_path, redis_url, real_scorer):
     import httpx
 
     url, run_id = real_scorer
-    body = {"model": f"{run_id}/latest", "documents": [{"id": "b", "text": "Shares rose."},
-                                                      {"id": "a", "text": "To be or not."}]}
+    body = {
+        "model": f"{run_id}/latest",
+        "documents": [{"id": "b", "text": "Shares rose."}, {"id": "a", "text": "To be or not."}],
+    }
     direct = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=30)
     assert direct.status_code == 200, direct.text
     with make_client(make_settings(tmp_path, redis_url, scorer_url=url)) as c:
@@ -354,8 +403,9 @@ def test_score_is_relayed_to_the_scorer(tmp_path, redis_url, real_scorer):
     assert r_badkey.status_code == 403
 
 
-def test_a_scorer_refusing_the_apis_key_is_502_not_the_callers_fault(tmp_path, redis_url,
-                                                                    real_scorer):
+def test_a_scorer_refusing_the_apis_key_is_502_not_the_callers_fault(
+    tmp_path, redis_url, real_scorer
+):
     url, run_id = real_scorer
     body = {"model": f"{run_id}/latest", "documents": [{"id": "a", "text": "To be."}]}
     settings = make_settings(tmp_path, redis_url, scorer_url=url, api_key="another-key-98765")
@@ -382,8 +432,9 @@ def test_score_limits_and_empty_batches_through_the_api(tmp_path, redis_url, rea
 
 
 def test_score_is_502_when_no_scorer_listens(client, settings):
-    r = client.post("/v1/score", json={"model": "x/0", "documents": [{"id": "a", "text": "b"}]},
-                    headers=AUTH)
+    r = client.post(
+        "/v1/score", json={"model": "x/0", "documents": [{"id": "a", "text": "b"}]}, headers=AUTH
+    )
     assert r.status_code == 502
     assert "cannot be reached" in r.json()["detail"] and settings.scorer_url in r.json()["detail"]
     r = client.post("/v1/score", json={"model": "x/0", "documents": []}, headers=AUTH)
@@ -422,4 +473,10 @@ def test_openapi_docs(client):
     assert problem["properties"]["detail"]["type"] == "string"
     assert set(problem["required"]) == {"detail", "errors"}
     assert set(spec["paths"]["/v1/runs/{run_id}/cancel"]["post"]["responses"]) >= {
-        "202", "401", "403", "404", "409", "422"}
+        "202",
+        "401",
+        "403",
+        "404",
+        "409",
+        "422",
+    }

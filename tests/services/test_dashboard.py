@@ -35,9 +35,14 @@ def assert_only_local_resources(client, page: str) -> None:
 
 def dashboard_settings(tmp_path: Path, **over) -> Settings:
     """No broker is ever contacted: the pages only read the store and the artifacts."""
-    values = {"api_key": KEY, "database_url": f"sqlite:///{tmp_path}/db/runs.db",
-              "artifacts_dir": tmp_path / "artifacts", "broker_url": "redis://127.0.0.1:1/0",
-              "scorer_url": f"http://127.0.0.1:{free_port()}", "http_timeout_s": 5.0}
+    values = {
+        "api_key": KEY,
+        "database_url": f"sqlite:///{tmp_path}/db/runs.db",
+        "artifacts_dir": tmp_path / "artifacts",
+        "broker_url": "redis://127.0.0.1:1/0",
+        "scorer_url": f"http://127.0.0.1:{free_port()}",
+        "http_timeout_s": 5.0,
+    }
     return Settings(**{**values, **over})
 
 
@@ -47,14 +52,18 @@ def register(client: TestClient, run_dir: Path) -> str:
     return m["run_id"]
 
 
-def make_arm(src: Path, dest: Path, run_id: str, name: str, loss_shift: float = 0.1,
-             **fields) -> Path:
+def make_arm(
+    src: Path, dest: Path, run_id: str, name: str, loss_shift: float = 0.1, **fields
+) -> Path:
     """A run directory with `src`'s manifest and metrics log, renamed (no probes, no
     selections): enough for a baseline curve or a hand-made run."""
     m = read_json(RunPaths(src).manifest)
     m.update(run_id=run_id, name=name, **fields)
-    m["config"] = {**m["config"], "name": name,
-                   "selection": {**m["config"]["selection"], "method": "random"}}
+    m["config"] = {
+        **m["config"],
+        "name": name,
+        "selection": {**m["config"]["selection"], "method": "random"},
+    }
     dest.mkdir(parents=True)
     write_json(RunPaths(dest).manifest, m)
     rows = [json.loads(line) for line in RunPaths(src).metrics.read_text().splitlines()]
@@ -81,8 +90,11 @@ def client(tmp_path):
 
 def charts_of(page: str) -> dict[str, str]:
     """Chart id -> its SVG, from a run page."""
-    return dict(re.findall(r'<div class="chart" id="chart-([a-z]+(?:-\d+)?)">(<svg.*?</svg>)',
-                           page, flags=re.S))
+    return dict(
+        re.findall(
+            r'<div class="chart" id="chart-([a-z]+(?:-\d+)?)">(<svg.*?</svg>)', page, flags=re.S
+        )
+    )
 
 
 def test_runs_list_shows_a_finished_run_with_its_latest_loss(client, tiny_dir):
@@ -111,8 +123,12 @@ def test_run_page_draws_every_chart(client, tiny_dir, tiny_run):
     assert r.status_code == 200
     n = len(tiny_run["manifest"]["stages"])
     svgs = charts_of(r.text)
-    expected = {"loss", "timeline", *(f"distribution-{k}" for k in range(n - 1)),
-                *(f"domains-{k}" for k in range(1, n))}
+    expected = {
+        "loss",
+        "timeline",
+        *(f"distribution-{k}" for k in range(n - 1)),
+        *(f"domains-{k}" for k in range(1, n)),
+    }
     assert expected <= set(svgs)
     for name, svg in svgs.items():
         assert "<path" in svg, name
@@ -137,8 +153,9 @@ def test_baseline_overlay_by_query_and_by_store_name(client, tiny_dir, tmp_path)
     assert has_baseline_curve(r.text) and not has_baseline_curve(plain)
 
     # `mates compare` names its random arm `<name>-random`: found without asking
-    arm = register(client, make_arm(tiny_dir, tmp_path / "arm", f"{name}-random-00000002",
-                                    f"{name}-random"))
+    arm = register(
+        client, make_arm(tiny_dir, tmp_path / "arm", f"{name}-random-00000002", f"{name}-random")
+    )
     r = client.get(f"/runs/{run_id}")
     assert f'href="/runs/{arm}"' in r.text and "comparison arm" in r.text
     assert has_baseline_curve(r.text)
@@ -170,8 +187,17 @@ def test_unknown_runs_are_404_and_bad_ids_422(client):
 
 def test_names_and_errors_are_escaped(client, tiny_dir, tmp_path):
     run_id = "evil-00000004"
-    register(client, make_arm(tiny_dir, tmp_path / "evil", run_id, EVIL, status="running",
-                              error='<img src=x onerror="alert(2)">'))
+    register(
+        client,
+        make_arm(
+            tiny_dir,
+            tmp_path / "evil",
+            run_id,
+            EVIL,
+            status="running",
+            error='<img src=x onerror="alert(2)">',
+        ),
+    )
     for path in ("/", "/dashboard/rows", f"/runs/{run_id}"):
         text = client.get(path).text
         assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text, path
@@ -246,7 +272,9 @@ def test_run_page_shows_config_history_spearman_sizes_and_the_sign(client, tiny_
     cfg = tiny_run["cfg"]
     config = re.search(r'<table class="config">.*?</table>', text, flags=re.S).group(0)
     per_step = cfg.train.batch_sequences * cfg.train.seq_tokens
-    assert f"= {per_step:,} tokens per step" in config and f"{cfg.probing.num_probes} probes" in config
+    assert (
+        f"= {per_step:,} tokens per step" in config and f"{cfg.probing.num_probes} probes" in config
+    )
     history = re.search(r'<ol class="history">(.*?)</ol>', text, flags=re.S).group(1)
     events = RunPaths(tiny_run["dir"]).events  # e.g. an influence model below the quality gate
     logged = len(events.read_text(encoding="utf-8").splitlines()) if events.is_file() else 0
@@ -268,12 +296,15 @@ def test_run_page_shows_a_failure_and_the_resumption(client, tiny_dir, tmp_path)
     paths = RunPaths(run_dir)
     m = read_json(paths.manifest)
     t = m["stages"][1]["transitions"][1]["at"]
-    m["stages"][1]["transitions"][1:2] = [{"state": "training", "at": t},
-                                          {"state": "failed", "at": t + 1},
-                                          {"state": "training", "at": t + 2}]
+    m["stages"][1]["transitions"][1:2] = [
+        {"state": "training", "at": t},
+        {"state": "failed", "at": t + 1},
+        {"state": "training", "at": t + 2},
+    ]
     write_json(paths.manifest, m)
-    paths.events.write_text(json.dumps({"at": t + 1, "stage": 1, "event": "failed",
-                                        "reason": f"boom {EVIL}"}) + "\n")
+    paths.events.write_text(
+        json.dumps({"at": t + 1, "stage": 1, "event": "failed", "reason": f"boom {EVIL}"}) + "\n"
+    )
     text = client.get(f"/runs/{register(client, run_dir)}").text
     history = re.search(r'<ol class="history">(.*?)</ol>', text, flags=re.S).group(1)
     assert "resumed (failed → training)" in history
@@ -286,7 +317,9 @@ def comparison(tiny_dir: Path, tmp_path: Path) -> Path:
     seed.mkdir(parents=True)
     (seed / "mates").symlink_to(tiny_dir.resolve(), target_is_directory=True)
     for i, arm in enumerate(("random", "dsir", "static")):
-        make_arm(tiny_dir, seed / arm, f"tiny-{arm}-0000002{i}", f"tiny-{arm}", loss_shift=0.05 * (i + 1))
+        make_arm(
+            tiny_dir, seed / arm, f"tiny-{arm}-0000002{i}", f"tiny-{arm}", loss_shift=0.05 * (i + 1)
+        )
     write_json(tmp_path / "cmp" / "comparison.json", {"seeds": [0]})
     return seed
 
@@ -299,17 +332,23 @@ def test_every_arm_of_a_comparison_is_overlaid(client, tiny_dir, tmp_path):
     dsir = register(client, seed / "dsir")  # the others are not in the store
     run = client.app.state.store.get_run(run_id)
     assert [label for label, _ in dashboard.find_arms(client.app.state.store, run)] == [
-        "random", "dsir", "static"]
+        "random",
+        "dsir",
+        "static",
+    ]
     assert dashboard.find_baseline(client.app.state.store, run) == seed / "random"
     text = client.get(f"/runs/{run_id}").text
-    assert {"held-out, random", "held-out, dsir", "held-out, static"} <= set(drawn(charts_of(text)["loss"]))
+    assert {"held-out, random", "held-out, dsir", "held-out, static"} <= set(
+        drawn(charts_of(text)["loss"])
+    )
     assert has_baseline_curve(text)
     note = re.search(r'<p class="notice" id="baseline">(.*?)</p>', text, flags=re.S).group(1)
     assert f'<a href="/runs/{dsir}">dsir</a>' in note and "comparison arm" in note
     assert "tiny-random-00000020" in note and 'href="/runs/tiny-random-00000020"' not in note
     # an arm's page overlays its siblings, the random arm's too
     assert {"held-out, mates", "held-out, random", "held-out, static"} <= set(
-        drawn(charts_of(client.get(f"/runs/{dsir}").text)["loss"]))
+        drawn(charts_of(client.get(f"/runs/{dsir}").text)["loss"])
+    )
     random_id = register(client, seed / "random")
     assert "held-out, dsir" in drawn(charts_of(client.get(f"/runs/{random_id}").text)["loss"])
     # ?baseline= still draws the one arm asked for
@@ -331,9 +370,15 @@ def test_a_broken_sibling_arm_does_not_break_the_page(client, tiny_dir, tmp_path
 def test_cooldown_points_on_the_loss_chart(client, tiny_dir, tmp_path):
     run_dir = make_arm(tiny_dir, tmp_path / "cool", "cool-00000030", "cool")
     m = read_json(RunPaths(run_dir).manifest)
-    write_json(RunPaths(run_dir).cooldown(0), {
-        "stage": 0, "tokens": m["stages"][0]["metrics"]["tokens"], "primary": "heldout",
-        "sets": {"heldout": {"kind": "text", "loss": 6.0, "accuracy": None}}})
+    write_json(
+        RunPaths(run_dir).cooldown(0),
+        {
+            "stage": 0,
+            "tokens": m["stages"][0]["metrics"]["tokens"],
+            "primary": "heldout",
+            "sets": {"heldout": {"kind": "text", "loss": 6.0, "accuracy": None}},
+        },
+    )
     text = client.get(f"/runs/{register(client, run_dir)}").text
     assert "after lr cooldown (heldout)" in drawn(charts_of(text)["loss"])
     bare = make_arm(tiny_dir, tmp_path / "bare", "bare-00000031", "bare")  # no cooldown files

@@ -23,9 +23,11 @@ from services.common.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-DOCS = ["the market shares rose sharply after the report",
-        "players won the match and thanked the fans",
-        "the minister said the film star won the award"]
+DOCS = [
+    "the market shares rose sharply after the report",
+    "players won the match and thanked the fans",
+    "the minister said the film star won the award",
+]
 
 
 def _chromium_path() -> str | None:
@@ -40,12 +42,16 @@ def browser():
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError as e:
-        pytest.skip(f"browser tests skipped: the playwright package is not installed ({e}); "
-                    "pip install -e '.[dev]'")
+        pytest.skip(
+            f"browser tests skipped: the playwright package is not installed ({e}); "
+            "pip install -e '.[dev]'"
+        )
     exe = _chromium_path()
     if exe is None:
-        pytest.skip("browser tests skipped: no Chromium binary found (apt-get install chromium, "
-                    "or set MATES_CHROMIUM)")
+        pytest.skip(
+            "browser tests skipped: no Chromium binary found (apt-get install chromium, "
+            "or set MATES_CHROMIUM)"
+        )
     with sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"], timeout=30_000)
@@ -85,21 +91,37 @@ def live(tiny_run, tmp_path_factory):
     store.create_run(manifest, str(run_dir))
 
     api_port, keyed_port, scorer_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "MATES_API_KEY": KEY, "MATES_DATABASE_URL": db,
-           "MATES_ARTIFACTS_DIR": str(base / "artifacts"), "MATES_API_PORT": str(api_port),
-           "MATES_SCORER_URL": f"http://127.0.0.1:{scorer_port}", "OMP_NUM_THREADS": "1",
-           "MATES_SCORER_PORT": str(scorer_port), "MATES_BROKER_URL": "redis://127.0.0.1:1/0"}
+    env = {
+        **os.environ,
+        "MATES_API_KEY": KEY,
+        "MATES_DATABASE_URL": db,
+        "MATES_ARTIFACTS_DIR": str(base / "artifacts"),
+        "MATES_API_PORT": str(api_port),
+        "MATES_SCORER_URL": f"http://127.0.0.1:{scorer_port}",
+        "OMP_NUM_THREADS": "1",
+        "MATES_SCORER_PORT": str(scorer_port),
+        "MATES_BROKER_URL": "redis://127.0.0.1:1/0",
+    }
     keyed_env = {**env, "MATES_READ_AUTH": "1", "MATES_API_PORT": str(keyed_port)}
     scorer_env = {**env, "MATES_ARTIFACTS_DIR": str(tiny_run["dir"].parent)}
     (base / "keyed").mkdir()
-    procs = [mates_serve("api", env, base), mates_serve("scorer", scorer_env, base),
-             mates_serve("api", keyed_env, base / "keyed")]
+    procs = [
+        mates_serve("api", env, base),
+        mates_serve("scorer", scorer_env, base),
+        mates_serve("api", keyed_env, base / "keyed"),
+    ]
     urls = [f"http://127.0.0.1:{p}" for p in (api_port, scorer_port, keyed_port)]
     try:
         for url in urls:
             wait_http(url + "/healthz", procs, timeout=60)
-        yield {"url": urls[0], "keyed_url": urls[2], "run_id": manifest["run_id"],
-               "store": store, "run_dir": run_dir, "base": base}
+        yield {
+            "url": urls[0],
+            "keyed_url": urls[2],
+            "run_id": manifest["run_id"],
+            "store": store,
+            "run_dir": run_dir,
+            "base": base,
+        }
     finally:
         for p in procs:
             p.stop()
@@ -123,8 +145,9 @@ def test_runs_list_shows_the_run_and_refreshes_itself(page, live, artifacts):
     assert "done" in row.inner_text()
     # a run that appears in the store after the page loaded shows up without a reload
     make_arm(live["run_dir"], live["base"] / "late", "late-00000001", "late", status="running")
-    live["store"].create_run(read_json(RunPaths(live["base"] / "late").manifest),
-                             str(live["base"] / "late"))
+    live["store"].create_run(
+        read_json(RunPaths(live["base"] / "late").manifest), str(live["base"] / "late")
+    )
     page.locator('tr[data-run="late-00000001"]').wait_for(timeout=15_000)
     assert "running" in page.locator('tr[data-run="late-00000001"]').inner_text()
     screenshot(page, artifacts, "dashboard-runs.png")
@@ -152,11 +175,16 @@ def test_score_form_shows_the_apis_scores(page, live, artifacts):
     page.click("#score-submit")
     page.locator(".score-row").nth(len(DOCS) - 1).wait_for(timeout=20_000)
     shown = page.eval_on_selector_all(
-        ".score-row", "rows => rows.map(r => [r.cells[0].textContent, Number(r.cells[1].dataset.score)])")
-    body = {"model": f"{live['run_id']}/latest",
-            "documents": [{"id": f"doc-{i + 1}", "text": t} for i, t in enumerate(DOCS)]}
-    want = httpx.post(live["url"] + "/v1/score", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}).json()
+        ".score-row",
+        "rows => rows.map(r => [r.cells[0].textContent, Number(r.cells[1].dataset.score)])",
+    )
+    body = {
+        "model": f"{live['run_id']}/latest",
+        "documents": [{"id": f"doc-{i + 1}", "text": t} for i, t in enumerate(DOCS)],
+    }
+    want = httpx.post(
+        live["url"] + "/v1/score", json=body, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
     assert shown == [[s["id"], s["score"]] for s in want]
     assert page.inner_text("#score-error") == ""
     page.locator("#score").scroll_into_view_if_needed()

@@ -33,8 +33,13 @@ from mates.artifacts import read_json  # noqa: E402
 pytestmark = pytest.mark.slow
 
 HEARTBEAT_S, HEARTBEAT_TIMEOUT_S, WATCH_S = 1, 4, 1
-DEAD_RUN = ("name=deadtrainer", "stages.num_stages=2", "stages.stage0_steps=120",
-            "train.checkpoint_every_steps=20", "influence.score_shard_docs=50")
+DEAD_RUN = (
+    "name=deadtrainer",
+    "stages.num_stages=2",
+    "stages.stage0_steps=120",
+    "train.checkpoint_every_steps=20",
+    "influence.score_shard_docs=50",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +50,12 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
-    env = {"MATES_HEARTBEAT_S": str(HEARTBEAT_S), "MATES_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
-           "MATES_BROKER_WATCH_S": str(WATCH_S), "MATES_VISIBILITY_TIMEOUT_S": "86400"}
+    env = {
+        "MATES_HEARTBEAT_S": str(HEARTBEAT_S),
+        "MATES_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+        "MATES_BROKER_WATCH_S": str(WATCH_S),
+        "MATES_VISIBILITY_TIMEOUT_S": "86400",
+    }
     with running_stack(redis_server, tmp_path_factory.mktemp("dead"), env) as stack:
         yield stack
 
@@ -87,8 +96,7 @@ def restart_trainer(stack: Stack) -> None:
     stack.ready("trainer")
 
 
-def test_a_killed_trainer_fails_its_run_and_one_resume_finishes_it(stack, dead_cfg,
-                                                                   uninterrupted):
+def test_a_killed_trainer_fails_its_run_and_one_resume_finishes_it(stack, dead_cfg, uninterrupted):
     run_id = stack.submit(dead_cfg)
     killed_at = kill_trainer_after_a_checkpoint(stack, run_id)
     run = stack.wait_run(run_id, timeout=HEARTBEAT_TIMEOUT_S + 3 * WATCH_S + 5)

@@ -37,8 +37,13 @@ KEY = "faults-key-0123456789"
 TERMINAL = ("done", "failed", "cancelled")
 # the fit must outlast the pool-process kill yet end well inside VISIBILITY_S (a longer task
 # is redelivered while it runs): 2 folds of 15 epochs and a refit, about 30 epochs' work
-FAULT_RUN = ("name=faults", "stages.num_stages=2", "influence.epochs=15", "influence.cv_folds=2",
-             "influence.score_shard_docs=10")
+FAULT_RUN = (
+    "name=faults",
+    "stages.num_stages=2",
+    "influence.epochs=15",
+    "influence.cv_folds=2",
+    "influence.score_shard_docs=10",
+)
 VISIBILITY_S = 8  # a task held by a dead worker is redelivered after this long
 SCORER_RETRIES = 8  # backoff 1, 2, 2, ... s: a scorer down for ~15 s fails the stage
 MAX_DELIVERIES = 3
@@ -58,11 +63,30 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, aof: bool = False) -> None:
-        persist = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        persist = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        )
         self.pidfile.unlink(missing_ok=True)
-        subprocess.run(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                        *persist, "--dir", str(self.dir), "--daemonize", "yes",
-                        "--pidfile", str(self.pidfile)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *persist,
+                "--dir",
+                str(self.dir),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.pidfile),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         _until(lambda: self.pidfile.is_file() and _pings(self.url), 10, "redis-server to answer")
         self.pid = int(self.pidfile.read_text().strip())
 
@@ -75,7 +99,9 @@ class RedisServer:
 
 def _pings(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+        return bool(
+            redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping()
+        )
     except redis.RedisError:
         return False
 
@@ -129,8 +155,9 @@ class Stack:
         self.procs: dict[str, Proc] = {}
         self.old: list[Proc] = []
         self.api = f"http://127.0.0.1:{self.api_port}"
-        self.client = httpx.Client(base_url=self.api, timeout=30,
-                                   headers={"Authorization": f"Bearer {KEY}"})
+        self.client = httpx.Client(
+            base_url=self.api, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
+        )
         self.store = Store(self.env["MATES_DATABASE_URL"])
 
     # -- processes
@@ -140,8 +167,12 @@ class Stack:
             self.old.append(self.procs[kind])
         n = sum(p.name.startswith(kind) for p in [*self.old, *self.procs.values()])
         name = f"{kind}{n}" if n else kind  # each incarnation keeps its own log
-        proc = Proc(name, [sys.executable, "-m", "mates.cli", "serve", kind],
-                    {**self.env, "MATES_NODE_NAME": name}, self.base)
+        proc = Proc(
+            name,
+            [sys.executable, "-m", "mates.cli", "serve", kind],
+            {**self.env, "MATES_NODE_NAME": name},
+            self.base,
+        )
         self.procs[kind] = proc
         return proc
 
@@ -153,12 +184,19 @@ class Stack:
             wait_http(f"{self.api}/readyz", procs)
         celery_kinds = [k for k in kinds if k in ("trainer", "worker")]
         if celery_kinds:
-            _until(lambda: set(celery_kinds) <= self.log_says("ready."), 120,
-                   f"{celery_kinds} to be ready", every=0.2)
+            _until(
+                lambda: set(celery_kinds) <= self.log_says("ready."),
+                120,
+                f"{celery_kinds} to be ready",
+                every=0.2,
+            )
 
     def log_says(self, text: str) -> set[str]:
-        return {k for k, p in self.procs.items()
-                if p.log.is_file() and text in p.log.read_text(errors="replace")}
+        return {
+            k
+            for k, p in self.procs.items()
+            if p.log.is_file() and text in p.log.read_text(errors="replace")
+        }
 
     def pool_children(self, kind: str = "worker") -> list[int]:
         pid = self.procs[kind].pid
@@ -205,11 +243,17 @@ class Stack:
             if run["status"] in until:
                 return run
             time.sleep(0.25)
-        raise AssertionError(f"run {run_id} stayed {run['status']} for {timeout:.0f}s\n{self.logs()}")
+        raise AssertionError(
+            f"run {run_id} stayed {run['status']} for {timeout:.0f}s\n{self.logs()}"
+        )
 
     def wait_stage0(self, run_id: str, state: str, timeout: float = 120.0) -> None:
-        _until(lambda: self.store.get_run(run_id)["stages"][0]["state"] == state, timeout,
-               f"stage 0 of {run_id} to be {state}\n{self.logs()}", every=0.02)
+        _until(
+            lambda: self.store.get_run(run_id)["stages"][0]["state"] == state,
+            timeout,
+            f"stage 0 of {run_id} to be {state}\n{self.logs()}",
+            every=0.02,
+        )
 
     def shards_scored(self, run_id: str) -> int:
         d = self.paths(run_id).stage(0)
@@ -217,15 +261,21 @@ class Stack:
 
     def wait_scoring(self, run_id: str, shards: int) -> None:
         """Until some but not all of stage 0's shards are scored."""
-        _until(lambda: 0 < self.shards_scored(run_id) < shards, 120,
-               f"stage 0 of {run_id} half scored\n{self.logs()}", every=0.02)
+        _until(
+            lambda: 0 < self.shards_scored(run_id) < shards,
+            120,
+            f"stage 0 of {run_id} half scored\n{self.logs()}",
+            every=0.02,
+        )
 
     def wait_shard_running(self, run_id: str, shards: int) -> None:
         """Until stage 0 is half scored and a shard task is running (it beats: started, and
         counted its delivery), not merely received by a worker."""
+
         def running() -> bool:
             return 0 < self.shards_scored(run_id) < shards and any(
-                h["task"] == "mates.score_shard" for h in self.store.list_heartbeats(run_id))
+                h["task"] == "mates.score_shard" for h in self.store.list_heartbeats(run_id)
+            )
 
         _until(running, 120, f"a shard of {run_id} running\n{self.logs()}", every=0.01)
 
@@ -241,8 +291,9 @@ def private_redis(workdir: Path) -> Iterator[RedisServer]:
 
 
 @contextmanager
-def running_stack(redis_server: RedisServer, base: Path,
-                  env: dict[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(
+    redis_server: RedisServer, base: Path, env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     """Every service started (with `env` on top of the stack's) and ready; all stopped after."""
     stack = Stack(redis_server, base)
     stack.env.update(env or {})
@@ -285,8 +336,10 @@ def fault_cfg(tiny_config_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(fault_cfg, tmp_path_factory):
     paths = embedded_run(fault_cfg, tmp_path_factory.mktemp("uninterrupted"))
-    return {"selection": read_json(paths.selection(1))["ids"],
-            "shards": -(-len(read_json(paths.pool(1))["ids"]) // fault_cfg.influence.score_shard_docs)}
+    return {
+        "selection": read_json(paths.selection(1))["ids"],
+        "shards": -(-len(read_json(paths.pool(1))["ids"]) // fault_cfg.influence.score_shard_docs),
+    }
 
 
 def assert_same_outcome(stack: Stack, run_id: str, uninterrupted: dict) -> None:
@@ -335,16 +388,20 @@ def test_worker_killed_inside_fit_and_inside_score_shard(stack, fault_cfg, unint
     assert_same_outcome(stack, run_id, uninterrupted)
     text = killed_log.read_text(errors="replace")
     assert "WorkerLostError" in text and "signal 9" in text
-    counts = {(d["task"], d["shard"]): d["count"] for d in stack.store.list_deliveries(run_id)
-              if d["attempt"] == 0}
+    counts = {
+        (d["task"], d["shard"]): d["count"]
+        for d in stack.store.list_deliveries(run_id)
+        if d["attempt"] == 0
+    }
     assert counts[("mates.fit_influence_model", -1)] == 2  # killed once, finished once
     assert max(counts[("mates.score_shard", s)] for s in range(uninterrupted["shards"])) == 2
     fresh = stack.procs["worker"].log.read_text(errors="replace")
     assert any(f"[{task_id}] received" in fresh for task_id in in_flight)
 
 
-def test_redis_killed_without_persistence_fails_the_run_resumably(stack, redis_server, fault_cfg,
-                                                                 uninterrupted):
+def test_redis_killed_without_persistence_fails_the_run_resumably(
+    stack, redis_server, fault_cfg, uninterrupted
+):
     """kill -9 Redis (no persistence) while shards are queued: its queues are gone. The run
     stays listed, is failed with the reason by the workers once Redis is back, the API is
     ready again, and one POST resume takes it to done with the uninterrupted selection."""
@@ -361,8 +418,9 @@ def test_redis_killed_without_persistence_fails_the_run_resumably(stack, redis_s
     assert run["status"] == "failed", run
     # a shard that could not store its result failed the run at once; otherwise the workers'
     # broker watch found the emptied Redis and failed the run its lost tasks stranded
-    assert ("lost its queued tasks" in run["error"]
-            or f"127.0.0.1:{redis_server.port}" in run["error"]), run["error"]
+    assert (
+        "lost its queued tasks" in run["error"] or f"127.0.0.1:{redis_server.port}" in run["error"]
+    ), run["error"]
     assert run["stages"][0]["state"] == "failed"
     assert any(r["id"] == run_id for r in stack.client.get("/v1/runs").json())
 
@@ -379,8 +437,11 @@ def test_redis_killed_with_aof_loses_nothing(stack, redis_server, fault_cfg, uni
     redis_server.kill()
     redis_server.start(aof=True)
     # the new, empty Redis is noticed (no active run to fail) before this run starts
-    _until(lambda: redis.Redis.from_url(redis_server.url).get("mates:broker-marker"), 30,
-           "the workers to mark the new broker")
+    _until(
+        lambda: redis.Redis.from_url(redis_server.url).get("mates:broker-marker"),
+        30,
+        "the workers to mark the new broker",
+    )
     run_id = stack.submit(fault_cfg)
     stack.wait_scoring(run_id, uninterrupted["shards"])
     redis_server.kill()
@@ -438,8 +499,11 @@ def test_a_task_that_kills_its_worker_every_time_fails_the_run(stack, fault_cfg)
     stack.wait_stage0(run_id, "probing")
 
     def fit_deliveries() -> int:
-        return sum(d["count"] for d in stack.store.list_deliveries(run_id)
-                   if d["task"] == "mates.fit_influence_model")
+        return sum(
+            d["count"]
+            for d in stack.store.list_deliveries(run_id)
+            if d["task"] == "mates.fit_influence_model"
+        )
 
     killed = 0
     end = time.monotonic() + 120

@@ -69,9 +69,15 @@ def stack(redis_url, tmp_path_factory):
         wait_http(f"{api}/readyz", procs)
         celery = make_celery(Settings(broker_url=broker, api_key=KEY))
         _wait_workers(celery, procs)
-        yield {"api": api, "procs": procs, "celery": celery, "base": base,
-               "client": httpx.Client(base_url=api, timeout=30,
-                                      headers={"Authorization": f"Bearer {KEY}"})}
+        yield {
+            "api": api,
+            "procs": procs,
+            "celery": celery,
+            "base": base,
+            "client": httpx.Client(
+                base_url=api, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
+            ),
+        }
     finally:
         for p in reversed(procs):
             p.stop()
@@ -84,12 +90,16 @@ def _wait_workers(celery, procs, timeout: float = 120.0) -> None:
             if not p.alive():
                 raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
         names = {n for reply in celery.control.ping(timeout=1.0) for n in reply}
-        if any(n.startswith("trainer") for n in names) and any(n.startswith("worker") for n in names):
+        if any(n.startswith("trainer") for n in names) and any(
+            n.startswith("worker") for n in names
+        ):
             return
     raise TimeoutError("celery workers did not answer:\n" + "\n".join(p.tail() for p in procs))
 
 
-def _watch(stack, run_id: str, until=TERMINAL, timeout: float = 300.0, seen: list | None = None) -> dict:
+def _watch(
+    stack, run_id: str, until=TERMINAL, timeout: float = 300.0, seen: list | None = None
+) -> dict:
     """Poll GET /v1/runs/{id} until its status is in `until`; record every state seen."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -107,7 +117,9 @@ def _watch(stack, run_id: str, until=TERMINAL, timeout: float = 300.0, seen: lis
     raise AssertionError(f"run {run_id} stayed {run['status']} for {timeout:.0f}s:\n{logs}")
 
 
-def test_tiny_run_through_the_services_matches_the_embedded_run(stack, tiny_config_factory, tiny_run):
+def test_tiny_run_through_the_services_matches_the_embedded_run(
+    stack, tiny_config_factory, tiny_run
+):
     client = stack["client"]
     cfg = tiny_config_factory()
     r = client.post("/v1/runs", json=cfg.model_dump(mode="json"))
@@ -123,7 +135,10 @@ def test_tiny_run_through_the_services_matches_the_embedded_run(stack, tiny_conf
     assert [st["state"] for st in stages] == ["done"] * n
     for k, st in enumerate(stages):
         states = [t["state"] for t in st["transitions"]]
-        assert states == (STAGE0_PATH if k < n - 1 else ["pending", "training", "done"]), (k, states)
+        assert states == (STAGE0_PATH if k < n - 1 else ["pending", "training", "done"]), (
+            k,
+            states,
+        )
         ats = [t["at"] for t in st["transitions"]]
         assert ats == sorted(ats)
         assert st["timings"]["training"] > 0
@@ -148,9 +163,11 @@ def test_tiny_run_through_the_services_matches_the_embedded_run(stack, tiny_conf
     assert metrics.status_code == 200 and metrics.text
 
     # on-demand scoring of arbitrary documents, through the API to the scorer
-    docs = [{"id": "a", "text": "The minister said the markets rose after the report."},
-            {"id": "b", "text": "To be, or not to be: that is the question."},
-            {"id": "c", "text": "zq xv 1234 lorem ipsum ### !!"}]
+    docs = [
+        {"id": "a", "text": "The minister said the markets rose after the report."},
+        {"id": "b", "text": "To be, or not to be: that is the question."},
+        {"id": "c", "text": "zq xv 1234 lorem ipsum ### !!"},
+    ]
     s = client.post("/v1/score", json={"model": f"{run_id}/latest", "documents": docs})
     assert s.status_code == 200, s.text
     scores = s.json()
@@ -173,7 +190,9 @@ def test_tiny_run_through_the_services_matches_the_embedded_run(stack, tiny_conf
     assert (paths.export() / "config.json").stat().st_mtime_ns == exported  # not exported twice
     again = client.get(f"/v1/runs/{run_id}").json()
     assert again["status"] == "done"
-    assert [len(st["transitions"]) for st in again["stages"]] == [len(st["transitions"]) for st in stages]
+    assert [len(st["transitions"]) for st in again["stages"]] == [
+        len(st["transitions"]) for st in stages
+    ]
 
     # every stage done but the export failed (say, a full disk): a resume finishes the run
     import shutil
@@ -199,7 +218,9 @@ def _generation(stack, run_id: str) -> int:
 
 def test_cancel_then_resume_through_the_api(stack, tiny_config_factory):
     client = stack["client"]
-    cfg = tiny_config_factory("name=cancelme", "stages.stage0_steps=400", "train.eval_every_steps=50")
+    cfg = tiny_config_factory(
+        "name=cancelme", "stages.stage0_steps=400", "train.eval_every_steps=50"
+    )
     run_id = client.post("/v1/runs", json=cfg.model_dump(mode="json")).json()["id"]
     end = time.monotonic() + 120
     while client.get(f"/v1/runs/{run_id}").json()["stages"][0]["state"] != "training":

@@ -35,13 +35,34 @@ def server(tmp_path_factory, redis_url):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MATES_API_KEY": KEY, "MATES_DEV": "0", "MATES_READ_AUTH": "0",
-           "MATES_DATABASE_URL": f"sqlite:///{root}/runs.db", "MATES_BROKER_URL": redis_url,
-           "MATES_ARTIFACTS_DIR": str(root / "artifacts")}
+    env = {
+        **os.environ,
+        "MATES_API_KEY": KEY,
+        "MATES_DEV": "0",
+        "MATES_READ_AUTH": "0",
+        "MATES_DATABASE_URL": f"sqlite:///{root}/runs.db",
+        "MATES_BROKER_URL": redis_url,
+        "MATES_ARTIFACTS_DIR": str(root / "artifacts"),
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "services.api.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "wb"),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -119,7 +140,8 @@ def test_resume_of_a_failed_run(api, capsys):
     hand_made_run(store, root, "resume-0001", ["training", "failed"], "failed")
     assert main(["runs", "resume", "resume-0001"]) == 0
     assert capsys.readouterr().out.strip() == (
-        "run resume-0001: queued (generation 1, from stage 0)")
+        "run resume-0001: queued (generation 1, from stage 0)"
+    )
 
 
 def test_submit_of_a_bad_config_names_the_field(api, capsys, demo_base, monkeypatch):
@@ -139,8 +161,12 @@ def test_watch_prints_changes_until_the_run_ends(api, capsys):
     assert main(["runs", "watch", "done-0001", "--interval", "0.05"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(" ", 2)[2] for line in out] == [
-        "stage 0: pending", "stage 0: training", "stage 0: selecting", "stage 0: done",
-        "run done-0001: done"]
+        "stage 0: pending",
+        "stage 0: training",
+        "stage 0: selecting",
+        "stage 0: done",
+        "run done-0001: done",
+    ]
 
     hand_made_run(store, root, "failed-0001", ["training", "failed"], "failed")
     assert main(["runs", "watch", "failed-0001", "--interval", "0.05"]) == 1
@@ -160,8 +186,14 @@ def test_watch_prints_changes_until_the_run_ends(api, capsys):
     assert main(["runs", "watch", "live-0001", "--interval", "0.05"]) == 0
     t.join()
     out = [line.split(" ", 2)[2] for line in capsys.readouterr().out.splitlines()]
-    assert out == ["stage 0: pending", "stage 0: training", "run live-0001: running",
-                   "stage 0: selecting", "stage 0: done", "run live-0001: done"]
+    assert out == [
+        "stage 0: pending",
+        "stage 0: training",
+        "run live-0001: running",
+        "stage 0: selecting",
+        "stage 0: done",
+        "run live-0001: done",
+    ]
 
 
 def test_errors_are_clear(api, capsys, monkeypatch, unused_port):

@@ -24,13 +24,16 @@ from services.common.settings import Settings
 from services.scorer.app import create_app as create_scorer
 
 KEY = "fuzz-key-0123456789"
-MAX_EXAMPLES = int(os.environ.get("MATES_FUZZ_EXAMPLES", "150"))  # per operation; more for a deep run
+MAX_EXAMPLES = int(
+    os.environ.get("MATES_FUZZ_EXAMPLES", "150")
+)  # per operation; more for a deep run
 
 
 @pytest.fixture(scope="module")
 def scorer_url(tiny_run):
-    settings = Settings(api_key=KEY, artifacts_dir=tiny_run["dir"].parent, device="cpu",
-                        scorer_batch_wait_ms=0.0)
+    settings = Settings(
+        api_key=KEY, artifacts_dir=tiny_run["dir"].parent, device="cpu", scorer_batch_wait_ms=0.0
+    )
     with serving(create_scorer(settings)) as url:
         yield url
 
@@ -38,9 +41,14 @@ def scorer_url(tiny_run):
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory, redis_url, scorer_url):
     tmp = tmp_path_factory.mktemp("fuzz-api")
-    settings = Settings(api_key=KEY, database_url=f"sqlite:///{tmp}/runs.db",
-                        artifacts_dir=tmp / "artifacts", broker_url=redis_url,
-                        scorer_url=scorer_url, http_timeout_s=30.0)
+    settings = Settings(
+        api_key=KEY,
+        database_url=f"sqlite:///{tmp}/runs.db",
+        artifacts_dir=tmp / "artifacts",
+        broker_url=redis_url,
+        scorer_url=scorer_url,
+        http_timeout_s=30.0,
+    )
     with serving(create_api(settings)) as url:
         yield url
 
@@ -57,16 +65,28 @@ def scorer_schema(scorer_url):
 
 # Every operation by name, so each is its own test; a new route must be added here
 # (`test_every_operation_is_fuzzed` fails until it is).
-API_OPERATIONS = ["POST /v1/runs", "GET /v1/runs", "GET /v1/runs/{run_id}",
-                  "POST /v1/runs/{run_id}/cancel", "POST /v1/runs/{run_id}/resume",
-                  "GET /v1/runs/{run_id}/metrics", "GET /v1/runs/{run_id}/stages/{stage}/selection",
-                  "GET /v1/models", "POST /v1/score", "GET /healthz", "GET /readyz"]
+API_OPERATIONS = [
+    "POST /v1/runs",
+    "GET /v1/runs",
+    "GET /v1/runs/{run_id}",
+    "POST /v1/runs/{run_id}/cancel",
+    "POST /v1/runs/{run_id}/resume",
+    "GET /v1/runs/{run_id}/metrics",
+    "GET /v1/runs/{run_id}/stages/{stage}/selection",
+    "GET /v1/models",
+    "POST /v1/score",
+    "GET /healthz",
+    "GET /readyz",
+]
 SCORER_OPERATIONS = ["POST /v1/score", "GET /v1/models", "GET /healthz", "GET /readyz"]
 
 
 def _labels(schema) -> set[str]:
-    return {f"{method.upper()} {path}" for path, methods in schema.raw_schema["paths"].items()
-            for method in methods}
+    return {
+        f"{method.upper()} {path}"
+        for path, methods in schema.raw_schema["paths"].items()
+        for method in methods
+    }
 
 
 def test_every_operation_is_fuzzed(api_schema, scorer_schema):
@@ -80,12 +100,20 @@ def fuzz(schema, label: str, real_model: str) -> set[int]:
     generated documents go through the tokenizer and the model too."""
     method, path = label.split(" ", 1)
     operation = schema[path][method.lower()]
-    cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                      operation.as_strategy(GenerationMode.NEGATIVE))
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
     seen: set[int] = set()
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize="MATES_FUZZ_EXAMPLES" not in os.environ,
-              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize="MATES_FUZZ_EXAMPLES" not in os.environ,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
     @given(case=cases, use_real_model=st.booleans())
     def no_server_error(case, use_real_model: bool) -> None:
         if use_real_model and isinstance(case.body, dict) and "model" in case.body:
@@ -93,7 +121,8 @@ def fuzz(schema, label: str, real_model: str) -> set[int]:
         response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         seen.add(response.status_code)
         assert response.status_code < 500, (
-            f"{response.status_code} {response.text[:500]}\n{case.as_curl_command()}")
+            f"{response.status_code} {response.text[:500]}\n{case.as_curl_command()}"
+        )
         if response.status_code == 422:  # the one 422 shape: a message naming the field + a list
             body = response.json()
             assert isinstance(body["detail"], str) and isinstance(body["errors"], list), body

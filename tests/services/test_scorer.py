@@ -40,8 +40,16 @@ TEXTS = [
 
 
 def make_settings(root, **kw) -> Settings:
-    base = dict(artifacts_dir=root, api_key=KEY, dev=False, read_auth=False, device="cpu",
-                scorer_batch_docs=4, scorer_batch_wait_ms=2.0, scorer_cache_models=4)
+    base = dict(
+        artifacts_dir=root,
+        api_key=KEY,
+        dev=False,
+        read_auth=False,
+        device="cpu",
+        scorer_batch_docs=4,
+        scorer_batch_wait_ms=2.0,
+        scorer_cache_models=4,
+    )
     return Settings(**{**base, **kw})
 
 
@@ -93,7 +101,9 @@ def version_of(resp) -> str:
 
 
 def test_scores_equal_library_predict(client, run_id, expected):
-    r = client.post("/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": docs(TEXTS)})
+    r = client.post(
+        "/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": docs(TEXTS)}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert version_of(r) == f"{run_id}/0"
@@ -103,8 +113,9 @@ def test_scores_equal_library_predict(client, run_id, expected):
 
 
 def test_latest_resolves_to_the_highest_stage(client, run_id, expected):
-    r = client.post("/v1/score", headers=AUTH,
-                    json={"model": f"{run_id}/latest", "documents": docs(TEXTS)})
+    r = client.post(
+        "/v1/score", headers=AUTH, json={"model": f"{run_id}/latest", "documents": docs(TEXTS)}
+    )
     assert r.status_code == 200, r.text
     assert version_of(r) == f"{run_id}/1"
     assert_same_scores(scores_of(r), expected[1])
@@ -112,17 +123,21 @@ def test_latest_resolves_to_the_highest_stage(client, run_id, expected):
 
 def test_concurrent_requests_get_their_own_results(tiny_run, run_id, expected):
     # A long batch wait so that concurrent requests really share forward passes.
-    app = scorer_app.create_app(make_settings(tiny_run["dir"].parent, scorer_batch_wait_ms=100.0,
-                                              scorer_batch_docs=16))
+    app = scorer_app.create_app(
+        make_settings(tiny_run["dir"].parent, scorer_batch_wait_ms=100.0, scorer_batch_docs=16)
+    )
     n_requests = 8
     results: dict[int, object] = {}
     barrier = threading.Barrier(n_requests)
 
     with TestClient(app) as c:
+
         def call(i: int) -> None:
             stage, rows = i % 2, [(j, TEXTS[j]) for j in range(len(TEXTS)) if (j + i) % 3]
-            body = {"model": f"{run_id}/{stage}",
-                    "documents": [{"id": f"r{i}-{j}", "text": t} for j, t in rows]}
+            body = {
+                "model": f"{run_id}/{stage}",
+                "documents": [{"id": f"r{i}-{j}", "text": t} for j, t in rows],
+            }
             barrier.wait()
             results[i] = (stage, [j for j, _ in rows], c.post("/v1/score", headers=AUTH, json=body))
 
@@ -146,7 +161,9 @@ def test_concurrent_requests_get_their_own_results(tiny_run, run_id, expected):
 
 
 def test_unknown_run_is_404(client):
-    r = client.post("/v1/score", headers=AUTH, json={"model": "no-such-run/0", "documents": docs(["x"])})
+    r = client.post(
+        "/v1/score", headers=AUTH, json={"model": "no-such-run/0", "documents": docs(["x"])}
+    )
     assert r.status_code == 404
     assert "no-such-run" in r.json()["detail"]
     assert "X-Model-Version" not in r.headers
@@ -154,8 +171,9 @@ def test_unknown_run_is_404(client):
 
 @pytest.mark.parametrize("stage", [2, 7])
 def test_stage_without_model_is_404(client, run_id, stage):
-    r = client.post("/v1/score", headers=AUTH,
-                    json={"model": f"{run_id}/{stage}", "documents": docs(["x"])})
+    r = client.post(
+        "/v1/score", headers=AUTH, json={"model": f"{run_id}/{stage}", "documents": docs(["x"])}
+    )
     assert r.status_code == 404
     detail = r.json()["detail"]
     assert f"stage {stage}" in detail and run_id in detail
@@ -168,10 +186,22 @@ def test_malformed_model_is_422(client, model):
     assert repr(model) in r.json()["detail"]
 
 
-@pytest.mark.parametrize("model", [
-    "../0", "../../etc/latest", "/etc/passwd/0", "..\\..\\x/0", "%2e%2e/0", "%2e%2e%2fetc/0",
-    "run\x00id/0", "run id/0", ".hidden/0", "-run/0", "r" * 129 + "/0",
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "../0",
+        "../../etc/latest",
+        "/etc/passwd/0",
+        "..\\..\\x/0",
+        "%2e%2e/0",
+        "%2e%2e%2fetc/0",
+        "run\x00id/0",
+        "run id/0",
+        ".hidden/0",
+        "-run/0",
+        "r" * 129 + "/0",
+    ],
+)
 def test_model_names_that_could_escape_the_store_are_422(client, model):
     r = client.post("/v1/score", headers=AUTH, json={"model": model, "documents": docs(["x"])})
     assert r.status_code == 422, r.text
@@ -181,8 +211,11 @@ def test_model_names_that_could_escape_the_store_are_422(client, model):
 
 def test_runs_are_found_by_the_id_in_their_manifest_not_by_directory(client, tiny_run):
     """The run's directory name is no handle on it: nothing is opened by a requested name."""
-    r = client.post("/v1/score", headers=AUTH,
-                    json={"model": f"{tiny_run['dir'].name}/0", "documents": docs(["x"])})
+    r = client.post(
+        "/v1/score",
+        headers=AUTH,
+        json={"model": f"{tiny_run['dir'].name}/0", "documents": docs(["x"])},
+    )
     assert r.status_code == 404 and "unknown run" in r.json()["detail"]
 
 
@@ -203,7 +236,9 @@ def test_run_without_a_model_yet_is_409_and_found_by_rescan(tiny_run, run_id, tm
             assert "no trained influence model yet" in r.json()["detail"]
             assert run_id in r.json()["detail"]
         # ...and a model fitted later is found too.
-        shutil.copytree(RunPaths(tiny_run["dir"]).influence_model(0), RunPaths(run_dir).influence_model(0))
+        shutil.copytree(
+            RunPaths(tiny_run["dir"]).influence_model(0), RunPaths(run_dir).influence_model(0)
+        )
         r = c.post("/v1/score", headers=AUTH, json=body)
         assert r.status_code == 200, r.text
         assert version_of(r) == f"{run_id}/0"
@@ -215,7 +250,9 @@ def test_run_without_a_model_yet_is_409_and_found_by_rescan(tiny_run, run_id, tm
 def test_too_many_documents_is_413(tiny_run, run_id):
     app = scorer_app.create_app(make_settings(tiny_run["dir"].parent, scorer_max_documents=3))
     with TestClient(app) as c:
-        r = c.post("/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": docs("abcd")})
+        r = c.post(
+            "/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": docs("abcd")}
+        )
     assert r.status_code == 413
     assert "4 documents" in r.json()["detail"] and "limit is 3" in r.json()["detail"]
 
@@ -223,30 +260,49 @@ def test_too_many_documents_is_413(tiny_run, run_id):
 def test_too_long_document_is_413(tiny_run, run_id):
     app = scorer_app.create_app(make_settings(tiny_run["dir"].parent, scorer_max_chars=10))
     with TestClient(app) as c:
-        body = {"model": f"{run_id}/0",
-                "documents": [{"id": "short", "text": "ok"}, {"id": "long-one", "text": "x" * 11}]}
+        body = {
+            "model": f"{run_id}/0",
+            "documents": [{"id": "short", "text": "ok"}, {"id": "long-one", "text": "x" * 11}],
+        }
         r = c.post("/v1/score", headers=AUTH, json=body)
     assert r.status_code == 413
     detail = r.json()["detail"]
     assert "'long-one'" in detail and "limit is 10" in detail
 
 
-@pytest.mark.parametrize("documents, problem, loc", [
-    ([], "`body.documents`: documents must not be empty", ["body", "documents"]),
-    ([{"id": "", "text": "a"}], "`body.documents.0.id`: document id must not be empty",
-     ["body", "documents", 0, "id"]),
-    ([{"id": "a", "text": "a"}, {"id": "b", "text": "b"}, {"id": "a", "text": "c"}],
-     "`body.documents`: duplicate document id 'a'", ["body", "documents"]),
-    ([{"id": "a"}], "`body.documents.0.text` is required", ["body", "documents", 0, "text"]),
-    ([{"text": "a"}], "`body.documents.0.id` is required", ["body", "documents", 0, "id"]),
-    ([{"id": "a", "text": 7}], "`body.documents.0.text`: Input should be a valid string, got 7",
-     ["body", "documents", 0, "text"]),
-    ({"id": "a", "text": "b"}, "`body.documents`: Input should be a valid list",
-     ["body", "documents"]),
-])
+@pytest.mark.parametrize(
+    "documents, problem, loc",
+    [
+        ([], "`body.documents`: documents must not be empty", ["body", "documents"]),
+        (
+            [{"id": "", "text": "a"}],
+            "`body.documents.0.id`: document id must not be empty",
+            ["body", "documents", 0, "id"],
+        ),
+        (
+            [{"id": "a", "text": "a"}, {"id": "b", "text": "b"}, {"id": "a", "text": "c"}],
+            "`body.documents`: duplicate document id 'a'",
+            ["body", "documents"],
+        ),
+        ([{"id": "a"}], "`body.documents.0.text` is required", ["body", "documents", 0, "text"]),
+        ([{"text": "a"}], "`body.documents.0.id` is required", ["body", "documents", 0, "id"]),
+        (
+            [{"id": "a", "text": 7}],
+            "`body.documents.0.text`: Input should be a valid string, got 7",
+            ["body", "documents", 0, "text"],
+        ),
+        (
+            {"id": "a", "text": "b"},
+            "`body.documents`: Input should be a valid list",
+            ["body", "documents"],
+        ),
+    ],
+)
 def test_invalid_documents_are_422_naming_the_field(client, run_id, documents, problem, loc):
     """`detail` names the field for people; `errors` has the same for programs."""
-    r = client.post("/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": documents})
+    r = client.post(
+        "/v1/score", headers=AUTH, json={"model": f"{run_id}/0", "documents": documents}
+    )
     assert r.status_code == 422
     body = r.json()
     assert body["detail"].startswith("invalid request: ") and problem in body["detail"]
@@ -254,25 +310,35 @@ def test_invalid_documents_are_422_naming_the_field(client, run_id, documents, p
     assert set(body["errors"][0]) == {"loc", "msg", "type"}
 
 
-@pytest.mark.parametrize("body, problem", [
-    ({"documents": [{"id": "a", "text": "x"}]}, "`body.model` is required"),
-    ({"model": 5, "documents": [{"id": "a", "text": "x"}]},
-     "`body.model`: Input should be a valid string, got 5"),
-    ([1, 2], "`body`: Input should be a valid dictionary"),
-])
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ({"documents": [{"id": "a", "text": "x"}]}, "`body.model` is required"),
+        (
+            {"model": 5, "documents": [{"id": "a", "text": "x"}]},
+            "`body.model`: Input should be a valid string, got 5",
+        ),
+        ([1, 2], "`body`: Input should be a valid dictionary"),
+    ],
+)
 def test_wrong_types_are_422_naming_the_field(client, body, problem):
     r = client.post("/v1/score", headers=AUTH, json=body)
     assert r.status_code == 422 and problem in r.json()["detail"], r.text
 
 
-@pytest.mark.parametrize("raw, problem", [
-    (b'{"model": "r/0", "documents": [{"id": "a", "text": "caf\xe9"}]}',
-     "`body` is not valid UTF-8 JSON"),
-    (b'{"model": "\xc3\x28/0", "documents": []}', "`body` is not valid UTF-8 JSON"),
-    (b"\xff\xfe\x00{", "`body` is not valid JSON"),  # taken for UTF-16 by `json.loads`
-    (b'{"model": "r/0", "documents": [', "`body` is not valid JSON"),
-    (b"", "`body` is required"),
-])
+@pytest.mark.parametrize(
+    "raw, problem",
+    [
+        (
+            b'{"model": "r/0", "documents": [{"id": "a", "text": "caf\xe9"}]}',
+            "`body` is not valid UTF-8 JSON",
+        ),
+        (b'{"model": "\xc3\x28/0", "documents": []}', "`body` is not valid UTF-8 JSON"),
+        (b"\xff\xfe\x00{", "`body` is not valid JSON"),  # taken for UTF-16 by `json.loads`
+        (b'{"model": "r/0", "documents": [', "`body` is not valid JSON"),
+        (b"", "`body` is required"),
+    ],
+)
 def test_undecodable_bodies_are_422(client, raw, problem):
     r = client.post("/v1/score", content=raw, headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 422, r.text
@@ -282,14 +348,19 @@ def test_undecodable_bodies_are_422(client, raw, problem):
 # --------------------------------------------------------------------------- auth
 
 
-@pytest.mark.parametrize("headers, code, detail", [
-    ({}, 401, "missing bearer API key"),
-    ({"Authorization": f"Token {KEY}"}, 401, "missing bearer API key"),
-    ({"Authorization": "Bearer wrong-key"}, 403, "invalid API key"),
-    ({"Authorization": f"Bearer {KEY.upper()}"}, 403, "invalid API key"),
-])
+@pytest.mark.parametrize(
+    "headers, code, detail",
+    [
+        ({}, 401, "missing bearer API key"),
+        ({"Authorization": f"Token {KEY}"}, 401, "missing bearer API key"),
+        ({"Authorization": "Bearer wrong-key"}, 403, "invalid API key"),
+        ({"Authorization": f"Bearer {KEY.upper()}"}, 403, "invalid API key"),
+    ],
+)
 def test_score_needs_the_key(client, run_id, headers, code, detail):
-    r = client.post("/v1/score", headers=headers, json={"model": f"{run_id}/0", "documents": docs(["x"])})
+    r = client.post(
+        "/v1/score", headers=headers, json={"model": f"{run_id}/0", "documents": docs(["x"])}
+    )
     assert r.status_code == code
     assert r.json()["detail"] == detail
     assert "X-Model-Version" not in r.headers
@@ -307,8 +378,11 @@ def test_placeholder_key_is_refused_outside_dev(tiny_run, monkeypatch):
 def test_placeholder_key_is_allowed_in_dev(tiny_run, run_id, monkeypatch):
     settings = make_settings(tiny_run["dir"].parent, api_key=PLACEHOLDER_KEY, dev=True)
     with TestClient(scorer_app.create_app(settings)) as c:
-        r = c.post("/v1/score", headers={"Authorization": f"Bearer {PLACEHOLDER_KEY}"},
-                   json={"model": f"{run_id}/0", "documents": docs(["x"])})
+        r = c.post(
+            "/v1/score",
+            headers={"Authorization": f"Bearer {PLACEHOLDER_KEY}"},
+            json={"model": f"{run_id}/0", "documents": docs(["x"])},
+        )
     assert r.status_code == 200, r.text
     served = {}
     monkeypatch.setattr(scorer_app.uvicorn, "run", lambda app, **kw: served.update(kw))
@@ -372,8 +446,11 @@ def test_lru_cache_of_size_one_evicts(tiny_run, run_id, expected):
     with TestClient(app) as c:
         cache = app.state.service.cache
         for n, stage in enumerate((0, 0, 1, 0), start=1):
-            r = c.post("/v1/score", headers=AUTH,
-                       json={"model": f"{run_id}/{stage}", "documents": docs(TEXTS)})
+            r = c.post(
+                "/v1/score",
+                headers=AUTH,
+                json={"model": f"{run_id}/{stage}", "documents": docs(TEXTS)},
+            )
             assert r.status_code == 200, r.text
             assert_same_scores(scores_of(r), expected[stage])
             assert cache.versions() == [f"{run_id}/{stage}"]
@@ -417,8 +494,11 @@ def test_batcher_combines_jobs_per_model_and_keeps_order():
     batcher.start()
     try:
         m1, m2 = FakeModel(), FakeModel()
-        futures = [batcher.submit(m1, [[1], [2]]), batcher.submit(m2, [[3]]),
-                   batcher.submit(m1, [[4], [5], [6]])]
+        futures = [
+            batcher.submit(m1, [[1], [2]]),
+            batcher.submit(m2, [[3]]),
+            batcher.submit(m1, [[4], [5], [6]]),
+        ]
         got = [f.result(timeout=5).tolist() for f in futures]
     finally:
         batcher.stop()

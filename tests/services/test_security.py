@@ -30,10 +30,17 @@ LIMIT = 4096  # MATES_MAX_BODY_BYTES in these tests
 
 
 def make_settings(tmp_path: Path, redis_url: str, **over) -> Settings:
-    values = {"api_key": KEY, "dev": False, "database_url": f"sqlite:///{tmp_path}/runs.db",
-              "artifacts_dir": tmp_path / "artifacts", "broker_url": redis_url, "device": "cpu",
-              "scorer_url": f"http://127.0.0.1:{free_port()}", "http_timeout_s": 5.0,
-              "max_body_bytes": LIMIT}
+    values = {
+        "api_key": KEY,
+        "dev": False,
+        "database_url": f"sqlite:///{tmp_path}/runs.db",
+        "artifacts_dir": tmp_path / "artifacts",
+        "broker_url": redis_url,
+        "device": "cpu",
+        "scorer_url": f"http://127.0.0.1:{free_port()}",
+        "http_timeout_s": 5.0,
+        "max_body_bytes": LIMIT,
+    }
     return Settings(**{**values, **over})
 
 
@@ -45,8 +52,9 @@ def serving(app, port: int, access_log: bool = False):
     return procs_serving(app, port, log_config=None, access_log=access_log, log_level="debug")
 
 
-def raw_exchange(port: int, head: bytes, body_parts: list[bytes] = (), timeout_s: float = 10.0
-                 ) -> tuple[int, dict[str, str], bytes]:
+def raw_exchange(
+    port: int, head: bytes, body_parts: list[bytes] = (), timeout_s: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
     """Send a request head and some body bytes as given, then read the whole response
     (the server closes the connection); never sends more than `body_parts`."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
@@ -75,8 +83,17 @@ def live(request, tmp_path, redis_url):
 
 
 def _head(path: str, *lines: str) -> bytes:
-    return "\r\n".join([f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {KEY}",
-                        "Content-Type: application/json", *lines, "", ""]).encode()
+    return "\r\n".join(
+        [
+            f"POST {path} HTTP/1.1",
+            "Host: 127.0.0.1",
+            f"Authorization: Bearer {KEY}",
+            "Content-Type: application/json",
+            *lines,
+            "",
+            "",
+        ]
+    ).encode()
 
 
 # --------------------------------------------------------------------------- body size
@@ -100,11 +117,13 @@ def test_a_chunked_body_is_cut_off_at_the_limit(live):
     _, port = live
     chunk = b'{"model": "r/0", "documents": [' + b" " * 1000
     parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 8  # ~8 KiB, the terminating chunk never sent
-    code, headers, body = raw_exchange(port, _head("/v1/score", "Transfer-Encoding: chunked"),
-                                       parts)
+    code, headers, body = raw_exchange(
+        port, _head("/v1/score", "Transfer-Encoding: chunked"), parts
+    )
     assert code == 413 and headers["connection"] == "close"
-    assert json.loads(body)["detail"] == (f"the request body is over the limit of {LIMIT} bytes "
-                                          "(MATES_MAX_BODY_BYTES)")
+    assert json.loads(body)["detail"] == (
+        f"the request body is over the limit of {LIMIT} bytes (MATES_MAX_BODY_BYTES)"
+    )
 
 
 def test_a_streamed_oversized_body_from_a_real_client_is_413(live):
@@ -142,12 +161,15 @@ def test_api_keys_never_reach_the_logs(tmp_path, redis_url, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     scorer_port, api_port = free_port(), free_port()
     scorer_settings = make_settings(tmp_path / "scorer", redis_url)
-    api_settings = make_settings(tmp_path / "api", redis_url,
-                                 scorer_url=f"http://127.0.0.1:{scorer_port}")
+    api_settings = make_settings(
+        tmp_path / "api", redis_url, scorer_url=f"http://127.0.0.1:{scorer_port}"
+    )
     score = {"model": "hand-0001/0", "documents": [{"id": "a", "text": "x"}]}
-    with serving(scorer_app.create_app(scorer_settings), scorer_port, access_log=True), \
-            serving(api_app.create_app(api_settings), api_port, access_log=True) as url, \
-            httpx.Client(base_url=url, timeout=10) as c:
+    with (
+        serving(scorer_app.create_app(scorer_settings), scorer_port, access_log=True),
+        serving(api_app.create_app(api_settings), api_port, access_log=True) as url,
+        httpx.Client(base_url=url, timeout=10) as c,
+    ):
         for headers in (AUTH, {"Authorization": f"Bearer {WRONG}"}, {}):
             c.get("/v1/runs", headers=headers)
             c.get("/v1/runs/nope", headers=headers)
@@ -169,8 +191,11 @@ def test_api_keys_never_reach_the_logs(tmp_path, redis_url, caplog, capfd):
 
 @pytest.mark.parametrize("kind", sorted(APPS))
 def test_cors_is_off_unless_origins_are_configured(kind, tmp_path, redis_url):
-    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": "https://evil.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     with TestClient(APPS[kind](make_settings(tmp_path, redis_url))) as c:
         r = c.options("/v1/score", headers=preflight)
         assert r.status_code == 405
@@ -181,11 +206,14 @@ def test_cors_is_off_unless_origins_are_configured(kind, tmp_path, redis_url):
 
 @pytest.mark.parametrize("kind", sorted(APPS))
 def test_cors_allows_only_the_configured_origins(kind, tmp_path, redis_url):
-    settings = make_settings(tmp_path, redis_url,
-                             cors_origins=" https://ui.example , http://localhost:5173/")
+    settings = make_settings(
+        tmp_path, redis_url, cors_origins=" https://ui.example , http://localhost:5173/"
+    )
     assert settings.cors_origin_list == ["https://ui.example", "http://localhost:5173"]
-    ask = {"Access-Control-Request-Method": "POST",
-           "Access-Control-Request-Headers": "authorization,content-type"}
+    ask = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     with TestClient(APPS[kind](settings)) as c:
         ok = c.options("/v1/score", headers={"Origin": "https://ui.example", **ask})
         assert ok.status_code == 200
@@ -195,8 +223,11 @@ def test_cors_allows_only_the_configured_origins(kind, tmp_path, redis_url):
         assert refused.status_code == 400
         assert "access-control-allow-origin" not in refused.headers
         # a real response to an allowed origin carries the headers, the model version exposed
-        r = c.post("/v1/score", json={"model": "x/0", "documents": []},
-                   headers={"Origin": "http://localhost:5173", **AUTH})
+        r = c.post(
+            "/v1/score",
+            json={"model": "x/0", "documents": []},
+            headers={"Origin": "http://localhost:5173", **AUTH},
+        )
         assert r.status_code == 422
         assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
         assert "x-model-version" in r.headers["access-control-expose-headers"].lower()
@@ -213,8 +244,11 @@ def test_cors_origins_must_be_urls():
 def test_services_bind_to_loopback_by_default(monkeypatch, tmp_path):
     for var in ("MATES_API_HOST", "MATES_SCORER_HOST", "MATES_CORS_ORIGINS"):
         monkeypatch.delenv(var, raising=False)
-    defaults = Settings(api_key=KEY, database_url=f"sqlite:///{tmp_path}/runs.db",
-                        artifacts_dir=tmp_path / "artifacts")
+    defaults = Settings(
+        api_key=KEY,
+        database_url=f"sqlite:///{tmp_path}/runs.db",
+        artifacts_dir=tmp_path / "artifacts",
+    )
     assert defaults.api_host == defaults.scorer_host == "127.0.0.1"
     assert defaults.cors_origin_list == []
     served = []

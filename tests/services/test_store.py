@@ -25,8 +25,9 @@ def store(request, tmp_path):
 @pytest.fixture
 def manifest(tmp_path):
     """A real run.json, three stages, written by the library's Manifest."""
-    return Manifest.create(tmp_path / "run" / "run.json", {"name": "t", "seed": 0}, "fp", 3,
-                           run_id="t-0001")
+    return Manifest.create(
+        tmp_path / "run" / "run.json", {"name": "t", "seed": 0}, "fp", 3, run_id="t-0001"
+    )
 
 
 def _add(store: Store, m: Manifest) -> None:
@@ -42,13 +43,19 @@ def test_create_get_and_list(store, manifest):
     assert run["artifacts_dir"] == str(manifest.path.parent)
     assert [s["stage"] for s in run["stages"]] == [0, 1, 2]
     assert run["stages"][0]["transitions"] == [
-        {"state": "pending", "at": manifest.data["stages"][0]["transitions"][0]["at"], "reason": None}]
+        {
+            "state": "pending",
+            "at": manifest.data["stages"][0]["transitions"][0]["at"],
+            "reason": None,
+        }
+    ]
     assert store.get_run("nope") is None
     with pytest.raises(RunExists, match="already exists"):
         _add(store, manifest)
 
-    later = Manifest.create(manifest.path.parent.parent / "b" / "run.json", {"name": "b"}, "fp", 1,
-                            run_id="b-0002")
+    later = Manifest.create(
+        manifest.path.parent.parent / "b" / "run.json", {"name": "b"}, "fp", 1, run_id="b-0002"
+    )
     later.data["created_at"] = manifest.data["created_at"] + 10
     _add(store, later)
     store.set_status("b-0002", "running")
@@ -74,7 +81,8 @@ def test_sync_inserts_new_transitions_and_is_idempotent(store, manifest):
     st = run["stages"][0]
     assert [t["state"] for t in st["transitions"]] == ["pending", "training", "selecting"]
     assert [t["at"] for t in st["transitions"]] == [
-        t["at"] for t in manifest.data["stages"][0]["transitions"]]
+        t["at"] for t in manifest.data["stages"][0]["transitions"]
+    ]
     assert st["state"] == "selecting" and st["timings"] == {"train": 1.5}
     assert st["metrics"] == {"tokens": 1024}
     assert [t["state"] for t in run["stages"][1]["transitions"]] == ["pending"]
@@ -85,15 +93,20 @@ def test_sync_inserts_new_transitions_and_is_idempotent(store, manifest):
     assert run["status"] == "failed" and run["error"] == "stage 0: boom"
     assert run["stages"][0]["error"] == "boom"
     assert run["stages"][0]["transitions"][-1] == {
-        "state": "failed", "at": manifest.data["stages"][0]["transitions"][-1]["at"], "reason": "boom"}
+        "state": "failed",
+        "at": manifest.data["stages"][0]["transitions"][-1]["at"],
+        "reason": "boom",
+    }
 
 
 def test_non_finite_metrics_are_stored_as_null(store, manifest):
     _add(store, manifest)
     manifest.on_save = store.sync_manifest
     manifest.update_metrics(0, heldout_loss=float("nan"), curve=[1.0, float("inf")])
-    assert store.get_run("t-0001")["stages"][0]["metrics"] == {"heldout_loss": None,
-                                                               "curve": [1.0, None]}
+    assert store.get_run("t-0001")["stages"][0]["metrics"] == {
+        "heldout_loss": None,
+        "curve": [1.0, None],
+    }
     assert store.register_model("t-0001", 0, "/m", {"val_spearman": float("nan")})
     assert store.list_models()[0]["val_spearman"] is None
 
@@ -148,7 +161,9 @@ def test_an_unconfirmed_claim_is_taken_over_once_stale(store, manifest):
     assert store.claim_dispatch("t-0001", 1, "select", 0, stale_after=-1) is True  # taken over
     store.mark_sent("t-0001", 1, "select", 0)
     assert store.dispatch_sent("t-0001", 1, "select", 0) is True
-    assert store.claim_dispatch("t-0001", 1, "select", 0, stale_after=-1) is False  # sent: never again
+    assert (
+        store.claim_dispatch("t-0001", 1, "select", 0, stale_after=-1) is False
+    )  # sent: never again
 
 
 def test_set_status_if_is_conditional(store, manifest):
@@ -182,9 +197,18 @@ def test_concurrent_claims_yield_exactly_one_winner(store, manifest):
 
 def test_register_model_once(store, manifest):
     _add(store, manifest)
-    fit = {"val_spearman": 0.41, "val_pearson": 0.5, "train_spearman": 0.9, "best_epoch": 2,
-           "epochs": 3, "train_size": 14, "val_size": 2, "target_mean": 0.0, "target_std": 1.0,
-           "seconds": 1.0}
+    fit = {
+        "val_spearman": 0.41,
+        "val_pearson": 0.5,
+        "train_spearman": 0.9,
+        "best_epoch": 2,
+        "epochs": 3,
+        "train_size": 14,
+        "val_size": 2,
+        "target_mean": 0.0,
+        "target_std": 1.0,
+        "seconds": 1.0,
+    }
     assert store.register_model("t-0001", 0, "/a/influence-model", fit) is True
     assert store.register_model("t-0001", 0, "/b/influence-model", {"val_spearman": 0.0}) is False
     models = store.list_models()
@@ -279,12 +303,22 @@ def test_heartbeats_find_runs_whose_tasks_all_went_silent(store, manifest):
     store.beat("task-a", "t-0001", 0, "mates.score_shard", 1, shard=3, worker="h:1")
     store.beat("task-a", "t-0001", 0, "mates.score_shard", 1, shard=3, worker="h:1")  # refresh
     [row] = store.list_heartbeats("t-0001")
-    assert row["beat_at"] >= row["started_at"] and (row["task"], row["shard"]) == ("mates.score_shard", 3)
+    assert row["beat_at"] >= row["started_at"] and (row["task"], row["shard"]) == (
+        "mates.score_shard",
+        3,
+    )
     assert store.silent_runs(older_than=row["beat_at"]) == []  # beat since
     [silent] = store.silent_runs(older_than=row["beat_at"] + 1)
-    assert silent == {"run_id": "t-0001", "status": "running", "generation": 0,
-                      "beat_at": row["beat_at"], "task": "mates.score_shard", "stage": 1,
-                      "shard": 3, "worker": "h:1"}
+    assert silent == {
+        "run_id": "t-0001",
+        "status": "running",
+        "generation": 0,
+        "beat_at": row["beat_at"],
+        "task": "mates.score_shard",
+        "stage": 1,
+        "shard": 3,
+        "worker": "h:1",
+    }
     assert store.silent_runs(older_than=9e12, run_id="other") == []
     assert [r["run_id"] for r in store.silent_runs(older_than=9e12, run_id="t-0001")] == ["t-0001"]
 
@@ -365,8 +399,10 @@ def test_stores_opened_at_once_all_end_migrated(tmp_path):
 
     url = f"sqlite:///{tmp_path}/together.db"
     code = f"from services.common.store import Store; Store({url!r}).close()"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(timeout=120) != 0]
     assert errors == []
 

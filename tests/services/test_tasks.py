@@ -218,8 +218,7 @@ def test_a_run_created_before_its_first_claim_is_spared(stored_run):
 # --------------------------------------------------------------------------- heartbeats
 
 
-def test_the_heartbeat_beats_while_the_task_runs_and_survives_store_errors(stored_run,
-                                                                           monkeypatch):
+def test_the_heartbeat_beats_while_the_task_runs_and_survives_store_errors(stored_run, monkeypatch):
     import time
 
     from services.common.watchdog import Heartbeat
@@ -267,8 +266,9 @@ def test_the_watch_fails_a_run_whose_process_stopped_beating(stored_run):
     assert end_silent_runs(store, settings) == [run_id]
     row = store.get_run(run_id)
     assert row["status"] == "failed" and row["generation"] == gen + 1
-    assert row["error"].startswith("stage 0 failed: training stopped: no heartbeat from its "
-                                   "process (trainer:42) for ")
+    assert row["error"].startswith(
+        "stage 0 failed: training stopped: no heartbeat from its process (trainer:42) for "
+    )
     assert "the trainer was killed or lost?" in row["error"]
     assert "resume to continue from the last checkpoint" in row["error"]
     assert row["stages"][0]["state"] == "failed"
@@ -396,9 +396,13 @@ def test_a_lost_single_task_is_published_as_itself(stored_run, monkeypatch):
     store.claim_dispatch(run_id, gen, "train_stage", 0)  # created; the trainer never got it
     store.mark_sent(run_id, gen, "train_stage", 0)
     sent = []
-    monkeypatch.setattr(lifecycle, "enqueue",
-                        lambda _s, _st, run, task, stage, g, claim_as=None: sent.append(
-                            (task, stage, g, claim_as)) or True)
+    monkeypatch.setattr(
+        lifecycle,
+        "enqueue",
+        lambda _s, _st, run, task, stage, g, claim_as=None: (
+            sent.append((task, stage, g, claim_as)) or True
+        ),
+    )
     time.sleep(0.01)
     quick = stagetask.get_settings().model_copy(update={"stall_s": 0.0})
     assert lifecycle.rescue_stalled_runs(quick, store) == [run_id]

@@ -48,13 +48,17 @@ STATIC = Path(__file__).parent.parent / "static"
 # --------------------------------------------------------------------------- page shell
 
 
-def _page(request: Request, template: str, title: str, code: int = 200, **context: Any) -> HTMLResponse:
+def _page(
+    request: Request, template: str, title: str, code: int = 200, **context: Any
+) -> HTMLResponse:
     return TEMPLATES.TemplateResponse(
-        request, template, {"title": title, "report_css": Markup(report.CSS),
-                            "refresh_ms": REFRESH_MS, **context},
+        request,
+        template,
+        {"title": title, "report_css": Markup(report.CSS), "refresh_ms": REFRESH_MS, **context},
         status_code=code,
         # Never cached: pages change as runs progress, and with read auth they hold keyed data.
-        headers={"Cache-Control": "no-store", "Vary": "Authorization"})
+        headers={"Cache-Control": "no-store", "Vary": "Authorization"},
+    )
 
 
 def _locked(request: Request, settings) -> HTMLResponse | None:
@@ -70,8 +74,9 @@ def _locked(request: Request, settings) -> HTMLResponse | None:
 
 
 def _not_found(request: Request, what: str) -> HTMLResponse:
-    return _page(request, "message.html", "Not found", status.HTTP_404_NOT_FOUND, message=what,
-                 home=True)
+    return _page(
+        request, "message.html", "Not found", status.HTTP_404_NOT_FOUND, message=what, home=True
+    )
 
 
 # --------------------------------------------------------------------------- runs list
@@ -95,7 +100,9 @@ def _latest_loss(artifacts_dir: str) -> float | None:
         rows = read_log(path)
     except (MatesError, OSError):
         return None
-    loss = next((r["heldout_loss"] for r in reversed(rows) if r.get("heldout_loss") is not None), None)
+    loss = next(
+        (r["heldout_loss"] for r in reversed(rows) if r.get("heldout_loss") is not None), None
+    )
     if len(_LATEST_LOSS) >= _LATEST_LOSS_MAX:
         _LATEST_LOSS.clear()
     _LATEST_LOSS[path] = (stamp, loss)
@@ -108,8 +115,13 @@ def _rows(store: Store) -> list[dict[str, Any]]:
     out = []
     for run in store.list_runs(limit=RUNS_SHOWN):
         end = run["updated_at"] if run["status"] in FINAL else now
-        out.append({**run, "loss": _latest_loss(run["artifacts_dir"]),
-                    "elapsed": report.elapsed_text(max(0.0, end - run["created_at"]))})
+        out.append(
+            {
+                **run,
+                "loss": _latest_loss(run["artifacts_dir"]),
+                "elapsed": report.elapsed_text(max(0.0, end - run["created_at"])),
+            }
+        )
     return out
 
 
@@ -125,8 +137,9 @@ def runs_rows(request: Request, store: StoreDep, settings: SettingsDep) -> HTMLR
     """The runs table's rows alone, for the list's refresh."""
     if _locked(request, settings):
         return HTMLResponse("", status_code=status.HTTP_401_UNAUTHORIZED)
-    return TEMPLATES.TemplateResponse(request, "rows.html", {"runs": _rows(store)},
-                                      headers={"Cache-Control": "no-store"})
+    return TEMPLATES.TemplateResponse(
+        request, "rows.html", {"runs": _rows(store)}, headers={"Cache-Control": "no-store"}
+    )
 
 
 # --------------------------------------------------------------------------- a run
@@ -170,9 +183,13 @@ def _overlay_views(pairs: list[tuple[str | None, Path]]) -> list[dict[str, Any]]
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(run_id: RunId, request: Request, store: StoreDep, settings: SettingsDep,
-             baseline: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None,
-             ) -> HTMLResponse:
+def run_page(
+    run_id: RunId,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    baseline: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None,
+) -> HTMLResponse:
     if locked := _locked(request, settings):
         return locked
     run = store.get_run(run_id)
@@ -191,16 +208,33 @@ def run_page(run_id: RunId, request: Request, store: StoreDep, settings: Setting
         with _CHARTS:
             svgs = report.charts(view, arms)
     except (MatesError, OSError) as e:
-        return _page(request, "message.html", run_id, status.HTTP_500_INTERNAL_SERVER_ERROR,
-                     message=f"cannot read the run's artifacts: {e}")
+        return _page(
+            request,
+            "message.html",
+            run_id,
+            status.HTTP_500_INTERNAL_SERVER_ERROR,
+            message=f"cannot read the run's artifacts: {e}",
+        )
     # which runs the dashed curves are, linked where the store knows them
-    notes = [{"label": str(a["label"]), "run_id": a["run_id"],
-              "known": store.get_run(a["run_id"]) is not None} for a in arms]
-    return _page(request, "run.html", f"{view['name']} ({run_id})", status=view["status"],
-                 arms=notes, chosen=baseline is not None,
-                 body_html=Markup(report.run_body(view, svgs, arms)),  # the library escapes its own
-                 default_model=f"{run_id}/latest",
-                 versions=[m["version"] for m in store.list_models(run_id)])
+    notes = [
+        {
+            "label": str(a["label"]),
+            "run_id": a["run_id"],
+            "known": store.get_run(a["run_id"]) is not None,
+        }
+        for a in arms
+    ]
+    return _page(
+        request,
+        "run.html",
+        f"{view['name']} ({run_id})",
+        status=view["status"],
+        arms=notes,
+        chosen=baseline is not None,
+        body_html=Markup(report.run_body(view, svgs, arms)),  # the library escapes its own
+        default_model=f"{run_id}/latest",
+        versions=[m["version"] for m in store.list_models(run_id)],
+    )
 
 
 @router.get("/score", response_class=HTMLResponse)

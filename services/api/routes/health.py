@@ -37,8 +37,11 @@ def _check_store(store: Store) -> str:
 
 def _check_broker(settings: Settings) -> str:
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=PROBE_TIMEOUT_S,
-                                      socket_timeout=PROBE_TIMEOUT_S)
+        client = redis.Redis.from_url(
+            settings.broker_url,
+            socket_connect_timeout=PROBE_TIMEOUT_S,
+            socket_timeout=PROBE_TIMEOUT_S,
+        )
         try:
             client.ping()
         finally:
@@ -48,14 +51,19 @@ def _check_broker(settings: Settings) -> str:
     return "ok"
 
 
-@router.get("/readyz", response_model=Ready,
-            responses={503: {"description": "the run store or the broker is unavailable"}})
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    responses={503: {"description": "the run store or the broker is unavailable"}},
+)
 def readyz(store: StoreDep, settings: SettingsDep):
     """The run store answers a query and the Redis broker answers PING."""
     checks = {"store": _check_store(store), "broker": _check_broker(settings)}
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         detail = "; ".join(f"{name} unavailable ({checks[name]})" for name in failed)
-        return JSONResponse({"detail": f"not ready: {detail}", "checks": checks},
-                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        return JSONResponse(
+            {"detail": f"not ready: {detail}", "checks": checks},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
     return {"status": "ready", "checks": checks}

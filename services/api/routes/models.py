@@ -14,8 +14,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=list[ModelVersion])
-def list_models(store: StoreDep, _: ReadKey,
-                run_id: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None,
-                ) -> list[dict[str, Any]]:
+def list_models(
+    store: StoreDep, _: ReadKey, run_id: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None
+) -> list[dict[str, Any]]:
     """Model versions (`<run_id>/<stage>`) with their validation scores, newest first."""
     return store.list_models(run_id)

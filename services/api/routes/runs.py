@@ -22,22 +22,34 @@ DATA_FILES = ("pool", "reference", "heldout")
 MAX_OFFSET = 2**31 - 1  # a bigger one overflows the database's integer (a 500 before)
 
 EXAMPLE_CONFIG = {
-    "name": "tiny", "seed": 0, "device": "cpu",
-    "data": {"pool": "/data/demo/pool.jsonl", "reference": "/data/demo/reference.jsonl",
-             "heldout": "/data/demo/heldout.jsonl", "vocab_size": 1024},
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {
+        "pool": "/data/demo/pool.jsonl",
+        "reference": "/data/demo/reference.jsonl",
+        "heldout": "/data/demo/heldout.jsonl",
+        "vocab_size": 1024,
+    },
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
     "stages": {"num_stages": 3, "stage0_steps": 20, "stage_steps": 10, "pool_docs": 200},
     "selection": {"method": "gumbel", "ratio": 0.2, "temperature": 0.5},
 }
 
-ConfigBody = Annotated[dict[str, Any], Body(
-    description="A run config with the sections of `configs/*.yaml`; data paths are paths on "
-    "the server (relative ones resolve against the API's working directory).",
-    examples=[EXAMPLE_CONFIG])]
+ConfigBody = Annotated[
+    dict[str, Any],
+    Body(
+        description="A run config with the sections of `configs/*.yaml`; data paths are paths on "
+        "the server (relative ones resolve against the API's working directory).",
+        examples=[EXAMPLE_CONFIG],
+    ),
+]
 
 NOT_FOUND = {404: {"model": Problem, "description": "no run with that ID"}}
-AUTH = {401: {"model": Problem, "description": "no bearer API key"},
-        403: {"model": Problem, "description": "a wrong API key"}}
+AUTH = {
+    401: {"model": Problem, "description": "no bearer API key"},
+    403: {"model": Problem, "description": "a wrong API key"},
+}
 
 
 def validate_run_config(raw: dict[str, Any]) -> RunConfig:
@@ -74,19 +86,27 @@ def read_log(path: Path) -> list[dict[str, Any]]:
         raise ArtifactError(f"{path} is not valid JSONL: {e}") from None
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=Run,
-             responses={**AUTH, 422: {"model": Problem, "description": "invalid config"}})
-def submit_run(config: ConfigBody, store: StoreDep, settings: SettingsDep,
-               _: KeyRequired) -> dict[str, Any]:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Run,
+    responses={**AUTH, 422: {"model": Problem, "description": "invalid config"}},
+)
+def submit_run(
+    config: ConfigBody, store: StoreDep, settings: SettingsDep, _: KeyRequired
+) -> dict[str, Any]:
     """Validate a run config, create the run and queue its stage 0."""
     return lifecycle.create_run(store, settings, validate_run_config(config))
 
 
 @router.get("", response_model=list[RunSummary])
-def list_runs(store: StoreDep, _: ReadKey,
-              status_: Annotated[RunStatus | None, Query(alias="status")] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> list[dict[str, Any]]:
+def list_runs(
+    store: StoreDep,
+    _: ReadKey,
+    status_: Annotated[RunStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> list[dict[str, Any]]:
     """Runs, newest first."""
     return store.list_runs(status=status_, limit=limit, offset=offset)
 
@@ -97,20 +117,33 @@ def get_run(run_id: RunId, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     return run_or_404(store, run_id)
 
 
-@router.post("/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
-             responses={**AUTH, **NOT_FOUND, 409: {"model": Problem, "description": "not active"}})
-def cancel_run(run_id: RunId, store: StoreDep, settings: SettingsDep,
-               _: KeyRequired) -> dict[str, Any]:
+@router.post(
+    "/{run_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Run,
+    responses={**AUTH, **NOT_FOUND, 409: {"model": Problem, "description": "not active"}},
+)
+def cancel_run(
+    run_id: RunId, store: StoreDep, settings: SettingsDep, _: KeyRequired
+) -> dict[str, Any]:
     """Ask an active run to stop; its status is `cancelling` until the worker stops it."""
     run_or_404(store, run_id)
     return lifecycle.cancel_run(store, settings, run_id)
 
 
-@router.post("/{run_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=Run,
-             responses={**AUTH, **NOT_FOUND,
-                        409: {"model": Problem, "description": "neither failed nor cancelled"}})
-def resume_run(run_id: RunId, store: StoreDep, settings: SettingsDep,
-               _: KeyRequired) -> dict[str, Any]:
+@router.post(
+    "/{run_id}/resume",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Run,
+    responses={
+        **AUTH,
+        **NOT_FOUND,
+        409: {"model": Problem, "description": "neither failed nor cancelled"},
+    },
+)
+def resume_run(
+    run_id: RunId, store: StoreDep, settings: SettingsDep, _: KeyRequired
+) -> dict[str, Any]:
     """Queue a failed or cancelled run again from its last completed step."""
     run_or_404(store, run_id)
     return lifecycle.resume_run(store, settings, run_id)
@@ -121,24 +154,31 @@ def run_metrics(run_id: RunId, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     """The run's metrics log (held-out and reference losses over steps) and stage summaries."""
     run = run_or_404(store, run_id)
     rows = read_log(RunPaths(Path(run["artifacts_dir"])).metrics)
-    return {"run_id": run_id, "rows": rows,
-            "stages": [{"stage": s["stage"], "metrics": s["metrics"]} for s in run["stages"]]}
+    return {
+        "run_id": run_id,
+        "rows": rows,
+        "stages": [{"stage": s["stage"], "metrics": s["metrics"]} for s in run["stages"]],
+    }
 
 
-@router.get("/{run_id}/stages/{stage}/selection", response_model=dict[str, Any],
-            responses={404: {"model": Problem,
-                             "description": "no such run or stage, or not selected yet"}})
+@router.get(
+    "/{run_id}/stages/{stage}/selection",
+    response_model=dict[str, Any],
+    responses={404: {"model": Problem, "description": "no such run or stage, or not selected yet"}},
+)
 def stage_selection(run_id: RunId, stage: int, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     """The selection manifest of the documents stage `stage` trains on."""
     run = run_or_404(store, run_id)
     if not 0 <= stage < run["num_stages"]:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"run {run_id!r} has no stage {stage} "
-                            f"(its stages are 0..{run['num_stages'] - 1})")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"run {run_id!r} has no stage {stage} (its stages are 0..{run['num_stages'] - 1})",
+        )
     path = RunPaths(Path(run["artifacts_dir"])).selection(stage)
     if not path.is_file():
         state = next((s["state"] for s in run["stages"] if s["stage"] == stage), "unknown")
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"stage {stage} of run {run_id!r} has no selection yet "
-                            f"(stage state: {state})")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"stage {stage} of run {run_id!r} has no selection yet (stage state: {state})",
+        )
     return read_json(path)

@@ -21,8 +21,9 @@ class Catalog:
 
     def get_state(self, key: str) -> str | None:
         with self.engine.connect() as conn:
-            return conn.execute(select(service_state.c.value)
-                                .where(service_state.c.key == key)).scalar()
+            return conn.execute(
+                select(service_state.c.value).where(service_state.c.key == key)
+            ).scalar()
 
     def put_state(self, key: str, value: str) -> None:
         upsert(self.engine, service_state, {"key": key}, {"value": value, "at": now()}, {})
@@ -32,10 +33,17 @@ class Catalog:
     def register_model(self, run_id: str, stage: int, path: str, fit: dict[str, Any]) -> bool:
         """Record `<run_id>/<stage>`; False (and no second row) if it is registered already."""
         fit = finite_json(fit)
-        row = {"version": f"{run_id}/{stage}", "run_id": run_id, "stage": int(stage),
-               "path": str(path), "val_spearman": fit.get("val_spearman"),
-               "val_pearson": fit.get("val_pearson"), "num_probes": num_probes_of(fit),
-               "fit": fit, "created_at": now()}
+        row = {
+            "version": f"{run_id}/{stage}",
+            "run_id": run_id,
+            "stage": int(stage),
+            "path": str(path),
+            "val_spearman": fit.get("val_spearman"),
+            "val_pearson": fit.get("val_pearson"),
+            "num_probes": num_probes_of(fit),
+            "fit": fit,
+            "created_at": now(),
+        }
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(model_versions).values(**row))
@@ -45,8 +53,9 @@ class Catalog:
         return True
 
     def list_models(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        q = select(model_versions).order_by(model_versions.c.created_at.desc(),
-                                            model_versions.c.stage.desc())
+        q = select(model_versions).order_by(
+            model_versions.c.created_at.desc(), model_versions.c.stage.desc()
+        )
         if run_id is not None:
             q = q.where(model_versions.c.run_id == run_id)
         with self.engine.connect() as conn:

@@ -65,8 +65,14 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
-def upsert(engine: Engine, table: Table, key: dict[str, Any], changes: dict[str, Any],
-           first: dict[str, Any], then: Callable[[Connection], T] | None = None) -> T | None:
+def upsert(
+    engine: Engine,
+    table: Table,
+    key: dict[str, Any],
+    changes: dict[str, Any],
+    first: dict[str, Any],
+    then: Callable[[Connection], T] | None = None,
+) -> T | None:
     """In one transaction: update the row of `table` at `key` with `changes`, or insert it
     (`key`, `changes`, and `first`, which overrides `changes`) if there is none; then
     `then(conn)`, whose result is

@@ -20,9 +20,15 @@ class RunExists(RunStateError):
 
 
 def _stage_row(run_id: str, st: dict[str, Any], at: float) -> dict[str, Any]:
-    return {"run_id": run_id, "stage": int(st["stage"]), "state": st["state"],
-            "error": st.get("error"), "timings": finite_json(st.get("timings") or {}),
-            "metrics": finite_json(st.get("metrics") or {}), "updated_at": at}
+    return {
+        "run_id": run_id,
+        "stage": int(st["stage"]),
+        "state": st["state"],
+        "error": st.get("error"),
+        "timings": finite_json(st.get("timings") or {}),
+        "metrics": finite_json(st.get("metrics") or {}),
+        "updated_at": at,
+    }
 
 
 def _transition_rows(run_id: str, st: dict[str, Any], already: int) -> list[dict[str, Any]]:
@@ -32,8 +38,15 @@ def _transition_rows(run_id: str, st: dict[str, Any], already: int) -> list[dict
         reason = t.get("reason")
         if reason is None and i == len(items) - 1 and t["state"] in ("failed", "cancelled"):
             reason = st.get("error")  # the stage's error explains its last failure
-        rows.append({"run_id": run_id, "stage": int(st["stage"]), "state": t["state"],
-                     "at": float(t["at"]), "reason": reason})
+        rows.append(
+            {
+                "run_id": run_id,
+                "stage": int(st["stage"]),
+                "state": t["state"],
+                "at": float(t["at"]),
+                "reason": reason,
+            }
+        )
     return rows
 
 
@@ -55,11 +68,17 @@ class RunRecords:
         run_id = manifest["run_id"]
         created = float(manifest.get("created_at") or now())
         row = {
-            "id": run_id, "name": manifest["name"], "status": manifest.get("status", "pending"),
-            "error": manifest.get("error"), "current_stage": int(manifest.get("current_stage", 0)),
-            "num_stages": len(manifest["stages"]), "generation": 0,
-            "config": finite_json(manifest.get("config") or {}), "artifacts_dir": str(artifacts_dir),
-            "created_at": created, "updated_at": float(manifest.get("updated_at") or created),
+            "id": run_id,
+            "name": manifest["name"],
+            "status": manifest.get("status", "pending"),
+            "error": manifest.get("error"),
+            "current_stage": int(manifest.get("current_stage", 0)),
+            "num_stages": len(manifest["stages"]),
+            "generation": 0,
+            "config": finite_json(manifest.get("config") or {}),
+            "artifacts_dir": str(artifacts_dir),
+            "created_at": created,
+            "updated_at": float(manifest.get("updated_at") or created),
         }
         try:
             with self.engine.begin() as conn:
@@ -74,25 +93,41 @@ class RunRecords:
         new = manifest["status"]
         at = float(manifest.get("updated_at") or now())
         # A cancel request outlives progress reports until the run actually ends.
-        status = new if new in FINAL else case(
-            (runs.c.status == CANCELLING, CANCELLING), else_=new)
+        status = new if new in FINAL else case((runs.c.status == CANCELLING, CANCELLING), else_=new)
         with self.engine.begin() as conn:
             # The UPDATE comes first: it takes the run's row (or SQLite's write) lock, so
             # two processes syncing the same run count and insert transitions in turn.
             done = conn.execute(
-                update(runs).where(runs.c.id == run_id).values(
-                    status=status, error=manifest.get("error"),
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    status=status,
+                    error=manifest.get("error"),
                     current_stage=int(manifest.get("current_stage", 0)),
-                    num_stages=len(manifest["stages"]), updated_at=at))
+                    num_stages=len(manifest["stages"]),
+                    updated_at=at,
+                )
+            )
             if done.rowcount == 0:
                 raise RunStateError(f"run {run_id} is not in the run store")
-            existing = {r.stage: r.n for r in conn.execute(
-                select(transitions.c.stage, func.count().label("n"))
-                .where(transitions.c.run_id == run_id).group_by(transitions.c.stage))}
+            existing = {
+                r.stage: r.n
+                for r in conn.execute(
+                    select(transitions.c.stage, func.count().label("n"))
+                    .where(transitions.c.run_id == run_id)
+                    .group_by(transitions.c.stage)
+                )
+            }
             self._sync_stages(conn, run_id, manifest["stages"], at, existing)
 
-    def _sync_stages(self, conn: Connection, run_id: str, items: list[dict[str, Any]], at: float,
-                     existing: dict[int, int]) -> None:
+    def _sync_stages(
+        self,
+        conn: Connection,
+        run_id: str,
+        items: list[dict[str, Any]],
+        at: float,
+        existing: dict[int, int],
+    ) -> None:
         have = set(conn.execute(select(stages.c.stage).where(stages.c.run_id == run_id)).scalars())
         rows = [_stage_row(run_id, st, at) for st in items]
         fresh = [r for r in rows if r["stage"] not in have]
@@ -100,12 +135,22 @@ class RunRecords:
             conn.execute(insert(stages), fresh)
         for r in rows:
             if r["stage"] in have:
-                conn.execute(update(stages).where(and_(stages.c.run_id == run_id,
-                                                       stages.c.stage == r["stage"]))
-                             .values(state=r["state"], error=r["error"], timings=r["timings"],
-                                     metrics=r["metrics"], updated_at=at))
-        new_transitions = [t for st in items
-                           for t in _transition_rows(run_id, st, existing.get(int(st["stage"]), 0))]
+                conn.execute(
+                    update(stages)
+                    .where(and_(stages.c.run_id == run_id, stages.c.stage == r["stage"]))
+                    .values(
+                        state=r["state"],
+                        error=r["error"],
+                        timings=r["timings"],
+                        metrics=r["metrics"],
+                        updated_at=at,
+                    )
+                )
+        new_transitions = [
+            t
+            for st in items
+            for t in _transition_rows(run_id, st, existing.get(int(st["stage"]), 0))
+        ]
         if new_transitions:
             conn.execute(insert(transitions), new_transitions)
 
@@ -113,19 +158,26 @@ class RunRecords:
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         with self.engine.begin() as conn:
-            done = conn.execute(update(runs).where(runs.c.id == run_id)
-                                .values(status=status, error=error, updated_at=now()))
+            done = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(status=status, error=error, updated_at=now())
+            )
         if done.rowcount == 0:
             raise RunStateError(f"run {run_id} is not in the run store")
 
-    def set_status_if(self, run_id: str, status: str, allowed: tuple[str, ...],
-                      error: str | None = None) -> bool:
+    def set_status_if(
+        self, run_id: str, status: str, allowed: tuple[str, ...], error: str | None = None
+    ) -> bool:
         """Set the status only if it is one of `allowed` (atomically); False otherwise."""
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         with self.engine.begin() as conn:
-            done = conn.execute(update(runs).where(and_(runs.c.id == run_id, runs.c.status.in_(allowed)))
-                                .values(status=status, error=error, updated_at=now()))
+            done = conn.execute(
+                update(runs)
+                .where(and_(runs.c.id == run_id, runs.c.status.in_(allowed)))
+                .values(status=status, error=error, updated_at=now())
+            )
         return done.rowcount == 1
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
@@ -133,33 +185,70 @@ class RunRecords:
             row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
             if row is None:
                 return None
-            stage_rows = conn.execute(select(stages).where(stages.c.run_id == run_id)
-                                      .order_by(stages.c.stage)).mappings().all()
-            trans = conn.execute(select(transitions).where(transitions.c.run_id == run_id)
-                                 .order_by(transitions.c.stage, transitions.c.id)).mappings().all()
+            stage_rows = (
+                conn.execute(
+                    select(stages).where(stages.c.run_id == run_id).order_by(stages.c.stage)
+                )
+                .mappings()
+                .all()
+            )
+            trans = (
+                conn.execute(
+                    select(transitions)
+                    .where(transitions.c.run_id == run_id)
+                    .order_by(transitions.c.stage, transitions.c.id)
+                )
+                .mappings()
+                .all()
+            )
         by_stage: dict[int, list[dict[str, Any]]] = {}
         for t in trans:
             by_stage.setdefault(t["stage"], []).append(
-                {"state": t["state"], "at": t["at"], "reason": t["reason"]})
+                {"state": t["state"], "at": t["at"], "reason": t["reason"]}
+            )
         out = dict(row)
         out["stages"] = [
-            {"stage": s["stage"], "state": s["state"], "error": s["error"],
-             "timings": s["timings"], "metrics": s["metrics"], "updated_at": s["updated_at"],
-             "transitions": by_stage.get(s["stage"], [])}
+            {
+                "stage": s["stage"],
+                "state": s["state"],
+                "error": s["error"],
+                "timings": s["timings"],
+                "metrics": s["metrics"],
+                "updated_at": s["updated_at"],
+                "transitions": by_stage.get(s["stage"], []),
+            }
             for s in stage_rows
         ]
         return out
 
-    def list_runs(self, status: str | None = None, limit: int = 50,
-                  offset: int = 0) -> list[dict[str, Any]]:
+    def list_runs(
+        self, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[dict[str, Any]]:
         """Run summaries, newest first, each with its current stage's state."""
-        q = (select(runs.c.id, runs.c.name, runs.c.status, runs.c.error, runs.c.current_stage,
-                    runs.c.num_stages, runs.c.generation, runs.c.artifacts_dir, runs.c.created_at,
-                    runs.c.updated_at, stages.c.state.label("stage_state"))
-             .select_from(runs.outerjoin(stages, and_(stages.c.run_id == runs.c.id,
-                                                      stages.c.stage == runs.c.current_stage)))
-             .order_by(runs.c.created_at.desc(), runs.c.id.desc())
-             .limit(limit).offset(offset))
+        q = (
+            select(
+                runs.c.id,
+                runs.c.name,
+                runs.c.status,
+                runs.c.error,
+                runs.c.current_stage,
+                runs.c.num_stages,
+                runs.c.generation,
+                runs.c.artifacts_dir,
+                runs.c.created_at,
+                runs.c.updated_at,
+                stages.c.state.label("stage_state"),
+            )
+            .select_from(
+                runs.outerjoin(
+                    stages,
+                    and_(stages.c.run_id == runs.c.id, stages.c.stage == runs.c.current_stage),
+                )
+            )
+            .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         if status is not None:
             q = q.where(runs.c.status == status)
         with self.engine.connect() as conn:
@@ -167,19 +256,24 @@ class RunRecords:
 
     def bump_generation(self, run_id: str) -> int:
         with self.engine.begin() as conn:
-            done = conn.execute(update(runs).where(runs.c.id == run_id)
-                                .values(generation=runs.c.generation + 1))
+            done = conn.execute(
+                update(runs).where(runs.c.id == run_id).values(generation=runs.c.generation + 1)
+            )
             if done.rowcount == 0:
                 raise RunStateError(f"run {run_id} is not in the run store")
-            return int(conn.execute(select(runs.c.generation).where(runs.c.id == run_id)).scalar_one())
+            return int(
+                conn.execute(select(runs.c.generation).where(runs.c.id == run_id)).scalar_one()
+            )
 
     def bump_generation_from(self, run_id: str, generation: int) -> bool:
         """Bump the generation only if it is still `generation` (atomically): of several
         processes ending the same run, exactly one gets True."""
         with self.engine.begin() as conn:
-            done = conn.execute(update(runs).where(and_(runs.c.id == run_id,
-                                                        runs.c.generation == generation))
-                                .values(generation=runs.c.generation + 1))
+            done = conn.execute(
+                update(runs)
+                .where(and_(runs.c.id == run_id, runs.c.generation == generation))
+                .values(generation=runs.c.generation + 1)
+            )
         return done.rowcount == 1
 
     def get_generation(self, run_id: str) -> int:

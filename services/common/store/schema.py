@@ -22,7 +22,8 @@ REVISION = "0001"
 metadata = MetaData()
 
 runs = Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     Column("id", String(128), primary_key=True),
     Column("name", String(128), nullable=False),
     Column("status", String(32), nullable=False),
@@ -38,7 +39,8 @@ runs = Table(
 )
 
 stages = Table(
-    "stages", metadata,
+    "stages",
+    metadata,
     Column("run_id", String(128), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
     Column("stage", Integer, primary_key=True),
     Column("state", String(32), nullable=False),
@@ -49,7 +51,8 @@ stages = Table(
 )
 
 transitions = Table(
-    "transitions", metadata,
+    "transitions",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(128), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("stage", Integer, nullable=False),
@@ -60,7 +63,8 @@ transitions = Table(
 )
 
 model_versions = Table(
-    "model_versions", metadata,
+    "model_versions",
+    metadata,
     Column("version", String(160), primary_key=True),
     Column("run_id", String(128), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("stage", Integer, nullable=False),
@@ -74,7 +78,8 @@ model_versions = Table(
 )
 
 dispatches = Table(
-    "dispatches", metadata,
+    "dispatches",
+    metadata,
     Column("run_id", String(128), primary_key=True),
     Column("generation", Integer, primary_key=True),
     Column("task", String(64), primary_key=True),
@@ -86,7 +91,8 @@ dispatches = Table(
 # How often each attempt of a task was delivered to a worker: a retry is a new attempt, a
 # redelivery (the worker died holding it) is not, so a count above one means lost workers.
 deliveries = Table(
-    "deliveries", metadata,
+    "deliveries",
+    metadata,
     Column("run_id", String(128), primary_key=True),
     Column("generation", Integer, primary_key=True),
     Column("task", String(64), primary_key=True),
@@ -101,7 +107,8 @@ deliveries = Table(
 # MATES_HEARTBEAT_S and deletes the row when the task ends, so a row whose beat is old belongs
 # to a process that died (worker/heartbeat.py). A queued task has no row: waiting is not dying.
 heartbeats = Table(
-    "heartbeats", metadata,
+    "heartbeats",
+    metadata,
     Column("task_id", String(64), primary_key=True),  # Celery's ID: a redelivery reuses it
     Column("run_id", String(128), nullable=False),
     Column("generation", Integer, nullable=False),
@@ -116,7 +123,8 @@ heartbeats = Table(
 
 # Small facts the services share through the store, e.g. the broker's marker (worker/watch.py).
 service_state = Table(
-    "service_state", metadata,
+    "service_state",
+    metadata,
     Column("key", String(128), primary_key=True),
     Column("value", Text, nullable=False),
     Column("at", Float, nullable=False),

@@ -20,5 +20,16 @@ from mates.bench.driver import cpu_name, flat, run_bench, table
 from mates.bench.scoring import matmul_gflops, mixed_lengths
 from mates.bench.training import peak_tflops, train_flops_per_token
 
-__all__ = ["FULL", "QUICK", "Sizes", "cpu_name", "flat", "matmul_gflops", "mixed_lengths",
-           "peak_tflops", "run_bench", "table", "train_flops_per_token"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Sizes",
+    "cpu_name",
+    "flat",
+    "matmul_gflops",
+    "mixed_lengths",
+    "peak_tflops",
+    "run_bench",
+    "table",
+    "train_flops_per_token",
+]

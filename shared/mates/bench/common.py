@@ -59,13 +59,16 @@ def demo_run(work: Path, sizes: Sizes, device: str, progress: bool, reference: s
     # the scorer benchmark measures a transformer encoder (MiniLM), whatever the demo scores
     # with: batching, precision and compilation are what it compares, and a bag of n-grams
     # has none of them
-    cfg = load_config(PRESETS / "demo.yaml", [f"device={device}", "influence.encoder=minilm"],
-                      base_dir=work)
+    cfg = load_config(
+        PRESETS / "demo.yaml", [f"device={device}", "influence.encoder=minilm"], base_dir=work
+    )
     run = Run(cfg, work / "run", progress=progress)
     run.prepare()
     if reference == "text":
         T = cfg.train.seq_tokens
-        news = [i for i in range(len(run.corpus)) if (run.corpus.domain(i) or "").startswith("news")]
+        news = [
+            i for i in range(len(run.corpus)) if (run.corpus.domain(i) or "").startswith("news")
+        ]
         text, tokens = [], 0
         for i in news:
             if tokens > (T + 1) * sizes.reference:
@@ -92,5 +95,7 @@ def probe_docs(run: Run, n: int) -> list[torch.Tensor]:
     rng = np.random.default_rng([run.cfg.seed, 9])
     idx = rng.choice(len(run.corpus), size=n, replace=False)
     T = run.cfg.train.seq_tokens
-    return [torch.from_numpy(np.append(run.corpus.token_ids(int(i))[:T], run.eos).astype(np.int64))
-            for i in idx]
+    return [
+        torch.from_numpy(np.append(run.corpus.token_ids(int(i))[:T], run.eos).astype(np.int64))
+        for i in idx
+    ]

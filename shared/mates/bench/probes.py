@@ -39,8 +39,14 @@ class ReloadingExactOracle:
         for r in range(len(ref)):
             n = int(ref.lengths[r])
             with autocast(self.trainer.device, self.precision):
-                total += float(lm_loss(model, ref.input_ids[r:r + 1, :n], ref.labels[r:r + 1, :n],
-                                       reduction="sum"))
+                total += float(
+                    lm_loss(
+                        model,
+                        ref.input_ids[r : r + 1, :n],
+                        ref.labels[r : r + 1, :n],
+                        reduction="sum",
+                    )
+                )
         return total / ref.scored_tokens
 
     def influence(self, tokens: torch.Tensor) -> float:
@@ -64,11 +70,17 @@ def bench_probes(run: Run, sizes: Sizes, work: Path) -> dict[str, Any]:
     tc = run.cfg.train
     trainer, stream = trained(run, steps=8)
     ck = work / "probe-checkpoint"
-    trainer.save(ck, {"stage": 0, "stage_step": trainer.step, "complete": True,
-                      "stream": stream.state_dict()})
+    trainer.save(
+        ck,
+        {"stage": 0, "stage_step": trainer.step, "complete": True, "stream": stream.state_dict()},
+    )
     lr = run.cfg.probing.lr or trainer.current_lr
-    kw = dict(lr=lr, grad_clip=tc.grad_clip, precision=tc.precision,
-              eval_batch_sequences=tc.eval_batch_sequences)
+    kw = dict(
+        lr=lr,
+        grad_clip=tc.grad_clip,
+        precision=tc.precision,
+        eval_batch_sequences=tc.eval_batch_sequences,
+    )
     docs = probe_docs(run, sizes.probes)
     reload_oracle = ReloadingExactOracle(trainer, ck, run.reference, lr, tc.precision)
     t = {"reload": 0.0, "exact": 0.0, "first": 0.0}

@@ -34,8 +34,9 @@ def mixed_lengths(texts: list[str], seed: int) -> list[str]:
     return out
 
 
-def _score_arms(arms: dict[str, Callable[[list[str]], np.ndarray]], texts: list[str],
-                rounds: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def _score_arms(
+    arms: dict[str, Callable[[list[str]], np.ndarray]], texts: list[str], rounds: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Seconds and scores of each arm over `texts`, the arms taking turns on each chunk."""
     t = dict.fromkeys(arms, 0.0)
     out = {arm: np.empty(len(texts)) for arm in arms}
@@ -69,11 +70,14 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
     naive_predict(scorer, whole[:8], bs)  # warm-up of the eager arms
     fast_predict(scorer, whole[:8], bs)
     # the compile, on two batch shapes (the second makes the shapes dynamic): timed apart
-    _, compile_s = timed(lambda: (fast_predict(compiled, whole[:8], bs),
-                                   fast_predict(compiled, mixed[8:13], bs)))
-    arms = {"naive": lambda p: naive_predict(scorer, p, bs),
-            "fast": lambda p: fast_predict(scorer, p, bs),
-            "compiled": lambda p: fast_predict(compiled, p, bs)}
+    _, compile_s = timed(
+        lambda: (fast_predict(compiled, whole[:8], bs), fast_predict(compiled, mixed[8:13], bs))
+    )
+    arms = {
+        "naive": lambda p: naive_predict(scorer, p, bs),
+        "fast": lambda p: fast_predict(scorer, p, bs),
+        "compiled": lambda p: fast_predict(compiled, p, bs),
+    }
 
     def measured(texts: list[str]) -> dict[str, Any]:
         if run.device.type == "cuda":
@@ -97,9 +101,14 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
         }
 
     return {
-        "docs": len(whole), "encoder": ic.encoder, "max_tokens": ic.max_tokens, "batch_size": bs,
-        "precision": scorer.resolved_precision(), "set": "mixed lengths (paragraph cuts)",
-        **measured(mixed), "compile_s": compile_s,
+        "docs": len(whole),
+        "encoder": ic.encoder,
+        "max_tokens": ic.max_tokens,
+        "batch_size": bs,
+        "precision": scorer.resolved_precision(),
+        "set": "mixed lengths (paragraph cuts)",
+        **measured(mixed),
+        "compile_s": compile_s,
         "at_cap": {"set": "whole documents", **measured(whole)},
     }
 

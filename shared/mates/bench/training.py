@@ -54,7 +54,8 @@ def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
         steps += per
     tokens = steps * tc.batch_sequences * tc.seq_tokens
     return {
-        "precision": resolve_precision(tc.precision, run.device), "batch": f"{tc.batch_sequences}x{tc.seq_tokens}",
+        "precision": resolve_precision(tc.precision, run.device),
+        "batch": f"{tc.batch_sequences}x{tc.seq_tokens}",
         "parameters": sum(p.numel() for p in fast.model.parameters()),
         "steps": steps,
         "naive_tokens_per_s": tokens / t_naive,
@@ -67,9 +68,18 @@ def bench_trainer(run: Run, sizes: Sizes) -> dict[str, Any]:
 
 # Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, without sparsity), matched
 # against torch.cuda.get_device_name in this order; --peak-tflops overrides it.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
-                    ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
-PRESET_VOCAB = 50277  # Pythia's tokenizer, for presets whose tokenizer is not here (the preset pads it)
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+PRESET_VOCAB = (
+    50277  # Pythia's tokenizer, for presets whose tokenizer is not here (the preset pads it)
+)
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -79,8 +89,9 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def train_flops_per_token(model: torch.nn.Module, num_layers: int, hidden_size: int,
-                          seq_tokens: int) -> float:
+def train_flops_per_token(
+    model: torch.nn.Module, num_layers: int, hidden_size: int, seq_tokens: int
+) -> float:
     """Model FLOPs of one training token: 6·N + 12·L·d·T (PaLM, Chowdhery et al. 2022, app. B).
 
     N counts the parameters that do matmuls: all but the input embedding, which is a
@@ -99,7 +110,9 @@ class RandomTokens:
         self.gen = torch.Generator().manual_seed(seed)
 
     def next_block(self, n_sequences: int) -> torch.Tensor:
-        return torch.randint(0, self.vocab_size, (n_sequences, self.seq_tokens + 1), generator=self.gen)
+        return torch.randint(
+            0, self.vocab_size, (n_sequences, self.seq_tokens + 1), generator=self.gen
+        )
 
 
 def bench_preset(config: Path, device: str, steps: int, peak: float | None) -> dict[str, Any]:
@@ -130,13 +143,21 @@ def bench_preset(config: Path, device: str, steps: int, peak: float | None) -> d
     flops = train_flops_per_token(trainer.model, mc.num_layers, mc.hidden_size, tc.seq_tokens)
     peak = peak if peak is not None else peak_tflops(dev)
     out = {
-        "config": str(config), "name": cfg.name, "device": str(dev),
+        "config": str(config),
+        "name": cfg.name,
+        "device": str(dev),
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "batch": f"{tc.batch_sequences}x{tc.seq_tokens}", "micro_batch": tc.micro_batch_sequences,
-        "precision": resolve_precision(tc.precision, dev), "compile": tc.compile, "steps": steps,
-        "seconds_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops, "achieved_tflops": tokens_per_s * flops / 1e12,
-        "peak_tflops": peak, "mfu": None if not peak else tokens_per_s * flops / (peak * 1e12),
+        "batch": f"{tc.batch_sequences}x{tc.seq_tokens}",
+        "micro_batch": tc.micro_batch_sequences,
+        "precision": resolve_precision(tc.precision, dev),
+        "compile": tc.compile,
+        "steps": steps,
+        "seconds_per_step": seconds / steps,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops,
+        "achieved_tflops": tokens_per_s * flops / 1e12,
+        "peak_tflops": peak,
+        "mfu": None if not peak else tokens_per_s * flops / (peak * 1e12),
     }
     if dev.type == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30

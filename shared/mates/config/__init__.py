@@ -31,10 +31,29 @@ from mates.config.selection import (
     ProbingConfig,
     SelectionConfig,
 )
-from mates.config.training import (
-    ModelConfig,
-    StagesConfig,
-    TrainConfig,
-)
+from mates.config.training import ModelConfig, StagesConfig, TrainConfig
 
-__all__ = ['ADDED_FIELDS', 'COMPARE_ARMS', 'CompareConfig', 'DataConfig', 'FilePath', 'HeldoutSetConfig', 'InfluenceConfig', 'ModelConfig', 'NAME_PATTERN', 'PRESETS', 'PathText', 'ProbingConfig', 'RunConfig', 'SELECTION_METHODS', 'Section', 'SelectionConfig', 'StagesConfig', 'TrainConfig', 'apply_overrides', 'config_from_dict', 'load_config', 'parse_override']
+__all__ = [
+    "ADDED_FIELDS",
+    "COMPARE_ARMS",
+    "CompareConfig",
+    "DataConfig",
+    "FilePath",
+    "HeldoutSetConfig",
+    "InfluenceConfig",
+    "ModelConfig",
+    "NAME_PATTERN",
+    "PRESETS",
+    "PathText",
+    "ProbingConfig",
+    "RunConfig",
+    "SELECTION_METHODS",
+    "Section",
+    "SelectionConfig",
+    "StagesConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+]

@@ -6,13 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """A run's or a named set's name: it becomes part of run IDs and file names."""
@@ -35,10 +29,13 @@ PathText = Annotated[str, BeforeValidator(_no_nul)]
 
 class HeldoutSetConfig(Section):
     name: str = Field(pattern=NAME_PATTERN, description="Set name in metrics.")
-    path: FilePath = Field(description="JSONL {context, continuation} (cloze), JSONL {text} or .txt (text).")
+    path: FilePath = Field(
+        description="JSONL {context, continuation} (cloze), JSONL {text} or .txt (text)."
+    )
     kind: Literal["cloze", "text"] = Field(
         description="'cloze': loss and top-1 accuracy of the continuation only; 'text': mean "
-        "per-token loss over every token of whole documents (long ones cut into sequences).")
+        "per-token loss over every token of whole documents (long ones cut into sequences)."
+    )
     max_documents: int | None = Field(None, ge=1, description="Use only the first N rows.")
 
 
@@ -49,12 +46,14 @@ class DataConfig(Section):
         "JSONL {text} documents or plain text (full text; see `reference_kind`)."
     )
     reference_kind: Literal["auto", "cloze", "text"] = Field(
-        "auto", description="How the oracle reads `reference`: 'cloze' (loss on each "
+        "auto",
+        description="How the oracle reads `reference`: 'cloze' (loss on each "
         "continuation), 'text' (loss on every token of whole documents, long ones cut into "
         "sequences); 'auto': text for a .txt file, else cloze.",
     )
     heldout: FilePath | None = Field(
-        None, description="Held-out evaluation set (same formats), never used for probing; "
+        None,
+        description="Held-out evaluation set (same formats), never used for probing; "
         "the set named 'heldout' (optional when `heldout_sets` lists others).",
     )
     heldout_sets: list[HeldoutSetConfig] = Field(
@@ -63,7 +62,8 @@ class DataConfig(Section):
         "or full text (mean per-token loss over whole documents).",
     )
     primary_heldout: str | None = Field(
-        None, description="Name of the held-out set that `heldout_loss` and comparisons read "
+        None,
+        description="Name of the held-out set that `heldout_loss` and comparisons read "
         "(default: the first of `heldout_sets`, else 'heldout').",
     )
     tokenizer: PathText = Field(
@@ -80,7 +80,9 @@ class DataConfig(Section):
         "error", description="Corrupt corpus rows: fail naming file and line, or skip and count."
     )
     chunk_tokens: int | None = Field(
-        None, ge=8, description="Split every document longer than this many tokens into chunks "
+        None,
+        ge=8,
+        description="Split every document longer than this many tokens into chunks "
         "at paragraph, line, sentence or word boundaries, once when the corpus is prepared (IDs "
         "`<doc id>#<n>`), so the oracle, the influence model and the trainer see the same unit of "
         "text; at most `train.seq_tokens`. None keeps whole documents.",
@@ -91,14 +93,20 @@ class DataConfig(Section):
         names = ["heldout"] if self.heldout is not None else []
         names += [h.name for h in self.heldout_sets]
         if not names:
-            raise ValueError("`data.heldout` is required (or list named sets in `data.heldout_sets`)")
+            raise ValueError(
+                "`data.heldout` is required (or list named sets in `data.heldout_sets`)"
+            )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"`data.heldout_sets` names must be unique ('heldout' is `data.heldout`), "
-                             f"got {dup} twice")
+            raise ValueError(
+                f"`data.heldout_sets` names must be unique ('heldout' is `data.heldout`), "
+                f"got {dup} twice"
+            )
         if self.primary_heldout is not None and self.primary_heldout not in names:
-            raise ValueError(f"`data.primary_heldout` {self.primary_heldout!r} names no held-out set "
-                             f"(sets: {names})")
+            raise ValueError(
+                f"`data.primary_heldout` {self.primary_heldout!r} names no held-out set "
+                f"(sets: {names})"
+            )
         return self
 
     @property

@@ -9,11 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
 from mates.config.data import NAME_PATTERN, DataConfig, Section
 from mates.config.selection import CompareConfig, InfluenceConfig, ProbingConfig, SelectionConfig
@@ -24,18 +20,27 @@ PRESETS = Path(__file__).parent.parent / "configs"
 """The preset configs shipped with the package (`configs/` in the repository links here)."""
 
 
-
-
-
 # (section, field) added after the first runs were made: see RunConfig.fingerprint
-ADDED_FIELDS = (("model", "vocab_multiple"), ("data", "heldout_sets"), ("data", "primary_heldout"),
-                ("train", "cooldown_fraction"), ("selection", "sampler"), ("selection", "seed"),
-                ("selection", "target_labels"), ("compare", None),
-                ("data", "reference_kind"), ("probing", "precision"), ("influence", "head_fit"),
-                ("influence", "cv_folds"), ("selection", "fallback"), ("selection", "min_cv_spearman"),
-                ("data", "chunk_tokens"), ("stages", "stage0_tokens"), ("stages", "stage_tokens"),
-                ("stages", "pool_multiple"))
-
+ADDED_FIELDS = (
+    ("model", "vocab_multiple"),
+    ("data", "heldout_sets"),
+    ("data", "primary_heldout"),
+    ("train", "cooldown_fraction"),
+    ("selection", "sampler"),
+    ("selection", "seed"),
+    ("selection", "target_labels"),
+    ("compare", None),
+    ("data", "reference_kind"),
+    ("probing", "precision"),
+    ("influence", "head_fit"),
+    ("influence", "cv_folds"),
+    ("selection", "fallback"),
+    ("selection", "min_cv_spearman"),
+    ("data", "chunk_tokens"),
+    ("stages", "stage0_tokens"),
+    ("stages", "stage_tokens"),
+    ("stages", "pool_multiple"),
+)
 
 
 class RunConfig(Section):
@@ -56,8 +61,10 @@ class RunConfig(Section):
     def _chunks_fit_the_context(self) -> RunConfig:
         c, T = self.data.chunk_tokens, self.train.seq_tokens
         if c is not None and c > T:
-            raise ValueError(f"`data.chunk_tokens` ({c}) is above the model's context "
-                             f"(`train.seq_tokens` = {T}): a chunk must fit one training sequence")
+            raise ValueError(
+                f"`data.chunk_tokens` ({c}) is above the model's context "
+                f"(`train.seq_tokens` = {T}): a chunk must fit one training sequence"
+            )
         return self
 
     def stage_steps(self, k: int) -> int:
@@ -78,8 +85,10 @@ class RunConfig(Section):
     def _enough_probes_per_fold(self) -> RunConfig:
         need = max(2 * self.influence.cv_folds, 6)  # influence.min_probes, without importing torch
         if self.probing.num_probes < need:
-            raise ValueError(f"`probing.num_probes` ({self.probing.num_probes}) must be at least {need}: "
-                             f"`influence.cv_folds` = {self.influence.cv_folds} needs two probes per fold")
+            raise ValueError(
+                f"`probing.num_probes` ({self.probing.num_probes}) must be at least {need}: "
+                f"`influence.cv_folds` = {self.influence.cv_folds} needs two probes per fold"
+            )
         return self
 
     def fingerprint(self, *sections: str) -> str:
@@ -96,7 +105,9 @@ class RunConfig(Section):
                     del dumped[section]
                 continue
             sec = getattr(self, section)
-            if getattr(sec, name) == type(sec).model_fields[name].get_default(call_default_factory=True):
+            if getattr(sec, name) == type(sec).model_fields[name].get_default(
+                call_default_factory=True
+            ):
                 del dumped[section][name]
         if sections:
             dumped = {s: dumped[s] for s in sections}
@@ -116,7 +127,11 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"`{field}` is required")
         elif e["type"] == "extra_forbidden":
             lines.append(f"`{field}` is not a known setting")
-        elif isinstance(got, (dict, list)) or msg.endswith(f"got {got}") or e["type"] == "value_error":
+        elif (
+            isinstance(got, (dict, list))
+            or msg.endswith(f"got {got}")
+            or e["type"] == "value_error"
+        ):
             lines.append(f"`{field}` {msg}")
         else:
             lines.append(f"`{field}` {msg}, got {got!r}")

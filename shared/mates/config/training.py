@@ -5,11 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import (
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
 from mates.config.data import Section
 
@@ -22,9 +18,12 @@ class ModelConfig(Section):
     rotary_pct: float = Field(0.25, gt=0, le=1, description="Fraction of head dims with RoPE.")
     init_std: float = Field(0.02, gt=0, description="Initializer standard deviation.")
     vocab_multiple: int = Field(
-        1, ge=1, description="Pad the LM's vocabulary (embedding and output rows) up to a multiple "
+        1,
+        ge=1,
+        description="Pad the LM's vocabulary (embedding and output rows) up to a multiple "
         "of this; 128 keeps the output layer's GPU matmuls on aligned tensor-core kernels "
-        "(Pythia pads its 50,277 tokens to 50,304).")
+        "(Pythia pads its 50,277 tokens to 50,304).",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -48,16 +47,19 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then constant lr.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Autocast precision of training and evaluation: 'auto' is bf16 on "
+        "auto",
+        description="Autocast precision of training and evaluation: 'auto' is bf16 on "
         "CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; on a CPU without it, "
-        "bf16 is emulated and about 17x slower (measured on an AVX2-only AMD EPYC).")
+        "bf16 is emulated and about 17x slower (measured on an AVX2-only AMD EPYC).",
+    )
     eval_every_steps: int = Field(50, ge=1, description="Held-out/reference eval interval.")
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Mid-stage checkpoint interval (0: only at stage end)."
     )
     eval_batch_sequences: int = Field(64, ge=1, description="Sequences per eval forward.")
     log_every_steps: int = Field(
-        10, ge=1,
+        10,
+        ge=1,
         description="Steps between read-backs of the training loss from the device (each one a "
         "host-device sync; also at eval and checkpoint steps and at stage end). A non-finite "
         "loss fails the stage at the next read-back.",
@@ -66,7 +68,9 @@ class TrainConfig(Section):
         False, description="torch.compile the training forward (the first steps pay the compile)."
     )
     cooldown_fraction: float = Field(
-        0.1, ge=0, le=1,
+        0.1,
+        ge=0,
+        le=1,
         description="At each stage end, branch from the checkpoint, decay the lr linearly to zero "
         "over this share of a stage's steps on the stage's own selection, evaluate every held-out "
         "set and throw the branch away (warmup-stable-decay evaluation); 0 turns it off.",
@@ -91,7 +95,9 @@ class TrainConfig(Section):
 
 
 class StagesConfig(Section):
-    num_stages: int = Field(4, ge=1, description="Stages in the run; stage 0 trains on random data.")
+    num_stages: int = Field(
+        4, ge=1, description="Stages in the run; stage 0 trains on random data."
+    )
     stage0_steps: int = Field(200, ge=1, description="Optimizer steps in stage 0.")
     stage_steps: int = Field(100, ge=1, description="Optimizer steps in each later stage.")
     pool_docs: int = Field(2000, ge=1, description="Candidate documents drawn per stage.")
@@ -101,15 +107,24 @@ class StagesConfig(Section):
         "samples from documents not yet trained on.",
     )
     stage0_tokens: int | None = Field(
-        None, ge=1, description="Token budget of stage 0 (with `stage_tokens`, instead of steps and "
+        None,
+        ge=1,
+        description="Token budget of stage 0 (with `stage_tokens`, instead of steps and "
         "pool documents): the stage trains ceil(tokens / (batch x seq)) steps, one epoch over a "
-        "random selection that fills the budget.")
+        "random selection that fills the budget.",
+    )
     stage_tokens: int | None = Field(
-        None, ge=1, description="Token budget of each later stage: its selection keeps documents "
-        "until their tokens fill one epoch of the stage's steps.")
+        None,
+        ge=1,
+        description="Token budget of each later stage: its selection keeps documents "
+        "until their tokens fill one epoch of the stage's steps.",
+    )
     pool_multiple: float | None = Field(
-        None, ge=1, description="With token budgets: each later stage's pool holds this many times "
-        "the stage's budget (default 1 / `selection.ratio`); stage 0's pool is its budget.")
+        None,
+        ge=1,
+        description="With token budgets: each later stage's pool holds this many times "
+        "the stage's budget (default 1 / `selection.ratio`); stage 0's pool is its budget.",
+    )
 
     @model_validator(mode="after")
     def _one_kind_of_budget(self) -> StagesConfig:
@@ -117,11 +132,16 @@ class StagesConfig(Section):
         if any(tokens) and not all(tokens):
             raise ValueError("`stages.stage0_tokens` and `stages.stage_tokens` are set together")
         # set away from its default (a saved config repeats the defaults, and must load)
-        steps = [n for n in ("stage0_steps", "stage_steps", "pool_docs")
-                 if getattr(self, n) != type(self).model_fields[n].default]
+        steps = [
+            n
+            for n in ("stage0_steps", "stage_steps", "pool_docs")
+            if getattr(self, n) != type(self).model_fields[n].default
+        ]
         if all(tokens) and steps:
-            raise ValueError(f"`stages.{steps[0]}` cannot be set beside token budgets "
-                             "(`stages.stage0_tokens`, `stages.stage_tokens`): give the budget one way")
+            raise ValueError(
+                f"`stages.{steps[0]}` cannot be set beside token budgets "
+                "(`stages.stage0_tokens`, `stages.stage_tokens`): give the budget one way"
+            )
         if self.pool_multiple is not None and not all(tokens):
             raise ValueError("`stages.pool_multiple` needs token budgets (`stages.stage_tokens`)")
         return self

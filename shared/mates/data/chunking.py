@@ -45,7 +45,9 @@ def chunk_spans(text: str, starts: Sequence[int], limit: int) -> list[tuple[int,
         if count(a, b) <= limit:
             return [(a, b)]
         if level == len(_LEVELS):  # no boundary left: cut between tokens
-            cuts = [a] + [first[j] for j in range(bisect_left(first, a) + limit, bisect_left(first, b), limit)]
+            cuts = [a] + [
+                first[j] for j in range(bisect_left(first, a) + limit, bisect_left(first, b), limit)
+            ]
             return [(x, y) for x, y in zip(cuts, [*cuts[1:], b], strict=True) if y > x]
         ends = [m.end() for m in _LEVELS[level].finditer(text, a, b) if a < m.end() < b]
         if not ends:
@@ -70,8 +72,9 @@ def _stripped(text: str, spans: list[tuple[int, int]]) -> list[str]:
     return [c for c in (text[a:b].strip() for a, b in spans) if c]
 
 
-def chunk_texts(texts: Sequence[str], starts: Sequence[Sequence[int]], encode: Encoder,
-                limit: int) -> list[list[tuple[str, list[int]]]]:
+def chunk_texts(
+    texts: Sequence[str], starts: Sequence[Sequence[int]], encode: Encoder, limit: int
+) -> list[list[tuple[str, list[int]]]]:
     """Each text cut into stripped, non-empty chunks of at most `limit` tokens, in order,
     each with its own token IDs; `starts[i]` holds the first character of each token of
     `texts[i]`. A text within the limit comes back whole (stripped). Every round of
@@ -79,21 +82,31 @@ def chunk_texts(texts: Sequence[str], starts: Sequence[Sequence[int]], encode: E
     if limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     # per text: [chunk text, its token IDs once they are known to fit]
-    chunks: list[list[list]] = [[[c, None] for c in _stripped(t, chunk_spans(t, s, limit))]
-                                for t, s in zip(texts, starts, strict=True)]
+    chunks: list[list[list]] = [
+        [[c, None] for c in _stripped(t, chunk_spans(t, s, limit))]
+        for t, s in zip(texts, starts, strict=True)
+    ]
     for _ in range(_ROUNDS):
-        todo = [(d, i) for d, cs in enumerate(chunks) for i, (_, ids) in enumerate(cs) if ids is None]
+        todo = [
+            (d, i) for d, cs in enumerate(chunks) for i, (_, ids) in enumerate(cs) if ids is None
+        ]
         if not todo:
             return [[(c, ids) for c, ids in cs] for cs in chunks]
         recut: dict[tuple[int, int], list[list]] = {}
-        for (d, i), (ids, offsets) in zip(todo, encode([chunks[d][i][0] for d, i in todo]), strict=True):
+        for (d, i), (ids, offsets) in zip(
+            todo, encode([chunks[d][i][0] for d, i in todo]), strict=True
+        ):
             chunk = chunks[d][i][0]
             if len(ids) <= limit:
                 chunks[d][i][1] = ids
             else:  # cut again, measured with this chunk's own tokens
-                recut[d, i] = [[c, None] for c in _stripped(chunk, chunk_spans(chunk, offsets, limit))]
+                recut[d, i] = [
+                    [c, None] for c in _stripped(chunk, chunk_spans(chunk, offsets, limit))
+                ]
         for d in {d for d, _ in recut}:
             chunks[d] = [x for i, item in enumerate(chunks[d]) for x in recut.get((d, i), [item])]
     d = next(d for d, cs in enumerate(chunks) if any(ids is None for _, ids in cs))
-    raise DataError(f"could not cut a document into chunks of at most {limit} tokens "
-                    f"(it starts {texts[d][:60]!r}); raise `data.chunk_tokens`")
+    raise DataError(
+        f"could not cut a document into chunks of at most {limit} tokens "
+        f"(it starts {texts[d][:60]!r}); raise `data.chunk_tokens`"
+    )

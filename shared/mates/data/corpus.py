@@ -166,8 +166,13 @@ class TokenizedCorpus:
         return self.domain_names[code] if code >= 0 else None
 
 
-def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dtype,
-                  chunk_tokens: int | None = None) -> dict:
+def _write_arrays(
+    out: Path,
+    rows: Iterator[Row],
+    tokenizer,
+    token_dtype: np.dtype,
+    chunk_tokens: int | None = None,
+) -> dict:
     """Tokenize rows in batches and append to flat binary files; returns counts.
 
     With `chunk_tokens`, a document longer than that is stored as its chunks, with IDs
@@ -181,8 +186,10 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
 
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust core
     if chunk_tokens is not None and backend is None:
-        raise ConfigError("`data.chunk_tokens` needs a fast (Rust) tokenizer, which measures pieces "
-                          f"of a document by its token offsets; {type(tokenizer).__name__} is not one")
+        raise ConfigError(
+            "`data.chunk_tokens` needs a fast (Rust) tokenizer, which measures pieces "
+            f"of a document by its token offsets; {type(tokenizer).__name__} is not one"
+        )
 
     def encode(texts: Sequence[str]) -> list[list[int]]:
         # the same IDs as tokenizer(texts)["input_ids"], without its per-call Python overhead
@@ -191,17 +198,21 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def encode_with_starts(texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-        return [(e.ids, [a for a, _ in e.offsets])
-                for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [
+            (e.ids, [a for a, _ in e.offsets])
+            for e in backend.encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     with open(out / "tokens.bin", "wb") as ftok, open(out / "text.bin", "wb") as ftxt:
         batch: list[Row] = []
 
         def emit(unit_id: str, row: Row, text: str, toks: list[int]) -> None:
             if unit_id in seen:
-                raise DataError(f"corpus unit id {unit_id!r} (from document {row.id!r}) is also the id "
-                                f"of {'document' if seen[unit_id] == unit_id else 'a chunk of'} "
-                                f"{seen[unit_id]!r}: chunks are named `<id>#<n>`; rename one of them")
+                raise DataError(
+                    f"corpus unit id {unit_id!r} (from document {row.id!r}) is also the id "
+                    f"of {'document' if seen[unit_id] == unit_id else 'a chunk of'} "
+                    f"{seen[unit_id]!r}: chunks are named `<id>#<n>`; rename one of them"
+                )
             seen[unit_id] = row.id
             raw = text.encode("utf-8")
             ftxt.write(raw)
@@ -209,7 +220,9 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
             tok_off.append(tok_off[-1] + len(toks))
             txt_off.append(txt_off[-1] + len(raw))
             ids.append(unit_id)
-            code = -1 if row.domain is None else domain_names.setdefault(row.domain, len(domain_names))
+            code = (
+                -1 if row.domain is None else domain_names.setdefault(row.domain, len(domain_names))
+            )
             domain_codes.append(code)
 
         def flush() -> None:
@@ -221,8 +234,18 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
                 return
             encoded = encode_with_starts([r.text for r in batch])
             long = [j for j, (toks, _) in enumerate(encoded) if len(toks) > chunk_tokens]
-            parts = dict(zip(long, chunk_texts([batch[j].text for j in long], [encoded[j][1] for j in long],
-                                               encode_with_starts, chunk_tokens), strict=True))
+            parts = dict(
+                zip(
+                    long,
+                    chunk_texts(
+                        [batch[j].text for j in long],
+                        [encoded[j][1] for j in long],
+                        encode_with_starts,
+                        chunk_tokens,
+                    ),
+                    strict=True,
+                )
+            )
             chunked += len(long)
             for j, (r, (toks, _)) in enumerate(zip(batch, encoded, strict=True)):
                 if j not in parts:
@@ -241,9 +264,14 @@ def _write_arrays(out: Path, rows: Iterator[Row], tokenizer, token_dtype: np.dty
     np.save(out / "text_offsets.npy", np.asarray(txt_off, dtype=np.int64))
     np.save(out / "domains.npy", np.asarray(domain_codes, dtype=np.int16))
     (out / "ids.json").write_text(json.dumps(ids), encoding="utf-8")
-    return {"num_docs": len(ids), "num_tokens": tok_off[-1], "domain_names": list(domain_names),
-            "chunk_tokens": chunk_tokens, "chunked_documents": chunked,
-            "source_documents": len(set(seen.values()))}
+    return {
+        "num_docs": len(ids),
+        "num_tokens": tok_off[-1],
+        "domain_names": list(domain_names),
+        "chunk_tokens": chunk_tokens,
+        "chunked_documents": chunked,
+        "source_documents": len(set(seen.values())),
+    }
 
 
 def tokenize_corpus(
@@ -267,8 +295,12 @@ def tokenize_corpus(
     token_dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
     stats = ReadStats()
     rows = iter_corpus(
-        path, id_field=id_field, text_field=text_field, domain_field=domain_field,
-        on_bad_row=on_bad_row, stats=stats,
+        path,
+        id_field=id_field,
+        text_field=text_field,
+        domain_field=domain_field,
+        on_bad_row=on_bad_row,
+        stats=stats,
     )
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -276,10 +308,19 @@ def tokenize_corpus(
         if counts["num_docs"] == 0:
             raise DataError(f"corpus {path} has no usable documents (the pool is empty)")
         meta = {
-            "source": str(path), "token_dtype": token_dtype.name, "vocab_size": vocab,
-            "skipped_rows": stats.skipped, "skip_reasons": stats.skip_reasons, **counts,
+            "source": str(path),
+            "token_dtype": token_dtype.name,
+            "vocab_size": vocab,
+            "skipped_rows": stats.skipped,
+            "skip_reasons": stats.skip_reasons,
+            **counts,
         }
         write_json(tmp / "meta.json", meta)
-    log.info("tokenized %d docs (%d tokens, %d rows skipped) from %s",
-             counts["num_docs"], counts["num_tokens"], stats.skipped, path)
+    log.info(
+        "tokenized %d docs (%d tokens, %d rows skipped) from %s",
+        counts["num_docs"],
+        counts["num_tokens"],
+        stats.skipped,
+        path,
+    )
     return TokenizedCorpus(out)

@@ -20,8 +20,14 @@ class PackedStream:
     stage's token budget is repeated, never silently cut short).
     """
 
-    def __init__(self, corpus: TokenizedCorpus, doc_indices: np.ndarray, seq_tokens: int,
-                 eos_id: int, seed: int):
+    def __init__(
+        self,
+        corpus: TokenizedCorpus,
+        doc_indices: np.ndarray,
+        seq_tokens: int,
+        eos_id: int,
+        seed: int,
+    ):
         if len(doc_indices) == 0:
             raise ValueError("cannot pack an empty selection")
         self.corpus = corpus

@@ -49,7 +49,10 @@ class ReferenceSet:
 
     def to(self, device: torch.device) -> ReferenceSet:
         return ReferenceSet(
-            self.input_ids.to(device), self.labels.to(device), self.lengths, self.source,
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.lengths,
+            self.source,
             self.doc_index,
         )
 
@@ -71,16 +74,19 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
             raise DataError(f"{where}: row must be a JSON object")
         ctx, cont = obj.get("context"), obj.get("continuation")
         if not isinstance(ctx, str):
-            raise DataError(f"{where}: missing or non-string `context` (a reference of whole "
-                            "documents needs `data.reference_kind: text`)")
+            raise DataError(
+                f"{where}: missing or non-string `context` (a reference of whole "
+                "documents needs `data.reference_kind: text`)"
+            )
         if not isinstance(cont, str) or not cont.strip():
             raise DataError(f"{where}: missing or empty `continuation`")
         pairs.append((ctx, cont))
     return pairs
 
 
-def pack_rows(rows: list[tuple[list[int], int]], source: str,
-               docs: list[int] | None = None) -> ReferenceSet:
+def pack_rows(
+    rows: list[tuple[list[int], int]], source: str, docs: list[int] | None = None
+) -> ReferenceSet:
     """rows: (tokens, number of trailing tokens to score). Sorted by length, right-padded."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     rows = [rows[i] for i in order]
@@ -152,8 +158,13 @@ def _read_texts(path: Path) -> list[str]:
     return texts
 
 
-def load_text_documents(path: Path, tokenizer, seq_tokens: int,
-                        max_documents: int | None = None, what: str = "held-out set") -> ReferenceSet:
+def load_text_documents(
+    path: Path,
+    tokenizer,
+    seq_tokens: int,
+    max_documents: int | None = None,
+    what: str = "held-out set",
+) -> ReferenceSet:
     """A full-text set from JSONL `{"text"}` rows: every token of every document is scored.
 
     A document is EOS + its tokens, cut into rows of `seq_tokens` that overlap by one

@@ -39,18 +39,34 @@ from mates.influence.encoders import (
     minilm_dir,
     pooled_features,
 )
-from mates.influence.fitting import (
-    _head_trainer,
-    fit_influence_model,
-    report_dict,
-)
-from mates.influence.scorer import (
-    FitReport,
-    InfluenceScorer,
-    _split,
-    fast_predict,
-    length_batches,
-)
+from mates.influence.fitting import _head_trainer, fit_influence_model, report_dict
+from mates.influence.scorer import FitReport, InfluenceScorer, _split, fast_predict, length_batches
 from mates.lm import PRECISIONS, autocast, cpu_has_native_bf16, resolve_precision
 
-__all__ = ['CONFIDENCE', 'FitReport', 'InfluenceModel', 'InfluenceScorer', 'MINILM_PACKAGE', 'PRECISIONS', 'RIDGE_ALPHAS', 'RidgeCV', '_best', '_head_trainer', '_split', 'autocast', 'cpu_has_native_bf16', 'cv_folds_of', 'fast_predict', 'fit_influence_model', 'length_batches', 'load_encoder', 'min_probes', 'minilm_dir', 'pooled_features', 'report_dict', 'resolve_precision', 'ridge_cv', 'spearman_interval']
+__all__ = [
+    "CONFIDENCE",
+    "FitReport",
+    "InfluenceModel",
+    "InfluenceScorer",
+    "MINILM_PACKAGE",
+    "PRECISIONS",
+    "RIDGE_ALPHAS",
+    "RidgeCV",
+    "_best",
+    "_head_trainer",
+    "_split",
+    "autocast",
+    "cpu_has_native_bf16",
+    "cv_folds_of",
+    "fast_predict",
+    "fit_influence_model",
+    "length_batches",
+    "load_encoder",
+    "min_probes",
+    "minilm_dir",
+    "pooled_features",
+    "report_dict",
+    "resolve_precision",
+    "ridge_cv",
+    "spearman_interval",
+]

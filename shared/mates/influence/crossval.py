@@ -111,7 +111,7 @@ class _Spectrum:
         hat = 1.0 / self.m + (qf[None] * inv[:, None, :]) @ qf.T  # (L, f, f)
         resid = (self.y[fold][None] - fitted)[..., None]  # (L, f, 1)
         eye = np.eye(len(fold))[None]
-        return (self.y[fold][:, None] - np.linalg.solve(eye - hat, resid)[..., 0].T)
+        return self.y[fold][:, None] - np.linalg.solve(eye - hat, resid)[..., 0].T
 
 
 def _ridge_oof(spec: _Spectrum, folds: list[np.ndarray], alphas: np.ndarray) -> np.ndarray:
@@ -141,8 +141,9 @@ class RidgeCV:
     outer_alphas: list[float]  # the alpha each outer fold's inner CV chose
 
 
-def ridge_cv(X: np.ndarray, y: np.ndarray, folds: list[np.ndarray],
-             alphas: np.ndarray = RIDGE_ALPHAS) -> RidgeCV:
+def ridge_cv(
+    X: np.ndarray, y: np.ndarray, folds: list[np.ndarray], alphas: np.ndarray = RIDGE_ALPHAS
+) -> RidgeCV:
     """Ridge regression of y on X (intercept unpenalised), its penalty chosen by CV.
 
     The penalty (alpha on the grid, ties to the larger) maximises the Spearman of the
@@ -167,5 +168,15 @@ def ridge_cv(X: np.ndarray, y: np.ndarray, folds: list[np.ndarray],
         oof[fold] = outer[fold, j_in]
     lam = float(alphas[j]) * (full.trace / full.d or 1.0)
     coef, intercept = full.coef(lam)
-    return RidgeCV(coef, intercept, float(alphas[j]), lam, oof, spearman(oof, y), pearson(oof, y),
-                   curve, alphas, chosen)
+    return RidgeCV(
+        coef,
+        intercept,
+        float(alphas[j]),
+        lam,
+        oof,
+        spearman(oof, y),
+        pearson(oof, y),
+        curve,
+        alphas,
+        chosen,
+    )

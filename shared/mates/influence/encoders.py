@@ -41,8 +41,14 @@ def minilm_dir() -> Path:
 
 def _tiny_encoder(seed: int) -> BertModel:
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     return BertModel(cfg, add_pooling_layer=False)
 
 
@@ -53,8 +59,10 @@ def load_encoder(name: str, seed: int = 0):
     if name == "tiny":
         return _tiny_encoder(seed), AutoTokenizer.from_pretrained(str(minilm_dir()))
     if name == "ngram":
-        raise ConfigError("`influence.encoder: ngram` is fitted on the run's reference set and corpus "
-                          "(mates.ngram.NgramEncoder.fit), not loaded by name")
+        raise ConfigError(
+            "`influence.encoder: ngram` is fitted on the run's reference set and corpus "
+            "(mates.ngram.NgramEncoder.fit), not loaded by name"
+        )
     path = minilm_dir() if name == "minilm" else Path(name)
     if is_ngram_dir(path):
         enc = NgramEncoder.from_pretrained(path)
@@ -73,8 +81,9 @@ def _is_bag(encoder: torch.nn.Module) -> bool:
     return getattr(encoder, "bag_of_ngrams", False)
 
 
-def pooled_features(encoder: torch.nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
+def pooled_features(
+    encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Hidden states mean-pooled over the real tokens (B, C), pooled in fp32; an encoder
     with its own pooling (a bag of n-grams) gives its features directly."""
     if _is_bag(encoder):

@@ -30,9 +30,14 @@ def _none_if_nan(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def fit_influence_model(scorer: InfluenceScorer, texts: Sequence[str], influences: np.ndarray,
-                        cfg: InfluenceConfig, seed: int,
-                        progress: Callable[[int], None] | None = None) -> FitReport:
+def fit_influence_model(
+    scorer: InfluenceScorer,
+    texts: Sequence[str],
+    influences: np.ndarray,
+    cfg: InfluenceConfig,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> FitReport:
     """Fit `scorer` in place on (text, influence) pairs, model selection by k-fold CV.
 
     See the module docstring for the three fits. `progress` is told of `cfg.epochs` units
@@ -46,8 +51,10 @@ def fit_influence_model(scorer: InfluenceScorer, texts: Sequence[str], influence
         raise DataError("oracle influences contain NaN or infinite values")
     n, k = len(y), cfg.cv_folds
     if n < min_probes(k):
-        raise DataError(f"need at least {min_probes(k)} probes to fit the influence model with "
-                        f"influence.cv_folds={k}, got {n}")
+        raise DataError(
+            f"need at least {min_probes(k)} probes to fit the influence model with "
+            f"influence.cv_folds={k}, got {n}"
+        )
     # constant influences: std 1 (y.std() of equal values can be ~1e-17, not 0)
     mean, std = float(y.mean()), (float(y.std()) if np.ptp(y) > 0 else 1.0)
     z = (y - mean) / std
@@ -66,23 +73,42 @@ def fit_influence_model(scorer: InfluenceScorer, texts: Sequence[str], influence
         if progress:
             progress(cfg.epochs)
     else:
-        rho, r_p, best_epoch, train_rho = _fit_by_epochs(scorer, tokens, z, folds, cfg, seed, progress)
+        rho, r_p, best_epoch, train_rho = _fit_by_epochs(
+            scorer, tokens, z, folds, cfg, seed, progress
+        )
         epochs = cfg.epochs
         rf = None
     low, high = spearman_interval(rho, n)
     return FitReport(
-        val_spearman=_none_if_nan(rho), val_pearson=_none_if_nan(r_p),
-        train_spearman=_none_if_nan(train_rho), best_epoch=best_epoch, epochs=epochs,
-        train_size=n, val_size=n, target_mean=mean, target_std=std,
-        seconds=time.perf_counter() - t0, cv_folds=k, cv_low=_none_if_nan(low),
+        val_spearman=_none_if_nan(rho),
+        val_pearson=_none_if_nan(r_p),
+        train_spearman=_none_if_nan(train_rho),
+        best_epoch=best_epoch,
+        epochs=epochs,
+        train_size=n,
+        val_size=n,
+        target_mean=mean,
+        target_std=std,
+        seconds=time.perf_counter() - t0,
+        cv_folds=k,
+        cv_low=_none_if_nan(low),
         cv_high=_none_if_nan(high),
         fit="ridge" if rf is not None else ("encoder" if cfg.train_encoder else "sgd"),
-        ridge_lambda=rf.lam if rf is not None else None, nested=rf is not None, num_probes=n)
+        ridge_lambda=rf.lam if rf is not None else None,
+        nested=rf is not None,
+        num_probes=n,
+    )
 
 
-def _fit_by_epochs(scorer: InfluenceScorer, tokens: list[list[int]], z: np.ndarray,
-                   folds: list[np.ndarray], cfg: InfluenceConfig, seed: int,
-                   progress: Callable[[int], None] | None) -> tuple[float, float, int, float]:
+def _fit_by_epochs(
+    scorer: InfluenceScorer,
+    tokens: list[list[int]],
+    z: np.ndarray,
+    folds: list[np.ndarray],
+    cfg: InfluenceConfig,
+    seed: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[float, float, int, float]:
     """'sgd' and 'encoder': each fold trains a fresh copy of the model (the state it came
     in) for `cfg.epochs` epochs, predicting its held-out fold after every epoch; the epoch
     count e* with the best Spearman of the pooled out-of-fold predictions (ties: fewer) is
@@ -95,6 +121,7 @@ def _fit_by_epochs(scorer: InfluenceScorer, tokens: list[list[int]], z: np.ndarr
     initial = copy.deepcopy(model.state_dict())
     zt = torch.tensor(z, dtype=torch.float32)
     if cfg.train_encoder:
+
         def trainer():
             return _encoder_trainer(scorer, tokens, zt, cfg)
 
@@ -134,8 +161,9 @@ def _fit_by_epochs(scorer: InfluenceScorer, tokens: list[list[int]], z: np.ndarr
     return curve[best], pearson(oof[best], z), best, spearman(predict(np.arange(len(z))), z)
 
 
-def _head_trainer(scorer: InfluenceScorer, feats: torch.Tensor, z: torch.Tensor,
-                  cfg: InfluenceConfig) -> Callable[[np.ndarray], None]:
+def _head_trainer(
+    scorer: InfluenceScorer, feats: torch.Tensor, z: torch.Tensor, cfg: InfluenceConfig
+) -> Callable[[np.ndarray], None]:
     head = scorer.model.head
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
     feats, z = feats.to(scorer.device), z.to(scorer.device)
@@ -152,13 +180,17 @@ def _head_trainer(scorer: InfluenceScorer, feats: torch.Tensor, z: torch.Tensor,
     return epoch
 
 
-def _encoder_trainer(scorer: InfluenceScorer, tokens: list[list[int]], z: torch.Tensor,
-                     cfg: InfluenceConfig) -> Callable[[np.ndarray], None]:
+def _encoder_trainer(
+    scorer: InfluenceScorer, tokens: list[list[int]], z: torch.Tensor, cfg: InfluenceConfig
+) -> Callable[[np.ndarray], None]:
     model = scorer.model
-    opt = torch.optim.AdamW([
-        {"params": model.encoder.parameters(), "lr": cfg.lr},
-        {"params": model.head.parameters(), "lr": cfg.head_lr},
-    ], weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": cfg.lr},
+            {"params": model.head.parameters(), "lr": cfg.head_lr},
+        ],
+        weight_decay=0.01,
+    )
     # bf16 on CPU is a scoring-throughput choice; fine-tuning there stays fp32 as it always was.
     precision = scorer.resolved_precision() if scorer.device.type == "cuda" else "fp32"
 
@@ -166,7 +198,9 @@ def _encoder_trainer(scorer: InfluenceScorer, tokens: list[list[int]], z: torch.
         model.train()
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            ids, mask = _collate([tokens[i] for i in idx], scorer.tokenizer.pad_token_id, scorer.device)
+            ids, mask = _collate(
+                [tokens[i] for i in idx], scorer.tokenizer.pad_token_id, scorer.device
+            )
             with autocast(scorer.device, precision):
                 pred = model(ids, mask)
             loss = torch.nn.functional.mse_loss(pred.float(), z[idx].to(scorer.device))
@@ -178,4 +212,6 @@ def _encoder_trainer(scorer: InfluenceScorer, tokens: list[list[int]], z: torch.
 
 
 def report_dict(report: FitReport) -> dict:
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(report).items()}
+    return {
+        k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(report).items()
+    }

@@ -94,7 +94,9 @@ def _head(text: str, max_chars: int) -> str:
     return text[:cut] if cut > 0 else text
 
 
-def _collate(token_lists: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(
+    token_lists: list[list[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(t) for t in token_lists)
     ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(token_lists), width), dtype=torch.long)
@@ -112,8 +114,16 @@ class InfluenceScorer:
     (`resolve_precision`).
     """
 
-    def __init__(self, model: InfluenceModel, tokenizer, max_tokens: int, device: torch.device,
-                 meta: dict | None = None, precision: str = "auto", compile: bool = False):
+    def __init__(
+        self,
+        model: InfluenceModel,
+        tokenizer,
+        max_tokens: int,
+        device: torch.device,
+        meta: dict | None = None,
+        precision: str = "auto",
+        compile: bool = False,
+    ):
         self.model = model.to(device)
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
@@ -161,8 +171,10 @@ class InfluenceScorer:
             return lambda ids, mask: pooled_features(encoder, ids, mask)
         key = (self._weights_key(), precision)
         if self._compiled is None or self._compiled[0] != key:
-            self._compiled = (key, torch.compile(_Pooled(encoder).eval(), dynamic=True,
-                                                 options={"freezing": True}))
+            self._compiled = (
+                key,
+                torch.compile(_Pooled(encoder).eval(), dynamic=True, options={"freezing": True}),
+            )
         compiled = self._compiled[1]
 
         def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -189,8 +201,11 @@ class InfluenceScorer:
         if _tokens_stop_at_spaces(self.tokenizer):
             heads = [_head(t, self.max_tokens * _HEAD_CHARS_PER_TOKEN) for t in texts]
         ids = self._encode(heads)
-        short = [i for i, (t, h) in enumerate(zip(texts, heads, strict=True))
-                 if len(h) < len(t) and len(ids[i]) < self.max_tokens]
+        short = [
+            i
+            for i, (t, h) in enumerate(zip(texts, heads, strict=True))
+            if len(h) < len(t) and len(ids[i]) < self.max_tokens
+        ]
         for i, whole in zip(short, self._encode([texts[i] for i in short]), strict=True):
             ids[i] = whole
         return ids
@@ -201,22 +216,32 @@ class InfluenceScorer:
         return self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
 
     @torch.inference_mode()
-    def features(self, token_lists: list[list[int]], batch_size: int,
-                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    def features(
+        self,
+        token_lists: list[list[int]],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Pooled encoder features (N, C) in input order, length-bucketed batches."""
         self.model.eval()
         fn = self._features_fn()
         out = torch.empty((len(token_lists), self.model.encoder.config.hidden_size))
         for idx in length_batches([len(t) for t in token_lists], batch_size):
-            ids, mask = _collate([token_lists[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+            ids, mask = _collate(
+                [token_lists[i] for i in idx], self.tokenizer.pad_token_id, self.device
+            )
             out[torch.from_numpy(idx)] = fn(ids, mask).cpu()
             if progress:
                 progress(len(idx))
         return out
 
     @torch.inference_mode()
-    def predict(self, token_lists: list[list[int]], batch_size: int,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def predict(
+        self,
+        token_lists: list[list[int]],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
         feats = self.features(token_lists, batch_size, progress)
         return self.predict_features(feats)
 
@@ -234,20 +259,27 @@ class InfluenceScorer:
         """Write the model dir atomically; a frozen pretrained encoder is referenced, not copied."""
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
-                      tmp / "head.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in self.model.head.state_dict().items()},
+                tmp / "head.safetensors",
+            )
             # copied: fine-tuned or random weights, and a bag of n-grams fitted on the run's data
             copy_encoder = train_encoder or encoder_source in ("tiny", "ngram")
             if copy_encoder:
                 self.model.encoder.save_pretrained(tmp / "encoder")
                 self.tokenizer.save_pretrained(tmp / "encoder")
-            meta = {**self.meta, "max_tokens": self.max_tokens, "precision": self.precision,
-                    "encoder": "encoder" if copy_encoder else encoder_source}
+            meta = {
+                **self.meta,
+                "max_tokens": self.max_tokens,
+                "precision": self.precision,
+                "encoder": "encoder" if copy_encoder else encoder_source,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, precision: str | None = None,
-             compile: bool = False) -> InfluenceScorer:
+    def load(
+        cls, path: Path, device: torch.device, precision: str | None = None, compile: bool = False
+    ) -> InfluenceScorer:
         """A saved model; `precision` defaults to the one it was fitted and scored with."""
         path = Path(path)
         if not (path / "meta.json").is_file():
@@ -259,9 +291,18 @@ class InfluenceScorer:
         try:
             model.head.load_state_dict(load_file(path / "head.safetensors"))
         except Exception as e:  # safetensors raises its own error types
-            raise ArtifactError(f"influence model {path} is unreadable: {type(e).__name__}: {e}") from e
-        return cls(model, tok, int(meta["max_tokens"]), device, meta,
-                   precision or meta.get("precision", "auto"), compile=compile)
+            raise ArtifactError(
+                f"influence model {path} is unreadable: {type(e).__name__}: {e}"
+            ) from e
+        return cls(
+            model,
+            tok,
+            int(meta["max_tokens"]),
+            device,
+            meta,
+            precision or meta.get("precision", "auto"),
+            compile=compile,
+        )
 
 
 # -- the scoring paths a throughput benchmark compares -------------------------

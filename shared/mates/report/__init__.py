@@ -26,7 +26,26 @@ from mates.report.html import (
 )
 from mates.report.views import arm_overlays, config_summary, overlay_view, run_view, sibling_arms
 
-__all__ = ["CSS", "arm_overlays", "arms_table", "charts", "config_summary", "config_table",
-           "distribution_chart", "domain_chart", "elapsed_text", "history_list", "loss_chart",
-           "overlay_view", "page", "render_report", "run_body", "run_view", "sibling_arms",
-           "spearman_text", "stage_table", "timeline_chart", "write_report"]
+__all__ = [
+    "CSS",
+    "arm_overlays",
+    "arms_table",
+    "charts",
+    "config_summary",
+    "config_table",
+    "distribution_chart",
+    "domain_chart",
+    "elapsed_text",
+    "history_list",
+    "loss_chart",
+    "overlay_view",
+    "page",
+    "render_report",
+    "run_body",
+    "run_view",
+    "sibling_arms",
+    "spearman_text",
+    "stage_table",
+    "timeline_chart",
+    "write_report",
+]

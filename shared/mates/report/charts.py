@@ -20,7 +20,7 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prologue so the SVG can sit inline
+    return text[text.index("<svg") :]  # drop the XML prologue so the SVG can sit inline
 
 
 def _figure(w: float, h: float):
@@ -32,8 +32,16 @@ def _figure(w: float, h: float):
     return plt.subplots(figsize=(w, h), dpi=100)
 
 
-OVERLAY_COLORS = ("#7f7f7f", "#e45756", "#54a24b", "#b279a2", "#9d755d", "#eeca3b", "#72b7b2",
-                  "#ff9da6")  # the first (grey) goes to the random arm, listed first
+OVERLAY_COLORS = (
+    "#7f7f7f",
+    "#e45756",
+    "#54a24b",
+    "#b279a2",
+    "#9d755d",
+    "#eeca3b",
+    "#72b7b2",
+    "#ff9da6",
+)  # the first (grey) goes to the random arm, listed first
 SIGN_NOTE = "lower = more helpful"
 
 
@@ -49,8 +57,11 @@ def as_overlays(baseline: dict | list[dict] | None) -> list[dict]:
 
 
 def _cooldown_points(view: dict) -> list[tuple[float, float]]:
-    return [(st["cooldown"]["tokens"] / 1e6, st["cooldown"]["loss"])
-            for st in view.get("stages", []) if st.get("cooldown")]
+    return [
+        (st["cooldown"]["tokens"] / 1e6, st["cooldown"]["loss"])
+        for st in view.get("stages", [])
+        if st.get("cooldown")
+    ]
 
 
 def _plot_cooldown(ax, view: dict, color: str, label: str) -> None:
@@ -66,16 +77,28 @@ def loss_chart(view: dict, baseline: dict | list[dict] | None = None) -> str:
     pts = [r for r in view["curve"] if r.get("heldout_loss") is not None]
     x = [r["tokens"] / 1e6 for r in pts]
     ax.plot(x, [r["heldout_loss"] for r in pts], "-o", ms=3, color="#4c78a8", label="held-out")
-    ref = [(t, r["reference_loss"]) for t, r in zip(x, pts, strict=True) if r.get("reference_loss") is not None]
+    ref = [
+        (t, r["reference_loss"])
+        for t, r in zip(x, pts, strict=True)
+        if r.get("reference_loss") is not None
+    ]
     if ref:
         ax.plot(*zip(*ref, strict=True), "-", color="#f58518", alpha=0.8, label="reference")
     cool = next((st["cooldown"]["set"] for st in view["stages"] if st.get("cooldown")), None)
     _plot_cooldown(ax, view, "#1f3b63", f"after lr cooldown ({_mpl(cool)})")
     for i, other in enumerate(as_overlays(baseline)):
-        color, name = OVERLAY_COLORS[i % len(OVERLAY_COLORS)], _mpl(other.get("label") or other["name"])
+        color, name = (
+            OVERLAY_COLORS[i % len(OVERLAY_COLORS)],
+            _mpl(other.get("label") or other["name"]),
+        )
         bp = [r for r in other["curve"] if r.get("heldout_loss") is not None]
-        ax.plot([r["tokens"] / 1e6 for r in bp], [r["heldout_loss"] for r in bp], "--",
-                color=color, label=f"held-out, {name}")
+        ax.plot(
+            [r["tokens"] / 1e6 for r in bp],
+            [r["heldout_loss"] for r in bp],
+            "--",
+            color=color,
+            label=f"held-out, {name}",
+        )
         _plot_cooldown(ax, other, color, f"after lr cooldown, {name}")
     for st in view["stages"][1:]:  # stage boundaries
         first = next((r for r in pts if r["stage"] == st["stage"]), None)
@@ -113,11 +136,21 @@ def _score_hist(ax, stage: dict) -> None:
     kept = stage.get("kept")
     if kept:
         chosen = vals[np.asarray(kept, dtype=bool)]
-        ax.hist(chosen, bins=bins, color="#4c78a8", label=f"kept by stage {stage['stage'] + 1}, n={len(chosen)}")
+        ax.hist(
+            chosen,
+            bins=bins,
+            color="#4c78a8",
+            label=f"kept by stage {stage['stage'] + 1}, n={len(chosen)}",
+        )
     cut = stage.get("cut")
     if cut:
-        ax.axvline(cut["score"], color="#e45756", lw=1.2, ls="--",
-                   label=f"{cut['label']} ({cut['score']:.3g})")
+        ax.axvline(
+            cut["score"],
+            color="#e45756",
+            lw=1.2,
+            ls="--",
+            label=f"{cut['label']} ({cut['score']:.3g})",
+        )
     if kept or cut:
         ax.legend(fontsize=6, loc="best")
 
@@ -129,8 +162,9 @@ def distribution_chart(stage: dict) -> str | None:
         return None
     fig, axes = _figure(7.5, 2.8)
     fig.clf()
-    for j, (key, label) in enumerate((("influences", "oracle influence (probes)"),
-                                      ("scores", "predicted score (pool, z-units)"))):
+    for j, (key, label) in enumerate(
+        (("influences", "oracle influence (probes)"), ("scores", "predicted score (pool, z-units)"))
+    ):
         ax = fig.add_subplot(1, 2, j + 1)
         vals = np.asarray(stage[key], dtype=float)
         if key == "scores" and len(vals):

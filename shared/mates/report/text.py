@@ -22,13 +22,17 @@ def fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def budget_text(c: dict) -> str:
-    steps = (f"{fmt(c.get('num_stages'), 'd')} stages: {fmt(c.get('stage0_steps'), ',d')} steps "
-             f"in stage 0, {fmt(c.get('stage_steps'), ',d')} in each later one")
+    steps = (
+        f"{fmt(c.get('num_stages'), 'd')} stages: {fmt(c.get('stage0_steps'), ',d')} steps "
+        f"in stage 0, {fmt(c.get('stage_steps'), ',d')} in each later one"
+    )
     if c.get("stage_tokens") is not None:
         multiple = c.get("pool_multiple")
-        pool = (f"{fmt(multiple, 'g')}x" if multiple is not None else "1 / ratio times")
-        budget = (f"token budgets of {fmt(c.get('stage0_tokens'), ',d')} (stage 0) and "
-                  f"{fmt(c.get('stage_tokens'), ',d')}, one epoch each; later pools {pool} the budget")
+        pool = f"{fmt(multiple, 'g')}x" if multiple is not None else "1 / ratio times"
+        budget = (
+            f"token budgets of {fmt(c.get('stage0_tokens'), ',d')} (stage 0) and "
+            f"{fmt(c.get('stage_tokens'), ',d')}, one epoch each; later pools {pool} the budget"
+        )
     else:
         budget = f"{fmt(c.get('pool_docs'), ',d')} pool documents per stage"
     chunks = c.get("chunk_tokens")

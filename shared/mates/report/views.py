@@ -37,38 +37,67 @@ def _domain_shift(sel: dict) -> dict[str, dict[str, float]]:
     if not pool or set(pool) == {"-"}:
         return {}  # the corpus has no domain field
     n_sel, n_pool = max(sum(chosen.values()), 1), max(sum(pool.values()), 1)
-    return {d: {"selected": chosen.get(d, 0) / n_sel, "pool": pool[d] / n_pool} for d in sorted(pool)}
+    return {
+        d: {"selected": chosen.get(d, 0) / n_sel, "pool": pool[d] / n_pool} for d in sorted(pool)
+    }
 
 
 def config_summary(cfg: dict) -> dict[str, Any]:
     """The settings a reader of a run needs first, flat, from run.json's resolved config."""
+
     def get(section: str, key: str) -> Any:
         return (cfg.get(section) or {}).get(key)
 
     seq, batch = get("train", "seq_tokens"), get("train", "batch_sequences")
     per_step = seq * batch if is_number(seq) and is_number(batch) else None
-    n, s0, s = get("stages", "num_stages"), get("stages", "stage0_steps"), get("stages", "stage_steps")
+    n, s0, s = (
+        get("stages", "num_stages"),
+        get("stages", "stage0_steps"),
+        get("stages", "stage_steps"),
+    )
     t0, t = get("stages", "stage0_tokens"), get("stages", "stage_tokens")
-    if is_number(t0) and is_number(t) and per_step:  # token budgets: whole steps (RunConfig.stage_steps)
+    if (
+        is_number(t0) and is_number(t) and per_step
+    ):  # token budgets: whole steps (RunConfig.stage_steps)
         s0, s = max(1, -(-t0 // per_step)), max(1, -(-t // per_step))
     steps = s0 + (n - 1) * s if is_number(n) and is_number(s0) and is_number(s) else None
     method = get("selection", "method")
-    sampler = (method if method in ("gumbel", "topk")
-               else get("selection", "sampler") if method in ("mates", "static") else None)
+    sampler = (
+        method
+        if method in ("gumbel", "topk")
+        else get("selection", "sampler")
+        if method in ("mates", "static")
+        else None
+    )
     return {
         "seed": cfg.get("seed"),
-        "selection_method": method, "sampler": sampler, "selection_ratio": get("selection", "ratio"),
-        "temperature": get("selection", "temperature"), "cooldown_fraction": get("train", "cooldown_fraction"),
-        "probe_method": get("probing", "method"), "num_probes": get("probing", "num_probes"),
+        "selection_method": method,
+        "sampler": sampler,
+        "selection_ratio": get("selection", "ratio"),
+        "temperature": get("selection", "temperature"),
+        "cooldown_fraction": get("train", "cooldown_fraction"),
+        "probe_method": get("probing", "method"),
+        "num_probes": get("probing", "num_probes"),
         "probe_lr": get("probing", "lr"),
-        "influence_encoder": get("influence", "encoder"), "influence_epochs": get("influence", "epochs"),
+        "influence_encoder": get("influence", "encoder"),
+        "influence_epochs": get("influence", "epochs"),
         "train_encoder": get("influence", "train_encoder"),
-        "head_fit": get("influence", "head_fit"), "cv_folds": get("influence", "cv_folds"),
-        "num_stages": n, "stage0_steps": s0, "stage_steps": s, "pool_docs": get("stages", "pool_docs"),
-        "stage0_tokens": t0, "stage_tokens": t, "pool_multiple": get("stages", "pool_multiple"),
-        "pool_mode": get("stages", "pool_mode"), "chunk_tokens": get("data", "chunk_tokens"),
-        "batch_sequences": batch, "seq_tokens": seq, "tokens_per_step": per_step,
-        "total_steps": steps, "total_tokens": per_step * steps if per_step and steps else None,
+        "head_fit": get("influence", "head_fit"),
+        "cv_folds": get("influence", "cv_folds"),
+        "num_stages": n,
+        "stage0_steps": s0,
+        "stage_steps": s,
+        "pool_docs": get("stages", "pool_docs"),
+        "stage0_tokens": t0,
+        "stage_tokens": t,
+        "pool_multiple": get("stages", "pool_multiple"),
+        "pool_mode": get("stages", "pool_mode"),
+        "chunk_tokens": get("data", "chunk_tokens"),
+        "batch_sequences": batch,
+        "seq_tokens": seq,
+        "tokens_per_step": per_step,
+        "total_steps": steps,
+        "total_tokens": per_step * steps if per_step and steps else None,
     }
 
 
@@ -83,10 +112,24 @@ def _transitions(m: dict) -> list[dict]:
             if prev is None and state == "pending":
                 prev = state
                 continue  # every stage is created pending with the run
-            kind = ("resumed" if prev in ("failed", "cancelled")
-                    else state if state in ("failed", "cancelled") else "transition")
-            rows.append({"at": t.get("at"), "stage": st["stage"], "what": state, "kind": kind,
-                         "from": prev, "detail": t.get("error"), "source": "stage"})
+            kind = (
+                "resumed"
+                if prev in ("failed", "cancelled")
+                else state
+                if state in ("failed", "cancelled")
+                else "transition"
+            )
+            rows.append(
+                {
+                    "at": t.get("at"),
+                    "stage": st["stage"],
+                    "what": state,
+                    "kind": kind,
+                    "from": prev,
+                    "detail": t.get("error"),
+                    "source": "stage",
+                }
+            )
             prev = state
     return rows
 
@@ -94,13 +137,29 @@ def _transitions(m: dict) -> list[dict]:
 def _history(m: dict, events: list[dict]) -> list[dict]:
     """The run's history, oldest first: its creation, every stage transition, and the
     events logged in events.jsonl (failures with their reason, scorer waits, warnings)."""
-    rows = [{"at": m["created_at"], "stage": None, "what": "run created", "kind": "run",
-             "detail": None, "source": "run"}, *_transitions(m)]
+    rows = [
+        {
+            "at": m["created_at"],
+            "stage": None,
+            "what": "run created",
+            "kind": "run",
+            "detail": None,
+            "source": "run",
+        },
+        *_transitions(m),
+    ]
     for e in events:
         what = str(e.get("event") or "event")
-        rows.append({"at": e.get("at"), "stage": e.get("stage"), "what": what,
-                     "kind": "failed" if what == "failed" else "event", "source": "event",
-                     "detail": e.get("reason") or e.get("message") or e.get("error")})
+        rows.append(
+            {
+                "at": e.get("at"),
+                "stage": e.get("stage"),
+                "what": what,
+                "kind": "failed" if what == "failed" else "event",
+                "source": "event",
+                "detail": e.get("reason") or e.get("message") or e.get("error"),
+            }
+        )
     rows = sorted((r for r in rows if is_number(r["at"])), key=lambda r: r["at"])
     return _merge_failures(rows, {st["stage"]: st.get("error") for st in m["stages"]})
 
@@ -114,9 +173,18 @@ def _merge_failures(rows: list[dict], stage_errors: dict) -> list[dict]:
     (within a minute), which is then not listed twice; a stage failed now keeps its error."""
     used: set[int] = set()
     for r in filter(_is_stage_end, rows):
-        i = next((i for i, e in enumerate(rows) if i not in used and e["source"] == "event"
-                  and e["kind"] == "failed" and e["stage"] == r["stage"]
-                  and abs(e["at"] - r["at"]) < 60), None)
+        i = next(
+            (
+                i
+                for i, e in enumerate(rows)
+                if i not in used
+                and e["source"] == "event"
+                and e["kind"] == "failed"
+                and e["stage"] == r["stage"]
+                and abs(e["at"] - r["at"]) < 60
+            ),
+            None,
+        )
         if i is not None:
             used.add(i)
             r["detail"] = r["detail"] or rows[i]["detail"]
@@ -154,9 +222,16 @@ def _cut(scores: list[float], kept: list[bool] | None, sel: dict | None) -> dict
     if not vals or method not in ("topk", "gumbel"):
         return None
     if method == "topk":
-        return {"method": method, "score": float(max(vals)), "label": "cut: every kept score ≤ this"}
-    return {"method": method, "score": float(np.quantile(vals, 0.9)),
-            "label": "90% of kept scores ≤ this"}
+        return {
+            "method": method,
+            "score": float(max(vals)),
+            "label": "cut: every kept score ≤ this",
+        }
+    return {
+        "method": method,
+        "score": float(np.quantile(vals, 0.9)),
+        "label": "90% of kept scores ≤ this",
+    }
 
 
 def _cooldown(paths: RunPaths, k: int) -> dict | None:
@@ -169,12 +244,18 @@ def _cooldown(paths: RunPaths, k: int) -> dict | None:
     point = (c.get("sets") or {}).get(primary) or {}
     if not is_number(point.get("loss")) or not is_number(c.get("tokens")):
         return None
-    return {"tokens": c["tokens"], "set": primary, "loss": point["loss"],
-            "accuracy": point.get("accuracy"), "kind": point.get("kind")}
+    return {
+        "tokens": c["tokens"],
+        "set": primary,
+        "loss": point["loss"],
+        "accuracy": point.get("accuracy"),
+        "kind": point.get("kind"),
+    }
 
 
-def _stage_view(paths: RunPaths, st: dict, cfg: dict, sel: dict | None, prev: dict | None,
-                nxt: dict | None) -> dict[str, Any]:
+def _stage_view(
+    paths: RunPaths, st: dict, cfg: dict, sel: dict | None, prev: dict | None, nxt: dict | None
+) -> dict[str, Any]:
     """One stage; `sel` is the selection it trained on, `prev` the stage before's and `nxt`
     the next stage's (drawn from the pool this stage's model scored)."""
     k, met = st["stage"], st.get("metrics") or {}
@@ -188,15 +269,23 @@ def _stage_view(paths: RunPaths, st: dict, cfg: dict, sel: dict | None, prev: di
     kept = _kept(score_rows, nxt)
     fo = probes.get("first_order_spearman")
     return {
-        "stage": k, "state": st["state"],
+        "stage": k,
+        "state": st["state"],
         "seconds": {p: st.get("timings", {}).get(p) for p in PHASES},
-        "heldout_loss": met.get("heldout_loss"), "reference_loss": met.get("reference_loss"),
+        "heldout_loss": met.get("heldout_loss"),
+        "reference_loss": met.get("reference_loss"),
         "tokens": met.get("tokens"),
-        "probe_method": probes.get("method"), "probe_count": probes.get("count"),
-        "first_order_spearman": fo, "first_order_n": probes.get("exact_subset") if fo is not None else None,
-        "val_spearman": fit.get("val_spearman"), "val_n": _val_n(fit, probes, cfg),
-        "cv_interval": ([fit["cv_low"], fit["cv_high"]] if is_number(fit.get("cv_low")) and is_number(fit.get("cv_high"))
-                        else None),
+        "probe_method": probes.get("method"),
+        "probe_count": probes.get("count"),
+        "first_order_spearman": fo,
+        "first_order_n": probes.get("exact_subset") if fo is not None else None,
+        "val_spearman": fit.get("val_spearman"),
+        "val_n": _val_n(fit, probes, cfg),
+        "cv_interval": (
+            [fit["cv_low"], fit["cv_high"]]
+            if is_number(fit.get("cv_low")) and is_number(fit.get("cv_high"))
+            else None
+        ),
         "shared_effect": probes.get("shared_effect"),
         "selected": (met.get("selection") or {}).get("selected"),
         "fallback": (met.get("selection") or {}).get("fallback"),
@@ -204,7 +293,9 @@ def _stage_view(paths: RunPaths, st: dict, cfg: dict, sel: dict | None, prev: di
         "overlap_with_previous": overlap,
         "domain_shift": _domain_shift(met.get("selection") or {}),
         "influences": [r["influence"] for r in _rows(paths.probes(k))],
-        "scores": scores, "kept": kept, "cut": _cut(scores, kept, nxt),
+        "scores": scores,
+        "kept": kept,
+        "cut": _cut(scores, kept, nxt),
         "cooldown": _cooldown(paths, k),
         "error": st.get("error"),
     }
@@ -219,13 +310,25 @@ def run_view(run_dir: Path) -> dict[str, Any]:
     end = m["updated_at"] if m["status"] in ("done", "failed", "cancelled") else time.time()
     cfg = m.get("config") or {}
     sels = [_selection(paths, st["stage"]) for st in m["stages"]]
-    stages = [_stage_view(paths, st, cfg, sels[i], sels[i - 1] if i else None,
-                          sels[i + 1] if i + 1 < len(sels) else None)
-              for i, st in enumerate(m["stages"])]
+    stages = [
+        _stage_view(
+            paths,
+            st,
+            cfg,
+            sels[i],
+            sels[i - 1] if i else None,
+            sels[i + 1] if i + 1 < len(sels) else None,
+        )
+        for i, st in enumerate(m["stages"])
+    ]
     return {
-        "run_id": m["run_id"], "name": m["name"], "status": m["status"],
-        "current_stage": m.get("current_stage"), "error": m.get("error"),
-        "created_at": m["created_at"], "elapsed_s": max(0.0, end - m["created_at"]),
+        "run_id": m["run_id"],
+        "name": m["name"],
+        "status": m["status"],
+        "current_stage": m.get("current_stage"),
+        "error": m.get("error"),
+        "created_at": m["created_at"],
+        "elapsed_s": max(0.0, end - m["created_at"]),
         "config": config_summary(cfg),
         "history": _history(m, _rows(paths.events)),
         "curve": _curve(paths),
@@ -234,8 +337,10 @@ def run_view(run_dir: Path) -> dict[str, Any]:
 
 
 def _curve(paths: RunPaths) -> list[dict]:
-    return [{k: r.get(k) for k in ("stage", "step", "tokens", "heldout_loss", "reference_loss")}
-            for r in _rows(paths.metrics)]
+    return [
+        {k: r.get(k) for k in ("stage", "step", "tokens", "heldout_loss", "reference_loss")}
+        for r in _rows(paths.metrics)
+    ]
 
 
 def overlay_view(run_dir: Path, label: str | None = None) -> dict[str, Any]:
@@ -245,13 +350,22 @@ def overlay_view(run_dir: Path, label: str | None = None) -> dict[str, Any]:
     if not paths.manifest.is_file():
         raise ArtifactError(f"{run_dir} is not a run directory (no run.json)")
     m = read_json(paths.manifest)
-    return {"run_id": m["run_id"], "name": m["name"], "status": m["status"],
-            "label": label or m["name"],
-            "selection_method": ((m.get("config") or {}).get("selection") or {}).get("method"),
-            "curve": _curve(paths),
-            "stages": [{"stage": st["stage"], "cooldown": _cooldown(paths, st["stage"]),
-                        "heldout_loss": (st.get("metrics") or {}).get("heldout_loss")}
-                       for st in m["stages"]]}
+    return {
+        "run_id": m["run_id"],
+        "name": m["name"],
+        "status": m["status"],
+        "label": label or m["name"],
+        "selection_method": ((m.get("config") or {}).get("selection") or {}).get("method"),
+        "curve": _curve(paths),
+        "stages": [
+            {
+                "stage": st["stage"],
+                "cooldown": _cooldown(paths, st["stage"]),
+                "heldout_loss": (st.get("metrics") or {}).get("heldout_loss"),
+            }
+            for st in m["stages"]
+        ],
+    }
 
 
 SEED_DIR = re.compile(r"seed-\d+")
@@ -264,8 +378,11 @@ def sibling_arms(run_dir: Path) -> list[Path]:
     here = Path(run_dir)
     parent = here.parent
     if SEED_DIR.fullmatch(parent.name):
-        arms = [p for p in parent.iterdir()
-                if p.name != here.name and p.is_dir() and RunPaths(p).manifest.is_file()]
+        arms = [
+            p
+            for p in parent.iterdir()
+            if p.name != here.name and p.is_dir() and RunPaths(p).manifest.is_file()
+        ]
         return sorted(arms, key=lambda p: (p.name != "random", p.name))
     if here.name == "mates" and RunPaths(parent / "random").manifest.is_file():
         return [parent / "random"]

@@ -37,8 +37,12 @@ class ModelSlot:
 
     def get(self, ctx: Context, k: int) -> InfluenceScorer:
         if self.held is None or self.held[0] != k:
-            self.held = (k, InfluenceScorer.load(ctx.paths.influence_model(k), ctx.device,
-                                                 ctx.cfg.influence.precision))
+            self.held = (
+                k,
+                InfluenceScorer.load(
+                    ctx.paths.influence_model(k), ctx.device, ctx.cfg.influence.precision
+                ),
+            )
         return self.held[1]
 
 
@@ -50,8 +54,11 @@ def new_encoder(ctx: Context) -> tuple[torch.nn.Module, object]:
         return load_encoder(ic.encoder, seed=ctx.cfg.seed)
     key = (ctx.cfg.fingerprint("data"), ctx.cfg.probing.max_reference_examples, ic.max_tokens)
     if key not in _NGRAM_ENCODERS:
-        ref = reference_texts(ctx.cfg.data.reference, ctx.cfg.probing.max_reference_examples,
-                              ctx.cfg.data.reference_kind)
+        ref = reference_texts(
+            ctx.cfg.data.reference,
+            ctx.cfg.probing.max_reference_examples,
+            ctx.cfg.data.reference_kind,
+        )
         corpus = [ctx.corpus.text(i) for i in range(len(ctx.corpus))]
         _NGRAM_ENCODERS[key] = NgramEncoder.fit(ref, corpus, max_words=ic.max_tokens)
     enc = copy.deepcopy(_NGRAM_ENCODERS[key])
@@ -64,8 +71,9 @@ def new_scorer(ctx: Context, k: int) -> InfluenceScorer:
         return InfluenceScorer.load(ctx.paths.influence_model(k - 1), ctx.device, ic.precision)
     encoder, tok = new_encoder(ctx)
     torch.manual_seed(ctx.cfg.seed + k)
-    return InfluenceScorer(InfluenceModel(encoder), tok, ic.max_tokens, ctx.device,
-                           precision=ic.precision)
+    return InfluenceScorer(
+        InfluenceModel(encoder), tok, ic.max_tokens, ctx.device, precision=ic.precision
+    )
 
 
 def fit(ctx: Context, slot: ModelSlot, k: int) -> None:
@@ -78,8 +86,9 @@ def fit(ctx: Context, slot: ModelSlot, k: int) -> None:
     scorer = new_scorer(ctx, k)
     texts = [ctx.corpus.text(ctx.corpus.index_of(r["id"])) for r in rows]
     bar = tqdm(total=ic.epochs, desc=f"stage {k} fit", disable=not ctx.progress, leave=False)
-    report = fit_influence_model(scorer, texts, targets, ic, seed=ctx.cfg.seed + k,
-                                 progress=bar.update)
+    report = fit_influence_model(
+        scorer, texts, targets, ic, seed=ctx.cfg.seed + k, progress=bar.update
+    )
     bar.close()
     run_id = ctx.manifest.run_id
     scorer.meta.update(run_id=run_id, stage=k, version=f"{run_id}/{k}", fit=report_dict(report))
@@ -91,8 +100,10 @@ def fit(ctx: Context, slot: ModelSlot, k: int) -> None:
     # next to nothing); fine-tuned: each of the k fold fits trains on (k-1)/k of the probes
     # for `epochs` and predicts its fold after each, then the refit trains best_epoch+1
     if ic.train_encoder:
-        per_doc = (enc.train(ic.max_tokens) * ((ic.cv_folds - 1) * ic.epochs + report.best_epoch + 1)
-                   + enc.forward(ic.max_tokens) * ic.epochs)
+        per_doc = (
+            enc.train(ic.max_tokens) * ((ic.cv_folds - 1) * ic.epochs + report.best_epoch + 1)
+            + enc.forward(ic.max_tokens) * ic.epochs
+        )
     else:
         per_doc = enc.forward(ic.max_tokens)
     ctx.record_flops(k, "fit", per_doc * len(rows))
@@ -125,6 +136,9 @@ def reuse_stage0_model(ctx: Context, slot: ModelSlot, k: int) -> None:
     with atomic_path(ctx.paths.influence_model(k)) as tmp:
         shutil.copytree(src, tmp)
     stage0 = ctx.manifest.stage(0)["metrics"]
-    ctx.manifest.update_metrics(k, influence_model={"reused_from_stage": 0},
-                                encoder_flops_per_doc=stage0.get("encoder_flops_per_doc"))
+    ctx.manifest.update_metrics(
+        k,
+        influence_model={"reused_from_stage": 0},
+        encoder_flops_per_doc=stage0.get("encoder_flops_per_doc"),
+    )
     slot.held = None

@@ -30,8 +30,10 @@ def probe_documents(ctx: Context, k: int) -> tuple[list[str], list[int], list[to
     ids = [pool_ids[j] for j in chosen]
     docs = [ctx.corpus.index_of(d) for d in ids]
     T = ctx.cfg.train.seq_tokens
-    tokens = [torch.from_numpy(np.append(ctx.corpus.token_ids(i)[:T], ctx.eos).astype(np.int64))
-              for i in docs]
+    tokens = [
+        torch.from_numpy(np.append(ctx.corpus.token_ids(i)[:T], ctx.eos).astype(np.int64))
+        for i in docs
+    ]
     return ids, docs, tokens
 
 
@@ -41,9 +43,12 @@ def probe(ctx: Context, lm: LM, k: int) -> None:
     pc, tc = ctx.cfg.probing, ctx.cfg.train
     ids, docs, tokens = probe_documents(ctx, k)
     n = len(ids)
-    kw = dict(lr=pc.lr or trainer.current_lr, grad_clip=tc.grad_clip,
-              precision=tc.precision if pc.precision == "train" else "fp32",
-              eval_batch_sequences=tc.eval_batch_sequences)
+    kw = dict(
+        lr=pc.lr or trainer.current_lr,
+        grad_clip=tc.grad_clip,
+        precision=tc.precision if pc.precision == "train" else "fp32",
+        eval_batch_sequences=tc.eval_batch_sequences,
+    )
     model, opt = trainer.model, trainer.optimizer
     t0 = time.perf_counter()
     exact_idx: list[int] = []
@@ -53,15 +58,26 @@ def probe(ctx: Context, lm: LM, k: int) -> None:
         exact_idx = list(range(n))
         exact_vals = values
     else:
-        oracle = FirstOrderOracle(model, opt, ctx.reference, shift=pc.method == "first_order_shift",
-                                  batch=pc.method == "first_order_batch", **kw)
+        oracle = FirstOrderOracle(
+            model,
+            opt,
+            ctx.reference,
+            shift=pc.method == "first_order_shift",
+            batch=pc.method == "first_order_batch",
+            **kw,
+        )
         values = _each(ctx, oracle, tokens, f"stage {k} probe (first-order)")
         if pc.method == "hybrid":
             m = min(pc.exact_subset, n)
-            exact_idx = sorted(np.random.default_rng([ctx.cfg.seed, k, 17])
-                               .choice(n, size=m, replace=False).tolist())
+            exact_idx = sorted(
+                np.random.default_rng([ctx.cfg.seed, k, 17])
+                .choice(n, size=m, replace=False)
+                .tolist()
+            )
             exact = ExactOracle(model, opt, ctx.reference, **kw)
-            exact_vals = _each(ctx, exact, [tokens[j] for j in exact_idx], f"stage {k} probe (exact)")
+            exact_vals = _each(
+                ctx, exact, [tokens[j] for j in exact_idx], f"stage {k} probe (exact)"
+            )
     seconds = time.perf_counter() - t0
     rows = []
     exact_of = dict(zip(exact_idx, exact_vals, strict=True)) if exact_idx else {}
@@ -73,18 +89,27 @@ def probe(ctx: Context, lm: LM, k: int) -> None:
     write_jsonl(ctx.paths.probes(k), rows)
     ctx.record_flops(k, "probe", probe_flops(ctx, lm, tokens, exact_idx))
     summary = _summary(rows, oracle)
-    summary.update(method=pc.method, seconds=round(seconds, 3), precision=kw["precision"],
-                   shared_effect=float(oracle.shared_effect()),
-                   probes_per_s=round(n / seconds, 3) if seconds > 0 else None)
+    summary.update(
+        method=pc.method,
+        seconds=round(seconds, 3),
+        precision=kw["precision"],
+        shared_effect=float(oracle.shared_effect()),
+        probes_per_s=round(n / seconds, 3) if seconds > 0 else None,
+    )
     if pc.method == "hybrid":
         fo = np.array([values[j] for j in exact_idx])
         rho = spearman(fo, np.array(exact_vals))
-        summary.update(exact_subset=len(exact_idx), first_order_spearman=round(float(rho), 4),
-                       min_spearman=pc.min_spearman)
+        summary.update(
+            exact_subset=len(exact_idx),
+            first_order_spearman=round(float(rho), 4),
+            min_spearman=pc.min_spearman,
+        )
         if not rho >= pc.min_spearman:  # also catches NaN
-            msg = (f"stage {k}: Spearman(first-order, exact) = {rho:.3f} on {len(exact_idx)} "
-                   f"probes is below probing.min_spearman = {pc.min_spearman}: the first-order "
-                   "approximation does not hold here (try a lower probing.lr or method exact)")
+            msg = (
+                f"stage {k}: Spearman(first-order, exact) = {rho:.3f} on {len(exact_idx)} "
+                f"probes is below probing.min_spearman = {pc.min_spearman}: the first-order "
+                "approximation does not hold here (try a lower probing.lr or method exact)"
+            )
             log.warning(msg)
             ctx.event(k, "first_order_disagrees", message=msg, spearman=float(rho))
     ctx.manifest.update_metrics(k, probes=summary)
@@ -97,7 +122,9 @@ def probe_flops(ctx: Context, lm: LM, tokens: list[torch.Tensor], exact_idx: lis
     if ctx.cfg.probing.method != "exact":
         total += reference_gradient_flops(cost, ref_tokens, ref_scored)
         total += sum(first_order_probe_flops(cost, len(t) - 1) for t in tokens)
-    total += sum(exact_probe_flops(cost, len(tokens[j]) - 1, ref_tokens, ref_scored) for j in exact_idx)
+    total += sum(
+        exact_probe_flops(cost, len(tokens[j]) - 1, ref_tokens, ref_scored) for j in exact_idx
+    )
     return total
 
 
@@ -115,8 +142,11 @@ def _summary(rows: list[dict], oracle) -> dict:
     for r in rows:
         by_domain.setdefault(r["domain"] or "-", []).append(r["influence"])
     return {
-        "count": len(rows), "mean": float(vals.mean()), "std": float(vals.std()),
-        "base_reference_loss": oracle.base_loss, "clipped_fraction": oracle.clipped / len(rows),
+        "count": len(rows),
+        "mean": float(vals.mean()),
+        "std": float(vals.std()),
+        "base_reference_loss": oracle.base_loss,
+        "clipped_fraction": oracle.clipped / len(rows),
         "mean_by_domain": {d: round(float(np.mean(v)), 6) for d, v in sorted(by_domain.items())},
         "count_by_domain": {d: len(v) for d, v in sorted(by_domain.items())},
     }

@@ -31,12 +31,19 @@ def shard_ids(ctx: Context, k: int, shard: int) -> list[str]:
     per = ctx.cfg.influence.score_shard_docs
     ids = read_json(ctx.paths.pool(k + 1))["ids"][shard * per : (shard + 1) * per]
     if not ids:
-        raise ArtifactError(f"stage {k}: shard {shard} is out of range ({num_shards(ctx, k)} shards)")
+        raise ArtifactError(
+            f"stage {k}: shard {shard} is out of range ({num_shards(ctx, k)} shards)"
+        )
     return ids
 
 
-def score_shard(ctx: Context, slot: ModelSlot, k: int, shard: int,
-                score_texts: Callable[[list[str], list[str]], Sequence[float]] | None = None) -> Path:
+def score_shard(
+    ctx: Context,
+    slot: ModelSlot,
+    k: int,
+    shard: int,
+    score_texts: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+) -> Path:
     """Score one shard of stage k+1's pool with stage k's influence model.
 
     `score_texts(ids, texts)` scores elsewhere (the HTTP scorer); by default the model
@@ -50,7 +57,9 @@ def score_shard(ctx: Context, slot: ModelSlot, k: int, shard: int,
         texts = [ctx.corpus.text(ctx.corpus.index_of(d)) for d in ids]
         scores = [float(x) for x in score_texts(ids, texts)]
         if len(scores) != len(ids):
-            raise ArtifactError(f"stage {k} shard {shard}: {len(scores)} scores for {len(ids)} documents")
+            raise ArtifactError(
+                f"stage {k} shard {shard}: {len(scores)} scores for {len(ids)} documents"
+            )
     else:
         scores = score_locally(ctx, slot.get(ctx, k), ids).tolist()
     write_jsonl(out, ({"id": d, "score": s} for d, s in zip(ids, scores, strict=True)))
@@ -77,12 +86,14 @@ def merge(ctx: Context, k: int) -> None:
         rows.extend(read_jsonl(path))
     write_jsonl(ctx.paths.scores(k), rows)
     vals = np.array([r["score"] for r in rows])
-    ctx.manifest.update_metrics(k, scores={"count": len(rows), "mean": float(vals.mean()),
-                                           "std": float(vals.std())})
+    ctx.manifest.update_metrics(
+        k, scores={"count": len(rows), "mean": float(vals.mean()), "std": float(vals.std())}
+    )
 
 
-def frozen_features(ctx: Context, scorer: InfluenceScorer, idx: np.ndarray, bs: int,
-                    progress) -> torch.Tensor:
+def frozen_features(
+    ctx: Context, scorer: InfluenceScorer, idx: np.ndarray, bs: int, progress
+) -> torch.Tensor:
     """A frozen encoder's features never change: compute each document's once per process,
     shared by every run in it that uses the same encoder weights (the arms of a comparison)."""
     cache = _FEATURES.setdefault(_encoder_key(scorer), {})
@@ -99,7 +110,9 @@ def _encoder_key(scorer: InfluenceScorer) -> tuple:
     when their encoders would compute the same ones."""
     with torch.no_grad():
         enc = scorer.model.encoder
-        total = sum(float(p.double().sum()) for p in itertools.chain(enc.parameters(), enc.buffers()))
+        total = sum(
+            float(p.double().sum()) for p in itertools.chain(enc.parameters(), enc.buffers())
+        )
     return (round(total, 6), scorer.max_tokens, scorer.resolved_precision())
 
 

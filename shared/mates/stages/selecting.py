@@ -72,18 +72,28 @@ def token_pool(ctx: Context, k: int) -> np.ndarray:
     candidates = np.array([i for i in ctx.order if int(i) not in used], dtype=np.int64)
     if len(candidates) == 0:
         return candidates
-    idx, _ = fill_budget(np.arange(len(candidates)), ctx.corpus.num_tokens(candidates), ctx.pool_need(k))
+    idx, _ = fill_budget(
+        np.arange(len(candidates)), ctx.corpus.num_tokens(candidates), ctx.pool_need(k)
+    )
     return candidates[idx]
 
 
 # -- selections ------------------------------------------------------------------------
 
 
-def select(ctx: Context, k: int, scores: list[dict] | None, method: str,
-           sampler: str | None = None, temperature: float | None = None,
-           extra: dict | None = None, chosen: np.ndarray | None = None,
-           order: np.ndarray | None = None, standardize: bool = False,
-           off_target: np.ndarray | None = None) -> None:
+def select(
+    ctx: Context,
+    k: int,
+    scores: list[dict] | None,
+    method: str,
+    sampler: str | None = None,
+    temperature: float | None = None,
+    extra: dict | None = None,
+    chosen: np.ndarray | None = None,
+    order: np.ndarray | None = None,
+    standardize: bool = False,
+    off_target: np.ndarray | None = None,
+) -> None:
     """Write selection(k) from pool(k); scores are joined to the pool by document ID.
 
     `method` names the selection method, `sampler` how scores become a selection
@@ -109,35 +119,53 @@ def select(ctx: Context, k: int, scores: list[dict] | None, method: str,
     budget: dict = {}
     if chosen is None and ctx.cfg.stages.token_budgets:
         if order is None:
-            order = selection_order(arr, len(pool_ids), method=sampler, temperature=temperature, seed=seed)
+            order = selection_order(
+                arr, len(pool_ids), method=sampler, temperature=temperature, seed=seed
+            )
         chosen, filled = fill_budget(order, corpus.num_tokens(pool_idx), ctx.stage_need(k))
         budget = {"budget_tokens": ctx.stage_need(k), "filled": filled}
         if not filled:
-            log.warning("stage %d: the pool's %d documents do not fill the stage's %d tokens; "
-                        "the stage repeats some of them", k, len(pool_ids), ctx.stage_need(k))
+            log.warning(
+                "stage %d: the pool's %d documents do not fill the stage's %d tokens; "
+                "the stage repeats some of them",
+                k,
+                len(pool_ids),
+                ctx.stage_need(k),
+            )
     elif chosen is None:
-        chosen = select_indices(arr, len(pool_ids), ratio=s.ratio, method=sampler,
-                                temperature=temperature, seed=seed)
+        chosen = select_indices(
+            arr, len(pool_ids), ratio=s.ratio, method=sampler, temperature=temperature, seed=seed
+        )
     if off_target is not None:
         extra = {**(extra or {}), "filled_at_random": int(off_target[chosen].sum())}
     ids = [pool_ids[i] for i in chosen]
     idx = corpus.indices_of(ids)
     tc = ctx.cfg.train
     manifest = {
-        "stage": k, "method": method, "sampler": sampler, "seed": seed,
-        "ratio": None if budget else s.ratio, **budget,
+        "stage": k,
+        "method": method,
+        "sampler": sampler,
+        "seed": seed,
+        "ratio": None if budget else s.ratio,
+        **budget,
         "temperature": temperature if sampler == "gumbel" else None,
-        "model_version": model_version(ctx, k - 1) if scores is not None and s.model_based else None,
-        "pool_size": len(pool_ids), "selected": len(ids),
+        "model_version": model_version(ctx, k - 1)
+        if scores is not None and s.model_based
+        else None,
+        "pool_size": len(pool_ids),
+        "selected": len(ids),
         "selected_tokens": int(corpus.num_tokens(idx).sum()),
         "pool_tokens": int(corpus.num_tokens(pool_idx).sum()),
         "stage_tokens": ctx.stage_steps(k) * tc.batch_sequences * tc.seq_tokens,
-        "domains": _domain_counts(ctx, idx), "pool_domains": _domain_counts(ctx, pool_idx),
+        "domains": _domain_counts(ctx, idx),
+        "pool_domains": _domain_counts(ctx, pool_idx),
         **(extra or {}),
         "ids": ids,
     }
     write_json(ctx.paths.selection(k), manifest)
-    ctx.manifest.update_metrics(k, selection={key: v for key, v in manifest.items() if key != "ids"})
+    ctx.manifest.update_metrics(
+        k, selection={key: v for key, v in manifest.items() if key != "ids"}
+    )
 
 
 def selection_seed(ctx: Context, k: int) -> list[int]:
@@ -161,11 +189,24 @@ def select_with_model(ctx: Context, k: int) -> None:
     s = ctx.cfg.selection
     gate = quality_gate(ctx, k)
     if gate["passed"] or s.fallback == "none":
-        select(ctx, k + 1, scores=read_jsonl(ctx.paths.scores(k)), method=s.method,
-               sampler=s.score_sampler, standardize=True, extra={"gate": gate})
+        select(
+            ctx,
+            k + 1,
+            scores=read_jsonl(ctx.paths.scores(k)),
+            method=s.method,
+            sampler=s.score_sampler,
+            standardize=True,
+            extra={"gate": gate},
+        )
     else:
-        select(ctx, k + 1, scores=None, method=s.method, sampler=s.fallback,
-               extra={"gate": gate, "fallback": s.fallback})
+        select(
+            ctx,
+            k + 1,
+            scores=None,
+            method=s.method,
+            sampler=s.fallback,
+            extra={"gate": gate, "fallback": s.fallback},
+        )
 
 
 def select_without_model(ctx: Context, lm: LM, k: int) -> None:
@@ -181,19 +222,36 @@ def select_without_model(ctx: Context, lm: LM, k: int) -> None:
         mask = label_mask(ctx)[idx]
         extra = {"target_labels": s.target_labels, "pool_matching": int(mask.sum())}
         if ctx.cfg.stages.token_budgets:
-            select(ctx, k, scores=None, method="label", sampler="label",
-                   order=label_order(mask, seed=selection_seed(ctx, k)), extra=extra,
-                   off_target=~mask)
+            select(
+                ctx,
+                k,
+                scores=None,
+                method="label",
+                sampler="label",
+                order=label_order(mask, seed=selection_seed(ctx, k)),
+                extra=extra,
+                off_target=~mask,
+            )
             return
         chosen, filled = label_selection(mask, ratio=s.ratio, seed=selection_seed(ctx, k))
-        select(ctx, k, scores=None, method="label", sampler="label", chosen=chosen,
-               extra={**extra, "filled_at_random": filled})
+        select(
+            ctx,
+            k,
+            scores=None,
+            method="label",
+            sampler="label",
+            chosen=chosen,
+            extra={**extra, "filled_at_random": filled},
+        )
         return
     if s.method == "dsir":
         from mates.dsir import dsir_scores
 
-        ref = reference_texts(ctx.cfg.data.reference, ctx.cfg.probing.max_reference_examples,
-                              ctx.cfg.data.reference_kind)
+        ref = reference_texts(
+            ctx.cfg.data.reference,
+            ctx.cfg.probing.max_reference_examples,
+            ctx.cfg.data.reference_kind,
+        )
         values = dsir_scores(ref, [ctx.corpus.text(int(i)) for i in idx])
         # importance resampling proper: Gumbel-top-k at tau = 1 draws in proportion to the weight
         sampler, temperature = "gumbel", 1.0
@@ -203,8 +261,15 @@ def select_without_model(ctx: Context, lm: LM, k: int) -> None:
     else:  # pragma: no cover - config validation lists the methods
         raise ConfigError(f"`selection.method` {s.method!r} needs an influence model")
     rows = [{"id": d, "score": float(v)} for d, v in zip(pool_ids, values, strict=True)]
-    select(ctx, k, scores=rows, method=s.method, sampler=sampler, temperature=temperature,
-           extra={"score_seconds": round(time.perf_counter() - t0, 3)})
+    select(
+        ctx,
+        k,
+        scores=rows,
+        method=s.method,
+        sampler=sampler,
+        temperature=temperature,
+        extra={"score_seconds": round(time.perf_counter() - t0, 3)},
+    )
     write_jsonl(ctx.paths.stage(k - 1) / f"{s.method}-scores.jsonl", rows)
 
 
@@ -212,8 +277,11 @@ def label_mask(ctx: Context) -> np.ndarray:
     """Corpus documents whose label matches `selection.target_labels` (or a label below one)."""
     if ctx.labels is None:
         ctx.labels = target_label_mask(
-            [ctx.corpus.domain(i) for i in range(len(ctx.corpus))], ctx.cfg.selection.target_labels,
-            setting="`selection.target_labels`", field=ctx.cfg.data.domain_field)
+            [ctx.corpus.domain(i) for i in range(len(ctx.corpus))],
+            ctx.cfg.selection.target_labels,
+            setting="`selection.target_labels`",
+            field=ctx.cfg.data.domain_field,
+        )
     return ctx.labels
 
 
@@ -245,8 +313,13 @@ def quality_gate(ctx: Context, k: int) -> dict:
     s = ctx.cfg.selection
     fit_stage = 0 if s.method == "static" else k
     fit = ctx.manifest.stage(fit_stage)["metrics"].get("influence_model") or {}
-    gate = {"stage": fit_stage, "cv_spearman": fit.get("val_spearman"), "cv_low": fit.get("cv_low"),
-            "cv_high": fit.get("cv_high"), "min_cv_spearman": s.min_cv_spearman}
+    gate = {
+        "stage": fit_stage,
+        "cv_spearman": fit.get("val_spearman"),
+        "cv_low": fit.get("cv_low"),
+        "cv_high": fit.get("cv_high"),
+        "min_cv_spearman": s.min_cv_spearman,
+    }
     if "cv_folds" not in fit:  # fitted before cross-validation was recorded: nothing to gate on
         return {**gate, "passed": True, "reason": "no cross-validated Spearman recorded"}
     low = fit.get("cv_low")
@@ -254,10 +327,15 @@ def quality_gate(ctx: Context, k: int) -> dict:
     if not gate["passed"]:
         rho = "undefined" if fit.get("val_spearman") is None else f"{fit['val_spearman']:.3f}"
         interval = "" if low is None else f" [{low:.3f}, {fit['cv_high']:.3f}] "
-        msg = (f"stage {k}: the influence model's cross-validated Spearman {rho}{interval}does not "
-               f"clear selection.min_cv_spearman = {s.min_cv_spearman}; stage {k + 1} selects "
-               + ("with the model anyway (selection.fallback: none)" if s.fallback == "none"
-                  else f"by '{s.fallback}' instead (selection.fallback)"))
+        msg = (
+            f"stage {k}: the influence model's cross-validated Spearman {rho}{interval}does not "
+            f"clear selection.min_cv_spearman = {s.min_cv_spearman}; stage {k + 1} selects "
+            + (
+                "with the model anyway (selection.fallback: none)"
+                if s.fallback == "none"
+                else f"by '{s.fallback}' instead (selection.fallback)"
+            )
+        )
         gate["reason"] = msg
         log.warning(msg)
         ctx.event(k, "influence_gate", message=msg, fallback=s.fallback)

@@ -86,21 +86,30 @@ class LM:
 
     def cost(self) -> TransformerCost:
         m = self.ctx.cfg.model
-        return lm_cost(self.held().model, m.num_layers, m.hidden_size, self.ctx.cfg.train.seq_tokens)
+        return lm_cost(
+            self.held().model, m.num_layers, m.hidden_size, self.ctx.cfg.train.seq_tokens
+        )
 
     def eval_flops(self, ref) -> float:
         """A forward over a token set whose loss is taken on its scored tokens only."""
         return self.cost().forward(int(ref.lengths.sum()), ref.scored_tokens)
 
-    def save_checkpoint(self, k: int, stage_step: int, complete: bool,
-                        losses_since_log: Sequence[float] = ()) -> None:
+    def save_checkpoint(
+        self, k: int, stage_step: int, complete: bool, losses_since_log: Sequence[float] = ()
+    ) -> None:
         assert self.trainer is not None and self.stream is not None
         if self.ctx.primary:
             # the losses since the last log row too: the next row's train_loss averages them
-            self.trainer.save(self.ctx.paths.checkpoint(k), {
-                "stage": k, "stage_step": stage_step, "complete": complete,
-                "stream": self.stream.state_dict(), "losses_since_log": list(losses_since_log),
-            })
+            self.trainer.save(
+                self.ctx.paths.checkpoint(k),
+                {
+                    "stage": k,
+                    "stage_step": stage_step,
+                    "complete": complete,
+                    "stream": self.stream.state_dict(),
+                    "losses_since_log": list(losses_since_log),
+                },
+            )
         self.at = (k, stage_step)
 
 
@@ -115,12 +124,20 @@ def truncate_metrics(ctx: Context, step: int) -> None:
 def evaluate(ctx: Context, model: torch.nn.Module, k: int, step: int, tokens: int) -> dict:
     """Reference and held-out losses of `model`: one row of metrics.jsonl."""
     tc = ctx.cfg.train
-    sets = {name: round(reference_loss(model, ref, tc.eval_batch_sequences, tc.precision), 5)
-            for name, ref in ctx.heldouts.items()}
+    sets = {
+        name: round(reference_loss(model, ref, tc.eval_batch_sequences, tc.precision), 5)
+        for name, ref in ctx.heldouts.items()
+    }
     return {
-        "stage": k, "step": step, "tokens": tokens, "time": time.time(),
-        "reference_loss": round(reference_loss(model, ctx.reference, tc.eval_batch_sequences, tc.precision), 5),
-        "heldout_loss": sets[ctx.cfg.data.primary], "heldout": sets,
+        "stage": k,
+        "step": step,
+        "tokens": tokens,
+        "time": time.time(),
+        "reference_loss": round(
+            reference_loss(model, ctx.reference, tc.eval_batch_sequences, tc.precision), 5
+        ),
+        "heldout_loss": sets[ctx.cfg.data.primary],
+        "heldout": sets,
     }
 
 
@@ -164,8 +181,9 @@ class Checkpoint(Callback):
         ctx = self.lm.ctx
         ck = ctx.cfg.train.checkpoint_every_steps
         if ck and info.stage_step % ck == 0 and info.stage_step < ctx.stage_steps(self.stage):
-            self.lm.save_checkpoint(self.stage, info.stage_step, complete=False,
-                                    losses_since_log=self.evaluation.losses)
+            self.lm.save_checkpoint(
+                self.stage, info.stage_step, complete=False, losses_since_log=self.evaluation.losses
+            )
 
 
 class CancelCheck(Callback):
@@ -185,8 +203,13 @@ class Progress(Callback):
     """A progress bar of the stage's steps with the last read-back loss."""
 
     def __init__(self, ctx: Context, stage: int, start: int):
-        self.bar = tqdm(total=ctx.stage_steps(stage), initial=start, desc=f"stage {stage} train",
-                        disable=not ctx.progress, leave=False)
+        self.bar = tqdm(
+            total=ctx.stage_steps(stage),
+            initial=start,
+            desc=f"stage {stage} train",
+            disable=not ctx.progress,
+            leave=False,
+        )
 
     def step_end(self, trainer: Trainer, info: StepInfo) -> None:
         self.bar.update(1)
@@ -202,8 +225,13 @@ class Progress(Callback):
 
 def stream_of(ctx: Context, k: int) -> PackedStream:
     ids = read_json(ctx.paths.selection(k))["ids"]
-    return PackedStream(ctx.corpus, ctx.corpus.indices_of(ids), ctx.cfg.train.seq_tokens,
-                        ctx.eos, seed=ctx.cfg.seed * 1000 + k)
+    return PackedStream(
+        ctx.corpus,
+        ctx.corpus.indices_of(ids),
+        ctx.cfg.train.seq_tokens,
+        ctx.eos,
+        seed=ctx.cfg.seed * 1000 + k,
+    )
 
 
 def train(ctx: Context, lm: LM, k: int) -> None:
@@ -223,7 +251,12 @@ def train(ctx: Context, lm: LM, k: int) -> None:
         lm.at = None  # mid-stage until the end-of-stage checkpoint is written
         evaluation = Evaluation(ctx, k, losses)
         # progress first, cancel last: a cancel stops after this step's row and checkpoint
-        callbacks = [Progress(ctx, k, start), evaluation, Checkpoint(lm, k, evaluation), CancelCheck(ctx)]
+        callbacks = [
+            Progress(ctx, k, start),
+            evaluation,
+            Checkpoint(lm, k, evaluation),
+            CancelCheck(ctx),
+        ]
         trainer.train(stream, ctx.stage_steps(k), callbacks, stage_step=start)
         lm.save_checkpoint(k, ctx.stage_steps(k), complete=True)
         ctx.barrier()
@@ -231,12 +264,19 @@ def train(ctx: Context, lm: LM, k: int) -> None:
     if ctx.primary and "steps" not in ctx.manifest.stage(k)["metrics"]:
         last = read_jsonl(ctx.paths.metrics)[-1]
         ctx.manifest.update_metrics(
-            k, steps=trainer.step, tokens=trainer.tokens,
-            heldout_loss=last["heldout_loss"], reference_loss=last["reference_loss"],
-            train_loss=last.get("train_loss"), selection_epochs=stream.epochs_started + 1,
-            precision=resolve_precision(ctx.cfg.train.precision, ctx.device))
+            k,
+            steps=trainer.step,
+            tokens=trainer.tokens,
+            heldout_loss=last["heldout_loss"],
+            reference_loss=last["reference_loss"],
+            train_loss=last.get("train_loss"),
+            selection_epochs=stream.epochs_started + 1,
+            precision=resolve_precision(ctx.cfg.train.precision, ctx.device),
+        )
         tc = ctx.cfg.train
-        ctx.record_flops(k, "train", lm.cost().train(ctx.stage_steps(k) * tc.batch_sequences * tc.seq_tokens))
+        ctx.record_flops(
+            k, "train", lm.cost().train(ctx.stage_steps(k) * tc.batch_sequences * tc.seq_tokens)
+        )
 
 
 def cooldown_eval(ctx: Context, lm: LM, k: int) -> None:
@@ -251,8 +291,13 @@ def cooldown_eval(ctx: Context, lm: LM, k: int) -> None:
     tc = ctx.cfg.train
     steps = max(1, round(frac * ctx.stage_steps(k)))
     ids = read_json(ctx.paths.selection(k))["ids"]
-    stream = PackedStream(ctx.corpus, ctx.corpus.indices_of(ids), tc.seq_tokens, ctx.eos,
-                          seed=ctx.cfg.seed * 1000 + k + 500_000)
+    stream = PackedStream(
+        ctx.corpus,
+        ctx.corpus.indices_of(ids),
+        tc.seq_tokens,
+        ctx.eos,
+        seed=ctx.cfg.seed * 1000 + k + 500_000,
+    )
     branch = trainer.cooldown_branch(stream, steps)
     sets = {}
     eval_flops = 0.0
@@ -263,9 +308,11 @@ def cooldown_eval(ctx: Context, lm: LM, k: int) -> None:
         doc_counts = np.bincount(docs, weights=counts.numpy(), minlength=ref.num_docs)
         kind = ctx.heldout_specs[name].kind
         sets[name] = {
-            "kind": kind, "loss": round(float(sums.sum() / counts.sum()), 5),
+            "kind": kind,
+            "loss": round(float(sums.sum() / counts.sum()), 5),
             "accuracy": round(float(correct.float().mean()), 5) if kind == "cloze" else None,
-            "scored_tokens": int(counts.sum()), "documents": int(ref.num_docs),
+            "scored_tokens": int(counts.sum()),
+            "documents": int(ref.num_docs),
             "doc_sums": [round(float(x), 4) for x in doc_sums],
             "doc_counts": [int(x) for x in doc_counts],
         }
@@ -274,14 +321,23 @@ def cooldown_eval(ctx: Context, lm: LM, k: int) -> None:
     seconds = time.perf_counter() - t0
     cooldown_tokens = steps * tc.batch_sequences * tc.seq_tokens
     primary = ctx.cfg.data.primary
-    write_json(ctx.paths.cooldown(k), {
-        "stage": k, "step": trainer.step, "tokens": trainer.tokens,
-        "cooldown_steps": steps, "cooldown_tokens": cooldown_tokens, "primary": primary,
-        "seconds": round(seconds, 3), "sets": sets,
-    })
+    write_json(
+        ctx.paths.cooldown(k),
+        {
+            "stage": k,
+            "step": trainer.step,
+            "tokens": trainer.tokens,
+            "cooldown_steps": steps,
+            "cooldown_tokens": cooldown_tokens,
+            "primary": primary,
+            "seconds": round(seconds, 3),
+            "sets": sets,
+        },
+    )
     ctx.manifest.add_timing(k, "cooldown_eval", seconds)
-    ctx.manifest.update_metrics(k, cooldown={n: v["loss"] for n, v in sets.items()}
-                                | {"primary": primary, "steps": steps})
+    ctx.manifest.update_metrics(
+        k, cooldown={n: v["loss"] for n, v in sets.items()} | {"primary": primary, "steps": steps}
+    )
     ctx.record_flops(k, "cooldown_eval", lm.cost().train(cooldown_tokens) + eval_flops)
 
 

@@ -5,7 +5,10 @@ from alembic import context
 
 from services.common.store.schema import metadata
 
-context.configure(connection=context.config.attributes["connection"], target_metadata=metadata,
-                  render_as_batch=True)  # SQLite alters a table by copying it
+context.configure(
+    connection=context.config.attributes["connection"],
+    target_metadata=metadata,
+    render_as_batch=True,
+)  # SQLite alters a table by copying it
 with context.begin_transaction():
     context.run_migrations()

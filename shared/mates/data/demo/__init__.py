@@ -53,7 +53,28 @@ from mates.data.demo.sources import (
     strip_gutenberg,
 )
 
-__all__ = ["EDITS", "POOL_CHARACTERS", "SHARES", "TOPICS", "WEB_DOMAINS", "Article", "DemoDataError",
-           "Doc", "build", "build_demo", "common", "dedupe_news", "examples", "load_news",
-           "load_shakespeare", "make_example", "news_root", "shakespeare_root", "sources",
-           "split_news", "stage_rng", "strip_gutenberg", "web"]
+__all__ = [
+    "EDITS",
+    "POOL_CHARACTERS",
+    "SHARES",
+    "TOPICS",
+    "WEB_DOMAINS",
+    "Article",
+    "DemoDataError",
+    "Doc",
+    "build",
+    "build_demo",
+    "common",
+    "dedupe_news",
+    "examples",
+    "load_news",
+    "load_shakespeare",
+    "make_example",
+    "news_root",
+    "shakespeare_root",
+    "sources",
+    "split_news",
+    "stage_rng",
+    "strip_gutenberg",
+    "web",
+]

@@ -1,6 +1,5 @@
 """Assembling the pool and writing the demo's files, manifest and SOURCES.md: `build_demo`."""
 
-
 from __future__ import annotations
 
 import json
@@ -230,14 +229,18 @@ def write_outputs(
     write_text(out_dir / "SOURCES.md", sources_markdown(manifest))
 
 
-def article_texts(articles: Sequence[Article], rows: Sequence[dict], prefix: str) -> list[dict[str, str]]:
+def article_texts(
+    articles: Sequence[Article], rows: Sequence[dict], prefix: str
+) -> list[dict[str, str]]:
     """The articles that cloze rows (IDs `<prefix><article id>`) were cut from, as whole
     documents (headline and body)."""
     by_id = {a.id: a for a in articles}
     return [{"id": r["id"], "text": by_id[r["id"].removeprefix(prefix)].text} for r in rows]
 
 
-def offtarget_texts(pool: Sequence[Doc], modern: Sequence[Doc], n: int, seed: int) -> list[dict[str, str]]:
+def offtarget_texts(
+    pool: Sequence[Doc], modern: Sequence[Doc], n: int, seed: int
+) -> list[dict[str, str]]:
     """`n` modern-spelling Shakespeare passages that the pool does not hold."""
     in_pool = {d.id for d in pool}
     left = [d for d in modern if d.id not in in_pool]
@@ -299,11 +302,16 @@ def build_demo(
     pool = assemble_pool(pool_articles, modern, folio, seed)
     manifest = build_manifest(seed, pool, ref, held, dropped)
     manifest["pool_news_articles"] = pool_news_articles
-    texts = {"heldout-text.jsonl": article_texts(articles, held, "heldout-"),
-             "reference-text.jsonl": article_texts(articles, ref, "ref-"),
-             "offtarget-text.jsonl": offtarget_texts(pool, modern, offtarget_documents, seed)}
-    manifest["files"].update(heldout_text="heldout-text.jsonl", reference_text="reference-text.jsonl",
-                             offtarget_text="offtarget-text.jsonl")
+    texts = {
+        "heldout-text.jsonl": article_texts(articles, held, "heldout-"),
+        "reference-text.jsonl": article_texts(articles, ref, "ref-"),
+        "offtarget-text.jsonl": offtarget_texts(pool, modern, offtarget_documents, seed),
+    }
+    manifest["files"].update(
+        heldout_text="heldout-text.jsonl",
+        reference_text="reference-text.jsonl",
+        offtarget_text="offtarget-text.jsonl",
+    )
     manifest["heldout_text_documents"] = len(texts["heldout-text.jsonl"])
     manifest["offtarget_text_documents"] = len(texts["offtarget-text.jsonl"])
     write_outputs(Path(out_dir), pool, ref, held, manifest, texts)

