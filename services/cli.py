@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mates.cli import print_stages
 from mates.errors import MatesError
+from mates.manifest import RunStatus
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 # `mates serve X` calls `<module>.serve()`; imported only then, so the library works alone.
@@ -153,17 +154,17 @@ def runs_watch(client, args) -> int:
                 + (f": {run['error']}" if run.get("error") else ""),
                 flush=True,
             )
-        if status == "done":
+        if status == RunStatus.DONE:
             return 0
-        if status in ("failed", "cancelled"):
+        if status in (RunStatus.FAILED, RunStatus.CANCELLED):
             return 1
         time.sleep(args.interval)
 
 
 def _print_control(run: dict) -> int:
     note = {
-        "cancelling": "the worker stops it at its next step",
-        "queued": f"generation {run['generation']}, from stage {run['current_stage']}",
+        RunStatus.CANCELLING: "the worker stops it at its next step",
+        RunStatus.QUEUED: f"generation {run['generation']}, from stage {run['current_stage']}",
     }
     print(
         f"run {run['id']}: {run['status']}"

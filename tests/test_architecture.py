@@ -280,3 +280,71 @@ def test_the_services_commands_come_through_the_entry_point():
 
     commands = _parser()._subparsers._group_actions[0].choices
     assert {"runs", "serve", "loadtest"} <= set(commands)
+
+
+MAX_LINES = 400
+
+
+def test_every_source_file_is_under_400_lines():
+    """A file per idea: a module that outgrows this is split by concern."""
+    long = {
+        str(p.relative_to(PACKAGE.parent.parent)): n
+        for p in MODULES
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) >= MAX_LINES
+    }
+    assert not long, f"source files of {MAX_LINES} lines or more: {long}"
+
+
+STATUS_WORDS = {
+    "pending",
+    "queued",
+    "running",
+    "cancelling",
+    "cancelled",
+    "failed",
+    "done",
+    "training",
+    "probing",
+    "fitting",
+    "scoring",
+    "selecting",
+}
+VOCABULARY = PACKAGE / "manifest.py"  # RunStatus and StageState
+
+
+def _vocabulary_literals(tree: ast.AST) -> list[int]:
+    """Lines that compare a run's `status` or a stage's `state` with a string literal, or
+    spell a tuple, list or set of status words: the words belong to the enums."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            keyed = any(
+                isinstance(s, ast.Subscript)
+                and isinstance(s.slice, ast.Constant)
+                and s.slice.value in ("status", "state")
+                for s in sides
+            )
+            words = [s for s in sides if isinstance(s, ast.Constant) and s.value in STATUS_WORDS]
+            if keyed and words:
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Tuple | ast.List | ast.Set) and len(node.elts) >= 2:
+            values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            if all(v in STATUS_WORDS for v in values) and {"done", "failed"} & set(values):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_status_words_are_spelled_only_by_their_enums():
+    found = {
+        str(p.relative_to(PACKAGE.parent.parent)): lines
+        for p in MODULES
+        if p != VOCABULARY
+        and (lines := _vocabulary_literals(ast.parse(p.read_text(encoding="utf-8"))))
+    }
+    assert not found, f"use mates.manifest.RunStatus / StageState instead of literals: {found}"
+
+
+def test_a_status_literal_is_found():
+    src = 'if run["status"] == "done":\n    pass\nFINAL = ("done", "failed", "cancelled")\n'
+    assert _vocabulary_literals(ast.parse(src)) == [1, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 from urllib.parse import quote
 
@@ -101,10 +102,13 @@ class ApiClient:
     def selection(self, run_id: str, stage: int) -> dict[str, Any]:
         return self._call("GET", f"/v1/runs/{_q(run_id)}/stages/{stage}/selection")
 
-    def models(self, run_id: str | None = None) -> list[dict[str, Any]]:
+    # `builtins.list`: the class's own `list` method shadows the type in its body
+    def models(self, run_id: str | None = None) -> builtins.list[dict[str, Any]]:
         return self._call("GET", "/v1/models", params={"run_id": run_id} if run_id else None)
 
-    def score(self, model: str, documents: list[dict[str, str]]) -> list[dict[str, Any]]:
+    def score(
+        self, model: str, documents: builtins.list[dict[str, str]]
+    ) -> builtins.list[dict[str, Any]]:
         """Scores of `documents` ({id, text}) by `model` (`<run_id>/<stage>` or `/latest`):
         `[{id, score}]` in the order of `documents`."""
         return self._call("POST", "/v1/score", json={"model": model, "documents": documents})

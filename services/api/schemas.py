@@ -3,13 +3,12 @@ vocabulary are wire contracts: `services.common.contracts`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from services.common.contracts import STATUS_DOC, STATUSES
-
-RunStatus = Literal[STATUSES]  # type: ignore[valid-type]  # the contract's tuple, as an enum
+from mates.manifest import RunStatus, StageState
+from services.common.contracts import STATUS_DOC
 
 
 class Problem(BaseModel):
@@ -17,17 +16,14 @@ class Problem(BaseModel):
 
 
 class Transition(BaseModel):
-    state: str = Field(description="the state entered")
+    state: StageState = Field(description="the state entered")
     at: float = Field(description="when, in seconds since the epoch")
     reason: str | None = Field(None, description="why, for failures and cancellations")
 
 
 class Stage(BaseModel):
     stage: int
-    state: str = Field(
-        description="pending, training, probing, fitting, scoring, selecting, "
-        "done, failed or cancelled"
-    )
+    state: StageState
     error: str | None = None
     timings: dict[str, float] = Field(description="seconds spent per step")
     metrics: dict[str, Any] = Field(description="losses, probe and fit summaries, selection")
@@ -38,7 +34,7 @@ class Stage(BaseModel):
 class _RunFields(BaseModel):
     id: str
     name: str
-    status: str = Field(description=STATUS_DOC)
+    status: RunStatus = Field(description=STATUS_DOC)
     error: str | None = None
     current_stage: int
     num_stages: int
@@ -49,7 +45,7 @@ class _RunFields(BaseModel):
 
 
 class RunSummary(_RunFields):
-    stage_state: str | None = Field(None, description="state of the current stage")
+    stage_state: StageState | None = Field(None, description="state of the current stage")
 
 
 class Run(_RunFields):

@@ -4,9 +4,11 @@ scorer's request and response bodies with its model-version header."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import BaseModel, Field, field_validator
 
-from mates.manifest import RUN_STATUSES
+from mates.manifest import RunStatus
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """What a run ID can be (`<name>-<8 hex>`, the name as `RunConfig.name` allows). IDs are
@@ -22,18 +24,30 @@ def random_baseline_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- run status
 
-CANCELLING = "cancelling"
+CANCELLING = RunStatus.CANCELLING
 """The one status the services add to the library's: a cancel was asked, the worker holding
 the run has not stopped yet."""
-STATUSES = ("pending", "queued", "running", CANCELLING, "cancelled", "failed", "done")
-assert set(STATUSES) == {*RUN_STATUSES, CANCELLING}, "the library's statuses and cancelling"
-ACTIVE = ("pending", "queued", "running")
+STATUSES: tuple[RunStatus, ...] = tuple(RunStatus)
+ACTIVE = (RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING)
 """What a cancel can stop."""
-WAITING_ON_BROKER = ("queued", "running", CANCELLING)
+WAITING_ON_BROKER = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.CANCELLING)
 """Active runs whose next step is a task in the broker."""
-RESUMABLE = ("failed", "cancelled")
-FINAL = ("done", "failed", "cancelled")
+RESUMABLE = (RunStatus.FAILED, RunStatus.CANCELLED)
+FINAL = (RunStatus.DONE, RunStatus.FAILED, RunStatus.CANCELLED)
 STATUS_DOC = ", ".join(STATUSES[:-1]) + " or " + STATUSES[-1]
+
+
+class Outcome(StrEnum):
+    """What a stage task returns (its Celery result) when it does not name the next step."""
+
+    SKIPPED = "skipped"  # not for the run's current generation, or the run is gone
+    DONE_ALREADY = "done already"  # a redelivery of a step that had finished
+    FANNED_OUT = "fanned out"  # the fit enqueued the pool's scoring shards
+    SCORED = "scored"
+    SELECTED = "selected"
+    CANCELLED = "cancelled"
+    POISONED = "poisoned"  # delivered too often: the run was failed instead
+
 
 # --------------------------------------------------------------------------- tasks and queues
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mates.artifacts import RunPaths
-from mates.manifest import Manifest
+from mates.manifest import Manifest, RunStatus
 from services.common.contracts import FINAL
 from services.common.store import Store
+from services.common.store.records import RunRow
 
 
-def stored_manifest(store: Store, row: dict) -> Manifest:
+def stored_manifest(store: Store, row: RunRow) -> Manifest:
     """The run's manifest, every save mirrored into the run store."""
     manifest = Manifest.load(RunPaths(Path(row["artifacts_dir"])).manifest)
     manifest.on_save = store.sync_manifest
@@ -23,7 +24,7 @@ def stored_manifest(store: Store, row: dict) -> Manifest:
 
 
 def end_run(
-    store: Store, run_id: str, status: str, reason: str, generation: int | None = None
+    store: Store, run_id: str, status: RunStatus, reason: str, generation: int | None = None
 ) -> bool:
     """End an active run from outside its tasks, at its current stage: a task still running
     for it goes stale (its generation is bumped).
@@ -52,8 +53,8 @@ def record_failure(store: Store, run_id: str, stage: int, generation: int, reaso
     try:
         manifest = stored_manifest(store, row)
     except Exception as e:  # run.json itself is unreadable: the store still records it
-        store.set_status(run_id, "failed", f"{reason}; run.json unreadable: {e}")
+        store.set_status(run_id, RunStatus.FAILED, f"{reason}; run.json unreadable: {e}")
         return
     if manifest.data["status"] in FINAL:
         return
-    manifest.end(stage, "failed", reason)
+    manifest.end(stage, RunStatus.FAILED, reason)

@@ -15,7 +15,7 @@ from pathlib import Path
 from mates.artifacts import RunPaths
 from mates.config import RunConfig
 from mates.errors import RunStateError
-from mates.manifest import Manifest
+from mates.manifest import Manifest, RunStatus
 from mates.run import init_run
 from services.common.contracts import ACTIVE, CANCELLING, RESUMABLE, WAITING_ON_BROKER
 from services.common.ending import stored_manifest
@@ -23,6 +23,7 @@ from services.common.errors import BrokerUnavailable
 from services.common.queue import enqueue
 from services.common.settings import Settings
 from services.common.store import Store
+from services.common.store.records import RunDetail
 from services.common.watchdog import check_broker_of, end_silent_runs
 
 log = logging.getLogger(__name__)
@@ -33,50 +34,50 @@ def _queue_from_next_stage(
 ) -> None:
     run_id = manifest.run_id
     manifest.on_save = store.sync_manifest
-    manifest.set_status("queued")
+    manifest.set_status(RunStatus.QUEUED)
     # all stages done but the run is not (its export failed): the last stage's job finishes it
     stage = min(manifest.next_stage(), len(manifest.data["stages"]) - 1)
     try:
         enqueue(settings, store, run_id, "train_stage", stage, generation)
     except BrokerUnavailable as e:
-        manifest.set_status("failed", str(e))
+        manifest.set_status(RunStatus.FAILED, str(e))
         raise BrokerUnavailable(
             f"{e}; run {run_id} is recorded failed: resume it "
             f"(POST /v1/runs/{run_id}/resume) once the broker is back"
         ) from e
 
 
-def create_run(store: Store, settings: Settings, cfg: RunConfig) -> dict:
+def create_run(store: Store, settings: Settings, cfg: RunConfig) -> RunDetail:
     """Make the run directory and store row, and enqueue stage 0's training."""
     manifest = init_run(cfg, settings.artifacts_dir)
     store.create_run(manifest.data, str(manifest.path.parent.resolve()))
     _queue_from_next_stage(store, settings, manifest, store.bump_generation(manifest.run_id))
-    return store.get_run(manifest.run_id)
+    return _get(store, manifest.run_id)
 
 
-def cancel_run(store: Store, settings: Settings, run_id: str) -> dict:
+def cancel_run(store: Store, settings: Settings, run_id: str) -> RunDetail:
     """Ask a run to stop: the worker holding it stops at its next step (or a queued task
     finds the request when it starts) and records the cancellation. A run whose process
     died (no heartbeat) has nobody to read the request: it is cancelled here and now."""
     row = _get(store, run_id)
     if end_silent_runs(store, settings, run_id, cancel=True):
-        return store.get_run(run_id)
+        return _get(store, run_id)
     if not store.set_status_if(run_id, CANCELLING, ACTIVE):  # atomic: no race with a worker
         status = _get(store, run_id)["status"]
         raise RunStateError(f"run {run_id} is {status}; only an active run can be cancelled")
     RunPaths(Path(row["artifacts_dir"])).cancel.write_text(
         "cancel requested through the API\n", encoding="utf-8"
     )
-    return store.get_run(run_id)
+    return _get(store, run_id)
 
 
-def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
+def resume_run(store: Store, settings: Settings, run_id: str) -> RunDetail:
     """Continue a failed or cancelled run from its last completed step; an active run whose
     process died (no heartbeat) is failed first, so it need not wait for the watch."""
     row = _get(store, run_id)
     end_silent_runs(store, settings, run_id)
     check_broker_of(settings, store)  # first: a loss found by the enqueue below would end this run
-    if not store.set_status_if(run_id, "queued", RESUMABLE):  # one resume wins
+    if not store.set_status_if(run_id, RunStatus.QUEUED, RESUMABLE):  # one resume wins
         status = _get(store, run_id)["status"]
         raise RunStateError(
             f"run {run_id} is {status}; only a failed or cancelled run can be resumed"
@@ -84,7 +85,7 @@ def resume_run(store: Store, settings: Settings, run_id: str) -> dict:
     generation = store.bump_generation(run_id)  # first: tasks of the old generation now stop
     RunPaths(Path(row["artifacts_dir"])).cancel.unlink(missing_ok=True)
     _queue_from_next_stage(store, settings, stored_manifest(store, row), generation)
-    return store.get_run(run_id)
+    return _get(store, run_id)
 
 
 RESCUED = {"score_shard": "select"}
@@ -133,7 +134,7 @@ def rescue_stalled_runs(settings: Settings, store: Store) -> list[str]:
     return rescued
 
 
-def _get(store: Store, run_id: str) -> dict:
+def _get(store: Store, run_id: str) -> RunDetail:
     row = store.get_run(run_id)
     if row is None:
         raise KeyError(run_id)

@@ -16,7 +16,9 @@ from pathlib import Path
 from celery import Task
 
 from mates.errors import ArtifactError
+from mates.manifest import RunStatus, StageState
 from mates.run import Cancelled, Run
+from services.common.contracts import Outcome
 from services.common.ending import record_failure
 from services.common.errors import TRANSIENT
 from services.common.settings import get_settings
@@ -47,7 +49,7 @@ class StageTask(Task):
         if self.request.called_directly:
             return super().__call__(*args, **kwargs)
         if self.poisoned(*args):
-            return "poisoned"
+            return Outcome.POISONED
         with self.heartbeat(*args):
             return super().__call__(*args, **kwargs)
 
@@ -135,12 +137,14 @@ def wanted(run_id: str, stage: int, generation: int):
         yield None
         return
     run = open_run(store, run_id, generation)
-    if run.manifest.data["status"] == "failed":  # e.g. by a poisoned task; a resume bumps it
+    if (
+        run.manifest.data["status"] == RunStatus.FAILED
+    ):  # e.g. by a poisoned task; a resume bumps it
         log.info("run %s stage %d: the run failed meanwhile; skipping", run_id, stage)
         yield None
         return
     if run.paths.cancel.exists():
-        if run.manifest.data["status"] != "cancelled":
+        if run.manifest.data["status"] != RunStatus.CANCELLED:
             run.mark_cancelled(stage)
         yield None
         return
@@ -151,4 +155,4 @@ def wanted(run_id: str, stage: int, generation: int):
 
 
 def stage_done(run: Run, stage: int) -> bool:
-    return run.manifest.stage(stage)["state"] == "done"
+    return run.manifest.stage(stage)["state"] == StageState.DONE

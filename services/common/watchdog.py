@@ -40,10 +40,12 @@ from collections.abc import Callable
 
 import redis
 
+from mates.manifest import RunStatus
 from services.common.contracts import WAITING_ON_BROKER
 from services.common.ending import end_run
 from services.common.settings import Settings
 from services.common.store import Store
+from services.common.store.records import TaskBeat
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def broker_lost(client: redis.Redis, store: Store) -> bool:
     current = client.get(MARKER)
     if current is not None:
         if remembered is None:  # a fresh run store next to a broker that kept its data
-            store.put_state(MARKER, current.decode())
+            store.put_state(MARKER, current.decode() if isinstance(current, bytes) else current)
         return False
     token = uuid.uuid4().hex
     if not client.set(MARKER, token, nx=True):
@@ -90,7 +92,7 @@ def fail_stranded_runs(store: Store, since: float) -> list[str]:
             if end_run(
                 store,
                 row["id"],
-                "cancelled" if status == "cancelling" else "failed",
+                RunStatus.CANCELLED if status == RunStatus.CANCELLING else RunStatus.FAILED,
                 REASON,
                 generation=generation,
             ):
@@ -160,7 +162,7 @@ class Heartbeat:
         shard: int = -1,
     ):
         self.store, self.every_s, self.task_id = store, every_s, task_id
-        self.row = {
+        self.row: TaskBeat = {
             "run_id": run_id,
             "generation": generation,
             "task": task,
@@ -210,7 +212,7 @@ WHAT_STOPPED = {
 }
 
 
-def silent_reason(silent: dict, now: float, status: str) -> str:
+def silent_reason(silent: dict, now: float, status: RunStatus) -> str:
     what, who = WHAT_STOPPED.get(silent["task"], (silent["task"], "its worker"))
     if silent["shard"] >= 0:
         what += f" of shard {silent['shard']}"
@@ -218,7 +220,7 @@ def silent_reason(silent: dict, now: float, status: str) -> str:
         f"{what} stopped: no heartbeat from its process ({silent['worker']}) for "
         f"{now - silent['beat_at']:.0f} s ({who} was killed or lost?)"
     )
-    if status == "cancelled":
+    if status == RunStatus.CANCELLED:
         return f"cancelled; {why}"
     return f"{why}; resume to continue from the last checkpoint"
 
@@ -232,7 +234,8 @@ def end_silent_runs(
     now = time.time()
     ended = []
     for silent in store.silent_runs(now - settings.heartbeat_timeout_s, run_id):
-        status = "cancelled" if cancel or silent["status"] == "cancelling" else "failed"
+        cancelled = cancel or silent["status"] == RunStatus.CANCELLING
+        status = RunStatus.CANCELLED if cancelled else RunStatus.FAILED
         reason = silent_reason(silent, now, status)
         if end_run(store, silent["run_id"], status, reason, generation=silent["generation"]):
             store.clear_heartbeats(silent["run_id"], below_generation=silent["generation"] + 1)

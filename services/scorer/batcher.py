@@ -84,14 +84,15 @@ class Batcher:
         try:
             with torch.inference_mode():
                 while True:
+                    first: _Job | None
                     if self._pending:
                         first = self._pending.popleft()
                     elif self._stopping:
                         break
                     else:
                         first = self._queue.get()
-                        if first is None:
-                            break
+                    if first is None:
+                        break
                     self._score(self._gather(first))
         finally:
             self._fail_leftovers()
@@ -113,17 +114,17 @@ class Batcher:
             left = deadline - time.monotonic()
             try:
                 # Past the deadline, still take what is already queued: it costs no wait.
-                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                queued = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:
+            if queued is None:
                 self._stopping = True
                 break
-            if job.model is first.model:
-                batch.append(job)
-                n_docs += len(job.token_lists)
+            if queued.model is first.model:
+                batch.append(queued)
+                n_docs += len(queued.token_lists)
             else:
-                self._pending.append(job)
+                self._pending.append(queued)
         return batch
 
     def _score(self, batch: list[_Job]) -> None:

@@ -19,7 +19,9 @@ from celery import shared_task
 
 from mates.artifacts import read_json
 from mates.errors import StageFailed
+from mates.manifest import RunStatus
 from mates.run import Cancelled, Run
+from services.common.contracts import Outcome
 from services.common.errors import TRANSIENT
 from services.common.queue import enqueue
 from services.common.settings import Settings, get_settings
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 def train_stage(self, run_id: str, stage: int, generation: int) -> str:
     with wanted(run_id, stage, generation) as run:
         if run is None:
-            return "skipped"
+            return Outcome.SKIPPED
         last = stage + 1 == run.cfg.stages.num_stages
         with run.guard(stage, transient=TRANSIENT):
             run.prepare()
@@ -46,7 +48,7 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
                     run.train_stage(stage)
                 after = run.after_training(stage)
             if after == "last" and not (
-                run.manifest.data["status"] == "done" and run.paths.export().is_dir()
+                run.manifest.data["status"] == RunStatus.DONE and run.paths.export().is_dir()
             ):
                 run.finish()
         if after == "fit":
@@ -57,7 +59,7 @@ def train_stage(self, run_id: str, stage: int, generation: int) -> str:
             enqueue(get_settings(), default_store(), run_id, "train_stage", stage + 1, generation)
         log.info("run %s stage %d trained; next: %s", run_id, stage, after)
         return after
-    return "cancelled"
+    return Outcome.CANCELLED
 
 
 def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) -> Run:
@@ -115,7 +117,7 @@ def train_with_torchrun(run: Run, stage: int, settings: Settings, store: Store) 
     store.sync_manifest(fresh.manifest.data)
     if child.returncode != 0:
         tail = output[-2000:]
-        if fresh.manifest.data["status"] == "cancelled":
+        if fresh.manifest.data["status"] == RunStatus.CANCELLED:
             raise Cancelled("run cancelled by request")
         raise StageFailed(f"torchrun training of stage {stage} exited {child.returncode}: {tail}")
     fresh.prepare()

@@ -17,6 +17,7 @@ from celery import chord, shared_task
 
 from mates.artifacts import append_jsonl, read_json
 from mates.run import Run
+from services.common.contracts import Outcome
 from services.common.errors import TRANSIENT, BrokerUnavailable, ScorerUnavailable
 from services.common.queue import claim, enqueue
 from services.common.scorer_client import ScorerClient
@@ -34,9 +35,9 @@ log = logging.getLogger(__name__)
 def fit_influence_model(self, run_id: str, stage: int, generation: int) -> str:
     with wanted(run_id, stage, generation) as run:
         if run is None:
-            return "skipped"
+            return Outcome.SKIPPED
         if stage_done(run, stage):
-            return "done already"
+            return Outcome.DONE_ALREADY
         with run.guard(stage, transient=TRANSIENT):
             run.prepare()
             path = run.fit_stage(stage)
@@ -45,8 +46,9 @@ def fit_influence_model(self, run_id: str, stage: int, generation: int) -> str:
             run.begin_scoring(stage)
             shards = run.num_shards(stage)
         fan_out(self.app, default_store(), run_id, stage, shards, generation)
-        return f"{shards} shards"
-    return "cancelled"
+        log.info("run %s stage %d: %d scoring shards enqueued", run_id, stage, shards)
+        return Outcome.FANNED_OUT
+    return Outcome.CANCELLED
 
 
 def fan_out(app, store: Store, run_id: str, stage: int, shards: int, generation: int) -> None:
@@ -88,9 +90,9 @@ def http_scorer(version: str):
 def score_shard(self, run_id: str, stage: int, shard: int, generation: int) -> str:
     with wanted(run_id, stage, generation) as run:
         if run is None:
-            return "skipped"
+            return Outcome.SKIPPED
         if stage_done(run, stage) or run.paths.score_shard(stage, shard).is_file():
-            return "done already"
+            return Outcome.DONE_ALREADY
         fn = http_scorer(f"{run_id}/{stage}")
         with run.guard(stage, transient=TRANSIENT):
             run.prepare()
@@ -100,8 +102,8 @@ def score_shard(self, run_id: str, stage: int, shard: int, generation: int) -> s
                 note_scorer_wait(run, stage, shard, self.request.retries, self.max_retries, e)
                 raise
             note_scorer_back(run, stage)
-        return "scored"
-    return "cancelled"
+        return Outcome.SCORED
+    return Outcome.CANCELLED
 
 
 def note_scorer_wait(
@@ -165,12 +167,12 @@ def score_missing_shards(run: Run, stage: int) -> None:
 def select(self, run_id: str, stage: int, generation: int) -> str:
     with wanted(run_id, stage, generation) as run:
         if run is None:
-            return "skipped"
+            return Outcome.SKIPPED
         with run.guard(stage, transient=TRANSIENT):
             if not stage_done(run, stage):
                 run.prepare()
                 score_missing_shards(run, stage)
                 run.select_stage(stage)
         enqueue(get_settings(), default_store(), run_id, "train_stage", stage + 1, generation)
-        return "selected"
-    return "cancelled"
+        return Outcome.SELECTED
+    return Outcome.CANCELLED

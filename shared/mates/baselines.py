@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from mates.config import TrainConfig
 from mates.data.packing import PackedStream
@@ -59,7 +60,7 @@ class NaiveTrainer(Trainer):
     Single process only. It switches the model it is given to eager attention.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, device: torch.device):
         if world()[1] > 1:
             raise ConfigError(
                 "NaiveTrainer is a single-process benchmark baseline; run it without torchrun"

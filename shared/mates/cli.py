@@ -1,4 +1,5 @@
-"""The `mates` command line. This module is the only place that prints."""
+"""The `mates` command line: its commands' handlers (their options are
+`mates.cli_parser`'s). This module is the only place that prints."""
 
 from __future__ import annotations
 
@@ -7,149 +8,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mates.cli_parser import library_parser  # noqa: E402
 from mates.errors import MatesError  # noqa: E402
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="YAML run config (see configs/)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set selection.method=random (repeatable)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mates", description="Model-aware pretraining data selection."
-    )
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="data sets").add_subparsers(
-        dest="data_command", required=True
-    )
-    demo = data.add_parser("build-demo", help="build the demo pool, reference and held-out sets")
-    demo.add_argument("--out", type=Path, required=True)
-    demo.add_argument("--seed", type=int, default=0)
-
-    run = sub.add_parser("run", help="one staged MATES run (resumes when --out holds it)")
-    _add_config_args(run)
-    run.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-
-    bench = sub.add_parser("bench", help="each optimized path against the straightforward way")
-    bench.add_argument(
-        "--quick", action="store_true", help="smaller inputs (about 5 min on 2 CPU cores)"
-    )
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    bench.add_argument(
-        "--reference",
-        choices=("demo", "text"),
-        default="demo",
-        help="probe reference: the demo's LAMBADA-style set, or 256 full-length "
-        "sequences of news text (loss on every token)",
-    )
-    bench.add_argument(
-        "--only",
-        default="probe,scorer,trainer,overhead",
-        help="comma-separated sections (default: all but presets)",
-    )
-    bench.add_argument(
-        "--preset",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="CONFIG",
-        help="also time the Trainer on this config's model and batch (random tokens) "
-        "and report tokens/s and MFU, e.g. configs/pythia-160m.yaml (repeatable)",
-    )
-    bench.add_argument("--preset-steps", type=int, default=5, help="timed steps per preset")
-    bench.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="the device's peak bf16 TFLOP/s for MFU (default: known GPUs only)",
-    )
-
-    rep = sub.add_parser("report", help="a self-contained HTML report of a run (charts embedded)")
-    rep.add_argument("run_dir", type=Path)
-    rep.add_argument(
-        "--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)"
-    )
-    rep.add_argument(
-        "--baseline",
-        type=Path,
-        default=None,
-        help="another run dir (e.g. the random arm) to overlay and report alongside",
-    )
-
-    agree = sub.add_parser(
-        "probe-agreement",
-        help="Spearman of first-order vs exact probes on a "
-        "run's stage checkpoints, by probe lr (reads the run only)",
-    )
-    agree.add_argument("run_dir", type=Path)
-    agree.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="comma-separated probe lrs")
-    agree.add_argument("--probes", type=int, default=48, help="probe documents per stage")
-    agree.add_argument(
-        "--stages", default=None, help="comma-separated stages (default: all probeable)"
-    )
-    agree.add_argument("--json", type=Path, default=None, help="also write the rows here")
-
-    ts = sub.add_parser(
-        "train-stage",
-        help="train one stage of a run dir; under `torchrun "
-        "--nproc-per-node N` with DDP (what the trainer service runs on N GPUs)",
-    )
-    ts.add_argument("run_dir", type=Path)
-    ts.add_argument("stage", type=int)
-
-    res = sub.add_parser("resume", help="resume a failed or cancelled run from its directory")
-    res.add_argument("run_dir", type=Path)
-    res.add_argument("--no-progress", action="store_true")
-
-    cmp_ = sub.add_parser(
-        "compare",
-        help="selection methods (arms) over seeds against random, "
-        "same stage 0, pools and token budget; intervals, tokens and compute to match",
-    )
-    _add_config_args(cmp_)
-    cmp_.add_argument(
-        "--arms",
-        default=None,
-        help="comma-separated arms (default `compare.arms`): "
-        "random, mates, static, dsir, perplexity, label, random-aa",
-    )
-    cmp_.add_argument(
-        "--seeds", type=int, default=None, help="seeds per arm (default `compare.seeds`)"
-    )
-
-    score = sub.add_parser("score", help="score documents with an influence model")
-    score.add_argument("--model", type=Path, required=True, help="influence-model directory")
-    score.add_argument("--input", type=Path, required=True, help="JSONL {id, text}")
-    score.add_argument(
-        "--output", type=Path, default=None, help="JSONL {id, score} (default stdout)"
-    )
-    score.add_argument("--batch-size", type=int, default=64)
-
-    sel = sub.add_parser("select", help="select document IDs from a scores file")
-    sel.add_argument("--scores", type=Path, required=True, help="JSONL {id, score}")
-    sel.add_argument("--fraction", type=float, required=True, help="fraction kept, in (0, 1]")
-    sel.add_argument("--temperature", type=float, default=0.5)
-    sel.add_argument("--seed", type=int, default=0)
-    sel.add_argument("--method", choices=("gumbel", "topk", "random"), default="gumbel")
-
+    ap, sub = library_parser()
     for plugin in _plugins():
         COMMANDS.update(plugin.register(sub))
     return ap
@@ -273,7 +144,7 @@ def cmd_resume(args) -> int:
     return 0
 
 
-def print_stages(data: dict) -> None:
+def print_stages(data: Mapping[str, Any]) -> None:
     print(
         f"{'stage':>5} {'state':>9} {'tokens':>10} {'held-out':>9} {'ref':>7} {'val rho':>7} {'seconds':>8}"
     )
@@ -339,11 +210,11 @@ def _read_scores(path: Path) -> list[dict]:
     for lineno, row, bad in iter_jsonl(path):
         if bad:
             raise DataError(f"{path}:{lineno}: {bad}")
-        doc_id = row.get("id") if isinstance(row, dict) else None
-        try:
-            join_scores([doc_id], [row])  # the library's check of one row
+        try:  # the library's check of one row
+            join_scores([row.get("id") if isinstance(row, dict) else None], [row])
         except DataError as e:
             raise DataError(f"{path}:{lineno}: {e}") from None
+        doc_id: str = row["id"]
         if doc_id in first_line:
             raise DataError(
                 f"{path}:{lineno}: duplicate score for id {doc_id!r} "

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
+
+from mates.ngram import NgramEncoder
 
 
 def linear_params(model: torch.nn.Module) -> int:
@@ -51,7 +54,7 @@ class TransformerCost:
 
 
 def lm_cost(
-    model: torch.nn.Module, num_layers: int, hidden_size: int, seq_tokens: int
+    model: PreTrainedModel, num_layers: int, hidden_size: int, seq_tokens: int
 ) -> TransformerCost:
     head = model.get_output_embeddings()
     return TransformerCost(
@@ -63,7 +66,7 @@ def lm_cost(
     )
 
 
-def encoder_cost(encoder: torch.nn.Module, max_tokens: int) -> TransformerCost:
+def encoder_cost(encoder: PreTrainedModel | NgramEncoder, max_tokens: int) -> TransformerCost:
     """A BERT-style encoder from its HF config (layers, width) at `max_tokens`. A bag of
     hashed n-grams (`mates.ngram`) costs a few operations per word, counted as 4: hashing a
     word and its bigram, two count updates (its 2-FLOP "weight" stands for those)."""

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mates.config import ModelConfig
@@ -45,7 +45,7 @@ def build_lm(cfg: ModelConfig, vocab_size: int, seq_tokens: int, eos_id: int) ->
         use_cache=False,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
-        attn_implementation=CAUSAL_SDPA,
+        attn_implementation=CAUSAL_SDPA,  # type: ignore[call-arg]  # a PreTrainedConfig kwarg; the typed signature omits it
     )
     return GPTNeoXForCausalLM(hf_cfg)
 
@@ -84,10 +84,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def lm_loss(
-    model: GPTNeoXForCausalLM,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    reduction: str = "mean",
+    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross-entropy on the positions whose label is not IGNORE.
 
@@ -100,7 +97,7 @@ def lm_loss(
 
 
 def scored_logits(
-    model: GPTNeoXForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor
+    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits (M, V) and targets (M,) of the M scored positions, and the (B, T) mask of them."""
     hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, C)
@@ -123,7 +120,7 @@ def _batches(ref: ReferenceSet, batch_sequences: int, device: torch.device):
 
 @torch.no_grad()
 def reference_loss(
-    model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int, precision: str = "fp32"
+    model: PreTrainedModel, ref: ReferenceSet, batch_sequences: int, precision: str = "fp32"
 ) -> float:
     """Mean loss over all scored tokens of a reference set, batched, no Python loop per example."""
     was_training = model.training
@@ -139,7 +136,7 @@ def reference_loss(
 
 @torch.no_grad()
 def row_losses(
-    model: GPTNeoXForCausalLM, ref: ReferenceSet, batch_sequences: int, precision: str = "fp32"
+    model: PreTrainedModel, ref: ReferenceSet, batch_sequences: int, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of a reference set: summed loss (float64), scored tokens, and whether every
     scored token is the model's top-1 prediction (a cloze row is then answered correctly)."""

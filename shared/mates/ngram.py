@@ -84,6 +84,8 @@ class NgramEncoder(torch.nn.Module):
     """No trainable weights: fitted distributions only (buffers). `pool` gives the features."""
 
     bag_of_ngrams = True
+    log_ratio: torch.Tensor  # buffers, registered in __init__
+    ratio_stats: torch.Tensor
 
     def __init__(self, log_ratio: torch.Tensor, ratio_mean: float, ratio_std: float):
         super().__init__()

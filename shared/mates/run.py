@@ -7,86 +7,54 @@ pool, and the selection for stage k+1 is written. Stage 0 trains on a random
 selection; the random arm selects at random throughout.
 
 `Run` is the algorithm in order; each step's work is a function of its own module in
-`mates.stages`, over the `Context` built once per process (`mates.context`).
+`mates.stages`, over the `Context` built once per process (`mates.context`). The run
+directory's manifest and lock are `mates.run_dir`'s; the device and the DDP process group
+`mates.distributed`'s (`init_run`, `resolve_device` and `init_distributed` are importable
+from here too).
 """
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from mates.artifacts import RunPaths, read_json, remove_stale_temporaries
 from mates.config import RunConfig, config_from_dict
 from mates.context import Cancelled, Context
-from mates.errors import ArtifactError, ConfigError, MatesError, RunStateError, StageFailed
-from mates.manifest import Manifest, new_run_id
+from mates.distributed import DIST_TIMEOUT, init_distributed, resolve_device
+from mates.errors import MatesError, RunStateError, StageFailed
+from mates.influence import Encoder
+from mates.manifest import Manifest
+from mates.run_dir import hold_run_dir, init_run, open_manifest
 from mates.stages import fitting, probing, scoring, selecting, sharing, training
 from mates.train import Trainer, world
 
-__all__ = ["Cancelled", "Run", "init_run", "resolve_device", "train_stage_process"]
+__all__ = [
+    "DIST_TIMEOUT",
+    "Cancelled",
+    "Run",
+    "init_distributed",
+    "init_run",
+    "resolve_device",
+    "train_stage_process",
+]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("`device` is 'cuda' but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def init_run(cfg: RunConfig, root: Path) -> Manifest:
-    """Create `<root>/<run_id>/` holding only the run's manifest (how the services start a run)."""
-    run_id = new_run_id(cfg.name)
-    paths = RunPaths(Path(root) / run_id)
-    paths.root.mkdir(parents=True)
-    return Manifest.create(
-        paths.manifest,
-        cfg.model_dump(mode="json"),
-        cfg.fingerprint(),
-        cfg.stages.num_stages,
-        run_id=run_id,
-    )
-
-
-# How long a rank waits at a collective. The non-primary ranks wait at a barrier while
-# rank 0 tokenizes the corpus of a fresh run, which takes longer than the NCCL default
-# (10 minutes) on a large pool.
-DIST_TIMEOUT = timedelta(hours=2)
-
-
-def init_distributed(device_name: str) -> None:
-    """Join the torchrun process group for a run configured with `device` `device_name`:
-    NCCL with one GPU per local rank when the run is on CUDA, gloo when it is on the CPU
-    (whatever GPUs the machine has)."""
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"torchrun local rank {local_rank} has no GPU of its own: this machine "
-                f"has {torch.cuda.device_count()}; use --nproc-per-node at most that, "
-                "or set `device: cpu`"
-            )
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
 
 
 def train_stage_process(run_dir: Path, k: int) -> None:
     """Train stage k of an existing run in this process: alone, or as one rank under
     `torchrun --nproc-per-node N` (DDP: gloo on CPU, NCCL on CUDA; rank 0 writes)."""
     started = False
+    run: Run | None = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         manifest = read_json(RunPaths(Path(run_dir)).manifest)
         init_distributed(str(manifest["config"].get("device", "auto")))
@@ -115,7 +83,7 @@ class Run:
         paths = RunPaths(Path(out_dir))
         device = resolve_device(cfg.device)  # before the run dir is touched
         rank, world_size = world()
-        manifest = _open_manifest(cfg, paths)
+        manifest = open_manifest(cfg, paths)
         manifest.readonly = rank != 0
         self.ctx = Context(cfg, paths, manifest, device, rank, world_size, progress)
         self.lm = training.LM(self.ctx)
@@ -168,7 +136,7 @@ class Run:
         `prepared_from`, also lends its tokenizer and tokenized corpus when its data settings
         are the same. `probes_from`, a model-based arm sharing that stage 0, lends the
         stage-0 probes and influence model (the same computation on the same checkpoint)."""
-        with self._exclusive():
+        with hold_run_dir(self.paths.lock, self.manifest):
             self._begin(seed_stage0_from, prepared_from, probes_from)
             n = self.cfg.stages.num_stages
             for k in range(n):
@@ -209,31 +177,6 @@ class Run:
                 sharing.copy_stage0(self.ctx, Path(seed_stage0_from))
                 if probes_from is not None:
                     sharing.copy_stage0_probes(self.ctx, Path(probes_from))
-
-    @contextmanager
-    def _exclusive(self):
-        """Hold the run dir's lock while executing: a second process refuses instead of
-        writing alongside. The OS drops the lock when its holder dies, however it dies, so
-        a killed run resumes at once although run.json still says 'running'."""
-        path = self.paths.lock
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ArtifactError(f"cannot open {path}: {e.strerror}") from e
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise RunStateError(
-                    f"run {self.manifest.run_id} is being executed by another "
-                    f"process (pid {holder}); cancel it or wait"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-        finally:
-            os.close(fd)
 
     # -- the stage functions ----------------------------------------------------
     # Each is skipped where its artifact exists, so calling one twice does no work twice.
@@ -337,7 +280,7 @@ class Run:
 
     # -- reading the run's state ------------------------------------------------------
 
-    def new_encoder(self) -> tuple[torch.nn.Module, object]:
+    def new_encoder(self) -> tuple[Encoder, Any]:
         """(encoder, tokenizer) of `influence.encoder` for this run (see `fitting.new_encoder`)."""
         return fitting.new_encoder(self.ctx)
 
@@ -395,17 +338,3 @@ class Run:
         t0 = time.perf_counter()
         yield
         self.manifest.add_timing(k, state, time.perf_counter() - t0)
-
-
-def _open_manifest(cfg: RunConfig, paths: RunPaths) -> Manifest:
-    fp = cfg.fingerprint()
-    if paths.manifest.is_file():
-        m = Manifest.load(paths.manifest)
-        if m.data["config_fingerprint"] != fp:
-            raise ConfigError(
-                f"{paths.root} holds a run with a different config; "
-                "resume it with its own config or choose another --out"
-            )
-        return m
-    paths.root.mkdir(parents=True, exist_ok=True)
-    return Manifest.create(paths.manifest, cfg.model_dump(mode="json"), fp, cfg.stages.num_stages)

@@ -19,6 +19,11 @@ from mates.errors import ConfigError, DataError
 METHODS = ("gumbel", "topk", "random")
 
 
+Seed = int | Sequence[int]
+"""What seeds a selection's generator (`numpy.random.default_rng`): an int, or a sequence
+such as [run seed, stage, purpose]."""
+
+
 def num_selected(pool_size: int, ratio: float) -> int:
     """k = round(ratio × pool), at least one document."""
     if not 0 < ratio <= 1:
@@ -51,7 +56,7 @@ def select_indices(
     ratio: float,
     method: str,
     temperature: float,
-    seed: int,
+    seed: Seed,
 ) -> np.ndarray:
     """Indices into the pool chosen by `method`; `scores` may be None for 'random'."""
     k = num_selected(pool_size, ratio)
@@ -62,7 +67,7 @@ def select_indices(
 
 
 def selection_order(
-    scores: np.ndarray | None, pool_size: int, *, method: str, temperature: float, seed
+    scores: np.ndarray | None, pool_size: int, *, method: str, temperature: float, seed: Seed
 ) -> np.ndarray:
     """Every pool index in the order `method` would keep them: a seeded permutation
     ('random'), the lowest scores first ('topk'), or Gumbel-top-k draw order ('gumbel').
@@ -104,7 +109,7 @@ def fill_budget(order: np.ndarray, lengths: np.ndarray, need: int) -> tuple[np.n
     return order[: min(n, len(order))], bool(len(total) and total[-1] >= need)
 
 
-def label_order(matching: np.ndarray, *, seed) -> np.ndarray:
+def label_order(matching: np.ndarray, *, seed: Seed) -> np.ndarray:
     """The matching documents in random order, then the others in random order."""
     matching = np.asarray(matching, dtype=bool)
     rng = np.random.default_rng(seed)
@@ -118,7 +123,7 @@ def label_matches(labels: Sequence[str | None], targets: Sequence[str]) -> np.nd
     wanted = tuple(targets)
     below = tuple(t.rstrip("/") + "/" for t in wanted)
     return np.array(
-        [bool(lab) and (lab in wanted or lab.startswith(below)) for lab in labels], dtype=bool
+        [lab is not None and (lab in wanted or lab.startswith(below)) for lab in labels], dtype=bool
     )
 
 
@@ -143,7 +148,7 @@ def target_label_mask(
     return mask
 
 
-def label_selection(matching: np.ndarray, *, ratio: float, seed) -> tuple[np.ndarray, int]:
+def label_selection(matching: np.ndarray, *, ratio: float, seed: Seed) -> tuple[np.ndarray, int]:
     """k = ratio × pool documents, drawn at random among the matching ones; when fewer
     match, all of them plus random others (the stage's token budget is fixed either way).
     Returns the indices and how many were filled in at random."""
@@ -157,7 +162,7 @@ def label_selection(matching: np.ndarray, *, ratio: float, seed) -> tuple[np.nda
     return np.concatenate([hits, rest]), int(len(rest))
 
 
-def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
+def join_scores(pool_ids: Sequence[str | None], rows: Iterable[dict]) -> np.ndarray:
     """Scores aligned to `pool_ids` by document ID; every ID exactly once, no strangers."""
     by_id: dict[str, float] = {}
     for row in rows:
@@ -183,7 +188,8 @@ def join_scores(pool_ids: Sequence[str], rows: Iterable[dict]) -> np.ndarray:
         raise DataError(
             f"{len(extra)} scores name documents outside the pool, e.g. {sorted(extra)[:3]}"
         )
-    return np.array([by_id[d] for d in pool_ids], dtype=np.float64)
+    # every ID is a string by now: a None would have been reported missing
+    return np.array([by_id[d] for d in pool_ids if d is not None], dtype=np.float64)
 
 
 def select_ids(

@@ -17,16 +17,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
 
 from mates.artifacts import atomic_path
 from mates.config import TrainConfig
-from mates.data.packing import PackedStream
 from mates.data.reference import IGNORE
 from mates.errors import ArtifactError, ConfigError, StageFailed
 from mates.lm import autocast
@@ -69,7 +70,8 @@ def make_optimizer(
     2.4, where it measured ~4x faster than foreach on the demo model); otherwise the
     plain per-parameter loop, the baseline of `mates.baselines.NaiveTrainer`.
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
@@ -96,6 +98,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class BlockStream(Protocol):
+    """What the trainer draws its batches from: a `mates.data.packing.PackedStream`, or the
+    bench's random tokens."""
+
+    def next_block(self, n_sequences: int) -> torch.Tensor:
+        """(n_sequences, T + 1) token IDs: inputs and labels overlap by all but one."""
+        ...
+
+
 class _LossModule(torch.nn.Module):
     """The LM's training loss as a module, so DDP sees the forward it synchronizes.
 
@@ -104,7 +115,7 @@ class _LossModule(torch.nn.Module):
     packed batches score every position, and `ignore_index` covers any that are not.
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: PreTrainedModel):
         super().__init__()
         self.lm = lm
 
@@ -123,8 +134,9 @@ class Trainer:
     step on the whole batch, and every rank's stream, model and optimizer stay identical.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-        self.model = model.to(device)
+    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, device: torch.device):
+        # in place; Module.to is named because PreTrainedModel.to's wrapper hides its signature
+        self.model = torch.nn.Module.to(model, device)
         self.cfg = cfg
         self.device = device
         self.optimizer = self._make_optimizer()
@@ -157,7 +169,7 @@ class Trainer:
     def current_lr(self) -> float:
         return lr_at(self.step, self.cfg)
 
-    def _micro_batches(self, stream: PackedStream):
+    def _micro_batches(self, stream: BlockStream):
         micro = self.cfg.micro_batch_sequences or self.cfg.batch_sequences
         for _ in range(self.cfg.batch_sequences // micro):
             block = stream.next_block(micro)  # (micro, T+1): inputs and labels overlap
@@ -184,7 +196,7 @@ class Trainer:
         self.step += 1
         self.tokens += self.cfg.batch_sequences * self.cfg.seq_tokens
 
-    def train_step(self, stream: PackedStream) -> torch.Tensor:
+    def train_step(self, stream: BlockStream) -> torch.Tensor:
         """One optimizer step over `batch_sequences` packed sequences.
 
         Returns the mean loss as a 0-d tensor on the device; nothing in the step waits
@@ -240,7 +252,7 @@ class Trainer:
         )
 
     def train(
-        self, stream: PackedStream, steps: int, callbacks: list[Callback], stage_step: int = 0
+        self, stream: BlockStream, steps: int, callbacks: list[Callback], stage_step: int = 0
     ) -> StepInfo | None:
         """Run `steps - stage_step` more steps; a non-finite loss fails the stage.
 
@@ -270,7 +282,7 @@ class Trainer:
             cb.train_end(self, info)
         return info
 
-    def cooldown_branch(self, stream: PackedStream, steps: int) -> torch.nn.Module:
+    def cooldown_branch(self, stream: BlockStream, steps: int) -> PreTrainedModel:
         """A copy of the model trained `steps` more steps with the lr decaying linearly from
         the current lr to zero (the decay of a warmup-stable-decay schedule); this trainer's
         model, optimizer, counters and stream are untouched. Single process: under DDP the
@@ -308,7 +320,7 @@ class Trainer:
             state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, tmp / "model.safetensors")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            rng = {"cpu": torch.get_rng_state()}
+            rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng.pt")

@@ -28,11 +28,13 @@ from markupsafe import Markup
 from mates import report
 from mates.artifacts import RunPaths
 from mates.errors import MatesError
+from mates.manifest import RunStatus
 from services.api.deps import RunId, SettingsDep, StoreDep
 from services.api.routes.runs import read_log
 from services.common.auth import check_key
 from services.common.contracts import FINAL, RUN_ID_PATTERN, random_baseline_name
 from services.common.store import Store
+from services.common.store.records import RunDetail
 
 router = APIRouter(include_in_schema=False)
 
@@ -145,7 +147,7 @@ def runs_rows(request: Request, store: StoreDep, settings: SettingsDep) -> HTMLR
 # --------------------------------------------------------------------------- a run
 
 
-def find_arms(store: Store, run: dict[str, Any]) -> list[tuple[str | None, Path]]:
+def find_arms(store: Store, run: RunDetail) -> list[tuple[str | None, Path]]:
     """The other arms of the comparison the run belongs to, as (label, run dir): every
     sibling arm of `mates compare`'s `DIR/seed-<s>/<arm>/` (labelled by its folder), or the
     `random/` beside a `<dir>/mates`, else the newest run in the store named
@@ -159,12 +161,12 @@ def find_arms(store: Store, run: dict[str, Any]) -> list[tuple[str | None, Path]
         return []  # the run is a random arm itself
     want = random_baseline_name(run["name"])
     arms = [r for r in store.list_runs(limit=500) if r["name"] == want and r["id"] != run["id"]]
-    done = [r for r in arms if r["status"] == "done"]
-    pick = (done or arms or [None])[0]
-    return [(None, Path(pick["artifacts_dir"]))] if pick else []
+    done = [r for r in arms if r["status"] == RunStatus.DONE]
+    pick = (done or arms)[:1]
+    return [(None, Path(r["artifacts_dir"])) for r in pick]
 
 
-def find_baseline(store: Store, run: dict[str, Any]) -> Path | None:
+def find_baseline(store: Store, run: RunDetail) -> Path | None:
     """The first of `find_arms` (the random arm where there is one)."""
     arms = find_arms(store, run)
     return arms[0][1] if arms else None

@@ -15,6 +15,8 @@ from services.api.deps import KeyRequired, ReadKey, RunId, SettingsDep, StoreDep
 from services.api.schemas import Problem, Run, RunMetrics, RunStatus, RunSummary
 from services.common import lifecycle
 from services.common.store import Store, finite_json
+from services.common.store.records import RunDetail
+from services.common.store.records import RunSummary as RunSummaryRow
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -45,8 +47,10 @@ ConfigBody = Annotated[
     ),
 ]
 
-NOT_FOUND = {404: {"model": Problem, "description": "no run with that ID"}}
-AUTH = {
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "no run with that ID"}
+}
+AUTH: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "no bearer API key"},
     403: {"model": Problem, "description": "a wrong API key"},
 }
@@ -68,7 +72,7 @@ def validate_run_config(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def run_or_404(store: Store, run_id: str) -> dict[str, Any]:
+def run_or_404(store: Store, run_id: str) -> RunDetail:
     run = store.get_run(run_id)
     if run is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run {run_id!r}")
@@ -94,7 +98,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 )
 def submit_run(
     config: ConfigBody, store: StoreDep, settings: SettingsDep, _: KeyRequired
-) -> dict[str, Any]:
+) -> RunDetail:
     """Validate a run config, create the run and queue its stage 0."""
     return lifecycle.create_run(store, settings, validate_run_config(config))
 
@@ -106,13 +110,13 @@ def list_runs(
     status_: Annotated[RunStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-) -> list[dict[str, Any]]:
+) -> list[RunSummaryRow]:
     """Runs, newest first."""
     return store.list_runs(status=status_, limit=limit, offset=offset)
 
 
 @router.get("/{run_id}", response_model=Run, responses=NOT_FOUND)
-def get_run(run_id: RunId, store: StoreDep, _: ReadKey) -> dict[str, Any]:
+def get_run(run_id: RunId, store: StoreDep, _: ReadKey) -> RunDetail:
     """A run with every stage's state, transitions, timings, metrics and error."""
     return run_or_404(store, run_id)
 
@@ -123,9 +127,7 @@ def get_run(run_id: RunId, store: StoreDep, _: ReadKey) -> dict[str, Any]:
     response_model=Run,
     responses={**AUTH, **NOT_FOUND, 409: {"model": Problem, "description": "not active"}},
 )
-def cancel_run(
-    run_id: RunId, store: StoreDep, settings: SettingsDep, _: KeyRequired
-) -> dict[str, Any]:
+def cancel_run(run_id: RunId, store: StoreDep, settings: SettingsDep, _: KeyRequired) -> RunDetail:
     """Ask an active run to stop; its status is `cancelling` until the worker stops it."""
     run_or_404(store, run_id)
     return lifecycle.cancel_run(store, settings, run_id)
@@ -141,9 +143,7 @@ def cancel_run(
         409: {"model": Problem, "description": "neither failed nor cancelled"},
     },
 )
-def resume_run(
-    run_id: RunId, store: StoreDep, settings: SettingsDep, _: KeyRequired
-) -> dict[str, Any]:
+def resume_run(run_id: RunId, store: StoreDep, settings: SettingsDep, _: KeyRequired) -> RunDetail:
     """Queue a failed or cancelled run again from its last completed step."""
     run_or_404(store, run_id)
     return lifecycle.resume_run(store, settings, run_id)

@@ -3,13 +3,15 @@ marker)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from services.common.store.engine import finite_json, now, upsert
+from services.common.store.records import ModelVersionRow
 from services.common.store.runs import num_probes_of
 from services.common.store.schema import model_versions, service_state
 
@@ -18,6 +20,7 @@ class Catalog:
     """Model versions and service state (a part of `Store`)."""
 
     engine: Engine
+    get_generation: Callable[[str], int]  # RunRecords': raises for an unknown run
 
     def get_state(self, key: str) -> str | None:
         with self.engine.connect() as conn:
@@ -52,11 +55,11 @@ class Catalog:
             return False
         return True
 
-    def list_models(self, run_id: str | None = None) -> list[dict[str, Any]]:
+    def list_models(self, run_id: str | None = None) -> list[ModelVersionRow]:
         q = select(model_versions).order_by(
             model_versions.c.created_at.desc(), model_versions.c.stage.desc()
         )
         if run_id is not None:
             q = q.where(model_versions.c.run_id == run_id)
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            return [cast(ModelVersionRow, dict(r)) for r in conn.execute(q).mappings()]

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from sqlalchemy import Table, and_, create_engine, event, insert, inspect, update
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -63,6 +63,28 @@ def finite_json(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite_json(v) for v in obj]
     return obj
+
+
+@overload
+def upsert(
+    engine: Engine,
+    table: Table,
+    key: dict[str, Any],
+    changes: dict[str, Any],
+    first: dict[str, Any],
+    then: Callable[[Connection], T],
+) -> T: ...
+
+
+@overload
+def upsert(
+    engine: Engine,
+    table: Table,
+    key: dict[str, Any],
+    changes: dict[str, Any],
+    first: dict[str, Any],
+    then: None = None,
+) -> None: ...
 
 
 def upsert(

@@ -3,27 +3,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from mates.errors import RunStateError
-from services.common.contracts import CANCELLING, FINAL, STATUSES
+from mates.manifest import RunRecord, RunStatus, StageRecord, StageState
+from services.common.contracts import CANCELLING, FINAL
 from services.common.store.engine import finite_json, now
+from services.common.store.records import RunDetail, RunSummary, TransitionRow
 from services.common.store.schema import runs, stages, transitions
+
+
+def _known(status: RunStatus | str) -> RunStatus:
+    try:
+        return RunStatus(status)
+    except ValueError:
+        raise ValueError(f"unknown run status {status!r}") from None
 
 
 class RunExists(RunStateError):
     """`create_run` was given an ID the store already holds."""
 
 
-def _stage_row(run_id: str, st: dict[str, Any], at: float) -> dict[str, Any]:
+def _stage_row(run_id: str, st: Mapping[str, Any], at: float) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "stage": int(st["stage"]),
-        "state": st["state"],
+        "state": StageState(st["state"]).value,
         "error": st.get("error"),
         "timings": finite_json(st.get("timings") or {}),
         "metrics": finite_json(st.get("metrics") or {}),
@@ -31,18 +41,19 @@ def _stage_row(run_id: str, st: dict[str, Any], at: float) -> dict[str, Any]:
     }
 
 
-def _transition_rows(run_id: str, st: dict[str, Any], already: int) -> list[dict[str, Any]]:
+def _transition_rows(run_id: str, st: Mapping[str, Any], already: int) -> list[dict[str, Any]]:
     rows = []
     items = st.get("transitions") or []
     for i, t in enumerate(items[already:], start=already):
         reason = t.get("reason")
-        if reason is None and i == len(items) - 1 and t["state"] in ("failed", "cancelled"):
+        ended = t["state"] in (StageState.FAILED, StageState.CANCELLED)
+        if reason is None and i == len(items) - 1 and ended:
             reason = st.get("error")  # the stage's error explains its last failure
         rows.append(
             {
                 "run_id": run_id,
                 "stage": int(st["stage"]),
-                "state": t["state"],
+                "state": StageState(t["state"]).value,
                 "at": float(t["at"]),
                 "reason": reason,
             }
@@ -64,13 +75,13 @@ class RunRecords:
 
     engine: Engine
 
-    def create_run(self, manifest: dict[str, Any], artifacts_dir: str) -> None:
+    def create_run(self, manifest: RunRecord, artifacts_dir: str) -> None:
         run_id = manifest["run_id"]
         created = float(manifest.get("created_at") or now())
         row = {
             "id": run_id,
             "name": manifest["name"],
-            "status": manifest.get("status", "pending"),
+            "status": RunStatus(manifest.get("status", RunStatus.PENDING)).value,
             "error": manifest.get("error"),
             "current_stage": int(manifest.get("current_stage", 0)),
             "num_stages": len(manifest["stages"]),
@@ -87,10 +98,10 @@ class RunRecords:
         except IntegrityError:
             raise RunExists(f"run {run_id} already exists in the run store") from None
 
-    def sync_manifest(self, manifest: dict[str, Any]) -> None:
+    def sync_manifest(self, manifest: RunRecord) -> None:
         """Mirror run.json: run status, stage rows, and the transitions not yet stored."""
         run_id = manifest["run_id"]
-        new = manifest["status"]
+        new = RunStatus(manifest["status"]).value
         at = float(manifest.get("updated_at") or now())
         # A cancel request outlives progress reports until the run actually ends.
         status = new if new in FINAL else case((runs.c.status == CANCELLING, CANCELLING), else_=new)
@@ -124,7 +135,7 @@ class RunRecords:
         self,
         conn: Connection,
         run_id: str,
-        items: list[dict[str, Any]],
+        items: Sequence[StageRecord],
         at: float,
         existing: dict[int, int],
     ) -> None:
@@ -154,33 +165,33 @@ class RunRecords:
         if new_transitions:
             conn.execute(insert(transitions), new_transitions)
 
-    def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
-        if status not in STATUSES:
-            raise ValueError(f"unknown run status {status!r}")
+    def set_status(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
+        status = _known(status)
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(runs)
                 .where(runs.c.id == run_id)
-                .values(status=status, error=error, updated_at=now())
+                .values(status=status.value, error=error, updated_at=now())
             )
         if done.rowcount == 0:
             raise RunStateError(f"run {run_id} is not in the run store")
 
     def set_status_if(
-        self, run_id: str, status: str, allowed: tuple[str, ...], error: str | None = None
+        self, run_id: str, status: RunStatus, allowed: Sequence[RunStatus], error: str | None = None
     ) -> bool:
         """Set the status only if it is one of `allowed` (atomically); False otherwise."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown run status {status!r}")
+        status = _known(status)
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(runs)
-                .where(and_(runs.c.id == run_id, runs.c.status.in_(allowed)))
-                .values(status=status, error=error, updated_at=now())
+                .where(
+                    and_(runs.c.id == run_id, runs.c.status.in_([_known(a).value for a in allowed]))
+                )
+                .values(status=status.value, error=error, updated_at=now())
             )
         return done.rowcount == 1
 
-    def get_run(self, run_id: str) -> dict[str, Any] | None:
+    def get_run(self, run_id: str) -> RunDetail | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
             if row is None:
@@ -201,16 +212,17 @@ class RunRecords:
                 .mappings()
                 .all()
             )
-        by_stage: dict[int, list[dict[str, Any]]] = {}
+        by_stage: dict[int, list[TransitionRow]] = {}
         for t in trans:
             by_stage.setdefault(t["stage"], []).append(
-                {"state": t["state"], "at": t["at"], "reason": t["reason"]}
+                {"state": StageState(t["state"]), "at": t["at"], "reason": t["reason"]}
             )
         out = dict(row)
+        out["status"] = RunStatus(row["status"])
         out["stages"] = [
             {
                 "stage": s["stage"],
-                "state": s["state"],
+                "state": StageState(s["state"]),
                 "error": s["error"],
                 "timings": s["timings"],
                 "metrics": s["metrics"],
@@ -219,11 +231,11 @@ class RunRecords:
             }
             for s in stage_rows
         ]
-        return out
+        return cast(RunDetail, out)
 
     def list_runs(
-        self, status: str | None = None, limit: int = 50, offset: int = 0
-    ) -> list[dict[str, Any]]:
+        self, status: RunStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> list[RunSummary]:
         """Run summaries, newest first, each with its current stage's state."""
         q = (
             select(
@@ -250,9 +262,13 @@ class RunRecords:
             .offset(offset)
         )
         if status is not None:
-            q = q.where(runs.c.status == status)
+            q = q.where(runs.c.status == RunStatus(status).value)
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+        for r in rows:
+            r["status"] = RunStatus(r["status"])
+            r["stage_state"] = None if r["stage_state"] is None else StageState(r["stage_state"])
+        return cast(list[RunSummary], rows)
 
     def bump_generation(self, run_id: str) -> int:
         with self.engine.begin() as conn:

@@ -9,6 +9,7 @@ from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from mates.manifest import RunStatus
 from services.common.contracts import CANCELLING
 from services.common.store.engine import now, upsert
 from services.common.store.schema import deliveries, dispatches, heartbeats, runs
@@ -211,7 +212,7 @@ class TaskRecords:
                     ),
                 )
             )
-            .where(runs.c.status.in_(("running", CANCELLING)))
+            .where(runs.c.status.in_((RunStatus.RUNNING.value, CANCELLING.value)))
             .group_by(heartbeats.c.run_id)
             .having(func.max(heartbeats.c.beat_at) < older_than)
         )

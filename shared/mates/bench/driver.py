@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- overhead
 
 
+def _built(run: Run | None) -> Run:
+    """The demo run the probe, scorer and trainer sections share (built when one is asked)."""
+    assert run is not None
+    return run
+
+
 def bench_overhead(work: Path, device: str, progress: bool) -> dict[str, Any]:
     from mates.data.demo import build_demo
 
@@ -34,7 +40,7 @@ def bench_overhead(work: Path, device: str, progress: bool) -> dict[str, Any]:
     build_demo(base / "data" / "demo", seed=0, pool_news_articles=100, progress=False)
     cfg = load_config(PRESETS / "tiny.yaml", [f"device={device}"], base_dir=base)
     m = Run(cfg, base / "run", progress=progress).execute().data
-    keys = ("probing", "fitting", "scoring", "selecting")
+    keys = ("probing", "fitting", "scoring", "selecting")  # timings, by phase
     train = sum(st["timings"].get("training", 0.0) for st in m["stages"])
     parts = {k: sum(st["timings"].get(k, 0.0) for st in m["stages"]) for k in keys}
     return {
@@ -81,9 +87,9 @@ def run_bench(
             else None
         )
         for name, fn in (
-            ("probe", lambda: bench_probes(run, sizes, work)),
-            ("scorer", lambda: bench_scorer(run, sizes)),
-            ("trainer", lambda: bench_trainer(run, sizes)),
+            ("probe", lambda: bench_probes(_built(run), sizes, work)),
+            ("scorer", lambda: bench_scorer(_built(run), sizes)),
+            ("trainer", lambda: bench_trainer(_built(run), sizes)),
             ("overhead", lambda: bench_overhead(work, device, progress)),
         ):
             if name in sections:

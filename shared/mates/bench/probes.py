@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,17 @@ def bench_probes(run: Run, sizes: Sizes, work: Path) -> dict[str, Any]:
     vals: dict[str, list[float]] = {"exact": [], "first": []}
     for i, doc in enumerate(docs):  # alternate the arms probe by probe
         if i < n_reload:
-            _, s = timed(lambda d=doc: reload_oracle.influence(d))
+            _, s = timed(partial(reload_oracle.influence, doc))
             t["reload"] += s
             # back to the checkpoint; the load replaces AdamW's state tensors, so the in-memory
             # arms are built again (untimed) on it. The first probe always takes this branch.
             trainer.load(ck)
             exact = ExactOracle(trainer.model, trainer.optimizer, run.reference, **kw)
             first = FirstOrderOracle(trainer.model, trainer.optimizer, run.reference, **kw)
-        v, s = timed(lambda d=doc, o=exact: o.influence(d))
+        v, s = timed(partial(exact.influence, doc))
         vals["exact"].append(v)
         t["exact"] += s
-        v, s = timed(lambda d=doc, o=first: o.influence(d))
+        v, s = timed(partial(first.influence, doc))
         vals["first"].append(v)
         t["first"] += s
     n = len(docs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ def _score_arms(
     for chunk in np.array_split(np.arange(len(texts)), rounds):
         part = [texts[i] for i in chunk]
         for arm, fn in arms.items():
-            v, sec = timed(lambda p=part, f=fn: f(p))
+            v, sec = timed(partial(fn, part))
             out[arm][chunk] = v
             t[arm] += sec
     return t, out
@@ -113,6 +114,12 @@ def bench_scorer(run: Run, sizes: Sizes) -> dict[str, Any]:
     }
 
 
+def _matmuls(a: torch.Tensor, b: torch.Tensor, reps: int, device: torch.device) -> None:
+    for _ in range(reps):
+        a @ b
+    sync(device)
+
+
 def matmul_gflops(device: torch.device, n: int | None = None, reps: int = 10) -> dict[str, float]:
     """GFLOP/s of an n x n matrix product in fp32 and bf16: the ceiling that bf16 can lift a
     model-bound path by on this machine (about 2.3x on AVX-512 BF16, more with AMX). n
@@ -124,6 +131,6 @@ def matmul_gflops(device: torch.device, n: int | None = None, reps: int = 10) ->
         b = torch.randn(n, n, dtype=dtype, device=device)
         a @ b
         sync(device)
-        _, sec = timed(lambda a=a, b=b: ([a @ b for _ in range(reps)], sync(device)))
+        _, sec = timed(partial(_matmuls, a, b, reps, device))
         out[name] = round(2 * n**3 * reps / sec / 1e9, 1)
     return out

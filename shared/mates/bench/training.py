@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from mates.bench.common import Sizes, sync, trained
 from mates.config import load_config
@@ -90,14 +91,14 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def train_flops_per_token(
-    model: torch.nn.Module, num_layers: int, hidden_size: int, seq_tokens: int
+    model: PreTrainedModel, num_layers: int, hidden_size: int, seq_tokens: int
 ) -> float:
     """Model FLOPs of one training token: 6·N + 12·L·d·T (PaLM, Chowdhery et al. 2022, app. B).
 
     N counts the parameters that do matmuls: all but the input embedding, which is a
     lookup (Pythia's output embedding is untied, and is counted).
     """
-    emb = model.get_input_embeddings().weight.numel()
+    emb = model.get_input_embeddings().weight.numel()  # type: ignore[operator]  # a Module's attribute, typed loosely
     n = sum(p.numel() for p in model.parameters()) - emb
     return 6.0 * n + 12.0 * num_layers * hidden_size * seq_tokens
 

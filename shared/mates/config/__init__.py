@@ -30,6 +30,7 @@ from mates.config.selection import (
     InfluenceConfig,
     ProbingConfig,
     SelectionConfig,
+    SelectionMethod,
 )
 from mates.config.training import ModelConfig, StagesConfig, TrainConfig
 
@@ -48,6 +49,7 @@ __all__ = [
     "ProbingConfig",
     "RunConfig",
     "SELECTION_METHODS",
+    "SelectionMethod",
     "Section",
     "SelectionConfig",
     "StagesConfig",

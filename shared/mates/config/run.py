@@ -73,6 +73,7 @@ class RunConfig(Section):
         if not st.token_budgets:
             return st.stage0_steps if k == 0 else st.stage_steps
         tokens = st.stage0_tokens if k == 0 else st.stage_tokens
+        assert tokens is not None, "token_budgets needs both token budgets (validated)"
         per_step = self.train.batch_sequences * self.train.seq_tokens
         return max(1, -(-tokens // per_step))
 

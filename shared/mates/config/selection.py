@@ -3,7 +3,7 @@ influence model, how scores become a selection, and the arms of a comparison."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -110,13 +110,14 @@ class InfluenceConfig(Section):
         return self
 
 
-SELECTION_METHODS = ("mates", "static", "dsir", "perplexity", "label", "random", "gumbel", "topk")
+SelectionMethod = Literal[
+    "mates", "static", "dsir", "perplexity", "label", "random", "gumbel", "topk"
+]
+SELECTION_METHODS: tuple[str, ...] = get_args(SelectionMethod)
 
 
 class SelectionConfig(Section):
-    method: Literal[
-        "mates", "static", "dsir", "perplexity", "label", "random", "gumbel", "topk"
-    ] = Field(
+    method: SelectionMethod = Field(
         "gumbel",
         description="'mates': an influence model fitted on each stage's checkpoint ('gumbel' and "
         "'topk' are 'mates' with that sampler); 'static': the model fitted at stage 0, reused "

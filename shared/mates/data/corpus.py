@@ -198,6 +198,7 @@ def _write_arrays(
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def encode_with_starts(texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        assert backend is not None  # chunking was refused above without one
         return [
             (e.ids, [a for a, _ in e.offsets])
             for e in backend.encode_batch(list(texts), add_special_tokens=False)

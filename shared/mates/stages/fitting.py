@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from mates.data.reference import reference_texts
 from mates.errors import ArtifactError
 from mates.flops import encoder_cost
 from mates.influence import (
+    Encoder,
     InfluenceModel,
     InfluenceScorer,
     fit_influence_model,
@@ -46,7 +48,7 @@ class ModelSlot:
         return self.held[1]
 
 
-def new_encoder(ctx: Context) -> tuple[torch.nn.Module, object]:
+def new_encoder(ctx: Context) -> tuple[Encoder, Any]:
     """(encoder, tokenizer) of `influence.encoder`; 'ngram' is fitted on this run's reference
     set and whole corpus, once per process for the same data (the arms of a comparison)."""
     ic = ctx.cfg.influence

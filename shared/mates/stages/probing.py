@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def probe(ctx: Context, lm: LM, k: int) -> None:
     pc, tc = ctx.cfg.probing, ctx.cfg.train
     ids, docs, tokens = probe_documents(ctx, k)
     n = len(ids)
-    kw = dict(
+    kw: dict[str, Any] = dict(
         lr=pc.lr or trainer.current_lr,
         grad_clip=tc.grad_clip,
         precision=tc.precision if pc.precision == "train" else "fp32",
@@ -53,7 +54,7 @@ def probe(ctx: Context, lm: LM, k: int) -> None:
     t0 = time.perf_counter()
     exact_idx: list[int] = []
     if pc.method == "exact":
-        oracle = ExactOracle(model, opt, ctx.reference, **kw)
+        oracle: ExactOracle | FirstOrderOracle = ExactOracle(model, opt, ctx.reference, **kw)
         values = _each(ctx, oracle, tokens, f"stage {k} probe")
         exact_idx = list(range(n))
         exact_vals = values

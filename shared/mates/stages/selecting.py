@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from mates.artifacts import read_json, read_jsonl, write_json, write_jsonl
@@ -293,7 +294,7 @@ def _stage0_losses(ctx: Context, lm: LM, idx: np.ndarray, k: int) -> np.ndarray:
     ref = pack_rows([(t, len(t) - 1) for t in tokens], "pool", list(range(len(tokens))))
     model = build_lm(cfg.model, len(ctx.tokenizer), T, ctx.eos)
     model.load_state_dict(load_file(ctx.paths.checkpoint(0) / "model.safetensors"))
-    model.to(ctx.device)
+    torch.nn.Module.to(model, ctx.device)  # PreTrainedModel.to's wrapper hides its signature
     tc = cfg.train
     sums, counts, _ = row_losses(model, ref, tc.eval_batch_sequences, tc.precision)
     per_doc = np.zeros(len(tokens))

@@ -11,6 +11,7 @@ from mates.artifacts import RunPaths, atomic_path, read_json, read_jsonl, write_
 from mates.config import config_from_dict
 from mates.context import Context
 from mates.errors import ConfigError
+from mates.manifest import StageState
 
 STAGE0_SECTIONS = ("seed", "data", "model", "train", "stages")
 
@@ -34,7 +35,10 @@ def copy_prepared(ctx: Context, other: Path) -> None:
 def copy_stage0(ctx: Context, other: Path) -> None:
     """Reuse another arm's stage 0 (random data, same seed and settings: identical by construction)."""
     paths, manifest = ctx.paths, ctx.manifest
-    if manifest.stage(0)["state"] == "done" or (paths.checkpoint(0) / "trainer.json").is_file():
+    if (
+        manifest.stage(0)["state"] == StageState.DONE
+        or (paths.checkpoint(0) / "trainer.json").is_file()
+    ):
         return
     src = RunPaths(other)
     theirs = config_from_dict(read_json(src.manifest)["config"])
@@ -83,7 +87,7 @@ def copy_stage0_probes(ctx: Context, other: Path) -> None:
     if (
         not ctx.cfg.selection.model_based
         or p.probes(0).is_file()
-        or manifest.moved_past(0, "fitting")
+        or manifest.moved_past(0, StageState.FITTING)
     ):
         return
     theirs = config_from_dict(read_json(src.manifest)["config"])

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from mates.artifacts import (
     append_jsonl,
@@ -121,7 +122,7 @@ def truncate_metrics(ctx: Context, step: int) -> None:
         write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
 
 
-def evaluate(ctx: Context, model: torch.nn.Module, k: int, step: int, tokens: int) -> dict:
+def evaluate(ctx: Context, model: PreTrainedModel, k: int, step: int, tokens: int) -> dict:
     """Reference and held-out losses of `model`: one row of metrics.jsonl."""
     tc = ctx.cfg.train
     sets = {

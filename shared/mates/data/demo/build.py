@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,9 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Counts and characters per domain, each top-level domain's share of the characters, set
     sizes, sources and licences."""
-    docs, chars, top = Counter(), Counter(), Counter()
+    docs: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    top: Counter[str] = Counter()
     for d in pool:
         docs[d.domain] += 1
         chars[d.domain] += len(d.text)
@@ -216,7 +218,7 @@ def write_outputs(
     ref: Sequence[dict],
     held: Sequence[dict],
     manifest: dict[str, Any],
-    texts: dict[str, Sequence[dict]] | None = None,
+    texts: Mapping[str, Sequence[dict[str, Any]]] | None = None,
 ) -> None:
     """Write the output files, each atomically (the manifest last: `make` waits for it)."""
     out_dir.mkdir(parents=True, exist_ok=True)

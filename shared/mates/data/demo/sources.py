@@ -76,7 +76,7 @@ def package_info(dist: str) -> tuple[str | None, str | None]:
         meta = importlib.metadata.metadata(dist)
     except importlib.metadata.PackageNotFoundError:
         return None, None
-    return meta.get("Version"), meta.get("License")
+    return meta.get("Version"), meta.get("License")  # type: ignore[attr-defined]  # an email.message.Message
 
 
 # --------------------------------------------------------------------------- reading sources

@@ -1,163 +1,17 @@
-"""Oracle data influence: one AdamW step on one example, reference loss after minus before.
-
-`I(x) = L(D_ref | θ after one step on x) − L(D_ref | θ)`; lower is more helpful.
-
-`ExactOracle` takes the step: the weights and AdamW state are snapshotted in
-memory once per checkpoint and restored bit-exactly after every probe (the
-reference code reloads the checkpoint from disk for every probe; we never do).
-`FirstOrderOracle` approximates it by `⟨∇L_ref, Δθ(x)⟩`, with AdamW's update
-Δθ(x) computed elementwise and ∇L_ref once per checkpoint.
-"""
+"""The first-order oracle: `⟨∇L_ref, Δθ(x)⟩`, AdamW's update on x computed elementwise from
+the optimizer's state without stepping, ∇L_ref once per checkpoint."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from mates.data.reference import ReferenceSet
-from mates.lm import autocast, lm_loss, reference_loss
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Snapshot:
-    """Copies of parameters and optimizer state tensors, and the param groups' scalars."""
-
-    params: list[torch.Tensor]
-    opt_state: list[dict[str, torch.Tensor]]
-    groups: list[dict]
-
-
-def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
-    params = [p.detach().clone() for p in model.parameters()]
-    opt_state = []
-    for p in model.parameters():
-        st = optimizer.state.get(p, {})
-        opt_state.append({k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)})
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return Snapshot(params, opt_state, groups)
-
-
-@torch.no_grad()
-def restore_snapshot(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, snap: Snapshot
-) -> None:
-    """Put weights, AdamW moments, step counts and group settings back exactly."""
-    for p, saved, saved_state in zip(model.parameters(), snap.params, snap.opt_state, strict=True):
-        p.copy_(saved)
-        p.grad = None
-        if not saved_state:
-            optimizer.state.pop(p, None)
-            continue
-        st = optimizer.state[p]
-        for k, v in saved_state.items():
-            st[k].copy_(v)
-    for g, saved in zip(optimizer.param_groups, snap.groups, strict=True):
-        g.update(saved)
-
-
-class _Oracle:
-    """What every oracle holds: the model at a checkpoint, the reference set and the probe step."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        reference: ReferenceSet,
-        *,
-        lr: float,
-        grad_clip: float,
-        precision: str,
-        eval_batch_sequences: int,
-    ):
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.reference = reference.to(self.device)
-        self.lr = lr
-        self.grad_clip = grad_clip
-        self.precision = precision
-        self.eval_batch = eval_batch_sequences
-        self.clipped = 0  # probes whose gradient norm exceeded the clip
-
-    def _ref_loss(self) -> float:
-        return reference_loss(self.model, self.reference, self.eval_batch, self.precision)
-
-    @staticmethod
-    def _check_probe(tokens: torch.Tensor) -> None:
-        if tokens.numel() < 2:
-            raise ValueError("a probe example needs at least 2 tokens")
-
-
-class ExactOracle(_Oracle):
-    """Measures exact one-step influences on the reference set at a fixed checkpoint."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        reference: ReferenceSet,
-        *,
-        lr: float,
-        grad_clip: float,
-        precision: str,
-        eval_batch_sequences: int,
-    ):
-        super().__init__(
-            model,
-            reference,
-            lr=lr,
-            grad_clip=grad_clip,
-            precision=precision,
-            eval_batch_sequences=eval_batch_sequences,
-        )
-        self.optimizer = optimizer
-        self.snapshot = take_snapshot(model, optimizer)
-        self.base_loss = self._ref_loss()
-
-    def _one_step(self, tokens: torch.Tensor) -> None:
-        self.model.train()
-        x = tokens[None, :-1].to(self.device)  # (1, T)
-        y = tokens[None, 1:].to(self.device)
-        with autocast(self.device, self.precision):
-            loss = lm_loss(self.model, x, y)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.clipped += int(norm > self.grad_clip)
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def shared_effect(self) -> float:
-        """The reference-loss change of the step's part that is the same for every document
-        (momentum and weight decay: an AdamW step with a zero gradient), measured exactly."""
-        try:
-            for p in self.model.parameters():
-                p.grad = torch.zeros_like(p)
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.lr
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._ref_loss() - self.base_loss
-        finally:
-            restore_snapshot(self.model, self.optimizer, self.snapshot)
-
-    def influence(self, tokens: torch.Tensor) -> float:
-        """Influence of one example (its token IDs, EOS-terminated, at most seq+1 long)."""
-        self._check_probe(tokens)
-        was_training = self.model.training
-        try:
-            self._one_step(tokens)
-            return self._ref_loss() - self.base_loss
-        finally:
-            restore_snapshot(self.model, self.optimizer, self.snapshot)
-            self.model.train(was_training)
-
-
-# --------------------------------------------------------------------------- first-order probes
+from mates.lm import autocast, lm_loss
+from mates.probe.oracle import _Oracle
 
 
 @dataclass
@@ -175,7 +29,7 @@ class _AdamBucket:
     step: int  # the step count this update would use (the state's step + 1, as in torch)
 
 
-def _adam_buckets(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[_AdamBucket]:
+def _adam_buckets(model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> list[_AdamBucket]:
     """Read AdamW's hyper-parameters and state per parameter, grouped by shared scalars."""
     position = {id(p): i for i, p in enumerate(model.parameters())}
     buckets: dict[tuple[int, int], _AdamBucket] = {}
@@ -251,7 +105,7 @@ class FirstOrderOracle(_Oracle):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         optimizer: torch.optim.Optimizer,
         reference: ReferenceSet,
         *,
@@ -277,7 +131,7 @@ class FirstOrderOracle(_Oracle):
             )
         self.shift = shift
         self.batch = batch
-        self._params = list(model.parameters())
+        self._params: list[torch.Tensor] = list(model.parameters())
         self._buckets = _adam_buckets(model, optimizer)
         n = sum(p.numel() for p in self._params)
         # fp32 work buffers, reused by every probe: the update, its denominator, ∇L_ref
@@ -404,14 +258,14 @@ class FirstOrderOracle(_Oracle):
             y = tokens[None, 1:].to(self.device)
             with autocast(self.device, self.precision):
                 loss = lm_loss(self.model, x, y)
-            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            raw = torch.autograd.grad(loss, self._params, allow_unused=True)
         finally:
             self.model.train(was_training)
-        missing = [i for i, g in enumerate(grads) if g is None]
+        missing = [i for i, g in enumerate(raw) if g is None]
         # contiguous: autograd may hand back a broadcast view, which cannot be scaled in place
         grads = [
             torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().contiguous()
-            for p, g in zip(self._params, grads, strict=True)
+            for p, g in zip(self._params, raw, strict=True)
         ]
         if clip:
             norm = torch.nn.utils.get_total_norm(grads)

@@ -1,0 +1,7 @@
+"""`python -m services.loadtest`."""
+
+import sys
+
+from services.loadtest.command import main
+
+sys.exit(main())
