@@ -38,6 +38,7 @@ demo: demo-data
 test: $(STAMP)
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
+	$(VENV)/bin/mypy
 	PY=$(PY) scripts/check-compose
 	$(VENV)/bin/pytest -q
 

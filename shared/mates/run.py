@@ -32,7 +32,7 @@ from mates.context import Cancelled, Context
 from mates.distributed import DIST_TIMEOUT, init_distributed, resolve_device
 from mates.errors import MatesError, RunStateError, StageFailed
 from mates.influence import Encoder
-from mates.manifest import Manifest
+from mates.manifest import Manifest, RunStatus, StageState
 from mates.run_dir import hold_run_dir, init_run, open_manifest
 from mates.stages import fitting, probing, scoring, selecting, sharing, training
 from mates.train import Trainer, world
@@ -61,7 +61,7 @@ def train_stage_process(run_dir: Path, k: int) -> None:
         started = True
     try:
         run = Run.open(Path(run_dir), progress=False)
-        if run.manifest.stage(k)["state"] != "done":
+        if run.manifest.stage(k)["state"] != StageState.DONE:
             with run.guard(k):
                 run.prepare()
                 run.train_stage(k)
@@ -140,7 +140,7 @@ class Run:
             self._begin(seed_stage0_from, prepared_from, probes_from)
             n = self.cfg.stages.num_stages
             for k in range(n):
-                if self.manifest.stage(k)["state"] != "done":
+                if self.manifest.stage(k)["state"] != StageState.DONE:
                     with self.guard(k):
                         self._run_stage(k)
             with self.guard(n - 1):
@@ -161,13 +161,13 @@ class Run:
     def _begin(
         self, seed_stage0_from: Path | None, prepared_from: Path | None, probes_from: Path | None
     ) -> None:
-        if self.manifest.data["status"] == "done":
+        if self.manifest.data["status"] == RunStatus.DONE:
             raise RunStateError(f"run {self.manifest.run_id} is already done")
         removed = remove_stale_temporaries(self.paths.root)
         if removed:
             log.info("removed %d temporaries left by an interrupted process", removed)
         self.paths.cancel.unlink(missing_ok=True)
-        self.manifest.set_status("running")
+        self.manifest.set_status(RunStatus.RUNNING)
         with self.guard(0):
             lender = seed_stage0_from or prepared_from
             if lender is not None:
@@ -186,14 +186,17 @@ class Run:
         """Train stage k on its selection (stage 0 first draws its pool and a random one)."""
         ctx = self.ctx
         ctx.check_cancel()
-        if self.manifest.stage(k)["state"] != "done" and self.manifest.data["status"] != "running":
-            self.manifest.set_status("running")
+        if (
+            self.manifest.stage(k)["state"] != StageState.DONE
+            and self.manifest.data["status"] != RunStatus.RUNNING
+        ):
+            self.manifest.set_status(RunStatus.RUNNING)
         if k == 0 and not self.paths.selection(0).is_file():
             if ctx.primary:
                 selecting.write_pool(ctx, 0)
                 selecting.select(ctx, 0, scores=None, method="random")
             ctx.barrier()
-        with self._state(k, "training"):
+        with self._state(k, StageState.TRAINING):
             training.train(ctx, self.lm, k)
         training.cooldown_eval(ctx, self.lm, k)
 
@@ -206,19 +209,19 @@ class Run:
         ctx, p = self.ctx, self.paths
         ctx.check_cancel()
         if k + 1 == self.cfg.stages.num_stages:
-            self.manifest.transition(k, "done")
+            self.manifest.transition(k, StageState.DONE)
             return "last"
         if not p.pool(k + 1).is_file():
             selecting.write_pool(ctx, k + 1)
         if not p.selection(k + 1).is_file() and not self.cfg.selection.model_based:
-            with self._state(k, "selecting"):
+            with self._state(k, StageState.SELECTING):
                 selecting.select_without_model(ctx, self.lm, k + 1)
         if p.selection(k + 1).is_file():
-            self.manifest.transition(k, "done")
+            self.manifest.transition(k, StageState.DONE)
             return "next"
         if self.cfg.selection.method == "static" and k > 0:
             return "fit"  # stage 0's model is reused: nothing to probe
-        with self._state(k, "probing"):
+        with self._state(k, StageState.PROBING):
             if not p.probes(k).is_file():
                 probing.probe(ctx, self.lm, k)
         return "fit"
@@ -226,14 +229,14 @@ class Run:
     def fit_stage(self, k: int) -> Path:
         """Fit the data influence model to stage k's probes; returns its directory."""
         self.check_cancel()
-        with self._state(k, "fitting"):
+        with self._state(k, StageState.FITTING):
             if not (self.paths.influence_model(k) / "meta.json").is_file():
                 fitting.fit(self.ctx, self.model, k)
         return self.paths.influence_model(k)
 
     def begin_scoring(self, k: int) -> None:
-        if not self.manifest.moved_past(k, "scoring"):
-            self.manifest.transition(k, "scoring")
+        if not self.manifest.moved_past(k, StageState.SCORING):
+            self.manifest.transition(k, StageState.SCORING)
 
     def num_shards(self, k: int) -> int:
         """Scoring shards of stage k+1's pool."""
@@ -258,7 +261,7 @@ class Run:
         if not p.selection(k + 1).is_file():
             st = self.manifest.stage(k)
             if "scoring" not in st["timings"]:
-                started = [t["at"] for t in st["transitions"] if t["state"] == "scoring"]
+                started = [t["at"] for t in st["transitions"] if t["state"] == StageState.SCORING]
                 if started:
                     self.manifest.add_timing(k, "scoring", time.time() - started[-1])
             if not p.scores(k).is_file():
@@ -266,14 +269,14 @@ class Run:
             per_doc = st["metrics"].get("encoder_flops_per_doc")
             if per_doc is not None:  # every pool document counted at influence.max_tokens
                 ctx.record_flops(k, "score", per_doc * len(read_json(p.pool(k + 1))["ids"]))
-            with self._state(k, "selecting"):
+            with self._state(k, StageState.SELECTING):
                 selecting.select_with_model(ctx, k)
-        self.manifest.transition(k, "done")
+        self.manifest.transition(k, StageState.DONE)
 
     def finish(self) -> None:
         """Export the final model and mark the run done."""
         self._export()
-        self.manifest.set_status("done")
+        self.manifest.set_status(RunStatus.DONE)
 
     def _export(self) -> None:
         training.export(self.ctx, self.lm)
@@ -320,15 +323,15 @@ class Run:
 
     def mark_cancelled(self, k: int, reason: str = "run cancelled by request") -> None:
         self.lm.forget()
-        self.manifest.end(k, "cancelled", reason)
+        self.manifest.end(k, RunStatus.CANCELLED, reason)
 
     def mark_failed(self, k: int, reason: str) -> None:
         self.lm.forget()
-        self.manifest.end(k, "failed", reason)
+        self.manifest.end(k, RunStatus.FAILED, reason)
         self.ctx.event(k, "failed", reason=reason)
 
     @contextmanager
-    def _state(self, k: int, state: str):
+    def _state(self, k: int, state: StageState):
         """Stage k in `state` for the block, timed; a stage already past it (a re-delivered
         task repeating a step) keeps its state, and the step finds its artifact."""
         if self.manifest.moved_past(k, state):

@@ -29,6 +29,7 @@ from mates.compare.summary import _to_match as _to_match
 from mates.compare.summary import summarize
 from mates.compare.table import format_table, table_rows
 from mates.config import RunConfig
+from mates.manifest import RunStatus
 from mates.run import Run
 
 __all__ = [
@@ -65,7 +66,7 @@ def compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict:
             where = arm_dir(out_dir, seed, arm)
             acfg = arm_config(cfg, arm, seed)
             run = Run(acfg, where, progress=progress)
-            if run.manifest.data["status"] != "done":
+            if run.manifest.data["status"] != RunStatus.DONE:
                 log.info("seed %d: running arm %s into %s", seed, arm, where)
                 run.execute(seed_stage0_from=first, prepared_from=prepared, probes_from=probed)
             first = first or where

@@ -14,6 +14,7 @@ import numpy as np
 
 from mates.artifacts import RunPaths, read_json, read_jsonl
 from mates.errors import ArtifactError, MatesError
+from mates.manifest import RunStatus
 from mates.report.history import _history
 from mates.report.text import is_number
 
@@ -216,7 +217,11 @@ def run_view(run_dir: Path) -> dict[str, Any]:
     if not paths.manifest.is_file():
         raise ArtifactError(f"{run_dir} is not a run directory (no run.json)")
     m = read_json(paths.manifest)
-    end = m["updated_at"] if m["status"] in ("done", "failed", "cancelled") else time.time()
+    end = (
+        m["updated_at"]
+        if m["status"] in (RunStatus.DONE, RunStatus.FAILED, RunStatus.CANCELLED)
+        else time.time()
+    )
     cfg = m.get("config") or {}
     sels = [_selection(paths, st["stage"]) for st in m["stages"]]
     stages = [
