@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
-from typing_extensions import NotRequired, TypedDict  # pydantic reads only these before 3.12
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from mates.artifacts import read_json, write_json
 from mates.errors import ArtifactError, RunStateError
