@@ -180,16 +180,23 @@ class Engine:
         return lines[-1][-300:] if lines else "no output"
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._unmount_leftovers()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its exec root's `netns/default` bind-mounted when it exits."""
+        prefix = str(self.run_dir) + "/"
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", point], capture_output=True)
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(

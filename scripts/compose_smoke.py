@@ -24,6 +24,7 @@ reused by the next run.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import sys
@@ -132,7 +133,7 @@ def first_run(api: httpx.Client, stack: Stack, check: Check) -> str:
     files = set(listing.split())
     expected = {"run.json", "stage-0", "stage-1", "stage-2", "final-model"}
     assert expected <= files, f"artifacts volume holds {sorted(files)} for {run_id}"
-    manifest = yaml.safe_load(stack.exec("api", "cat", f"/artifacts/{run_id}/run.json"))
+    manifest = json.loads(stack.exec("api", "cat", f"/artifacts/{run_id}/run.json"))
     assert manifest["status"] == "done", manifest["status"]
     check.done("scored 3 documents, read /, artifacts volume holds the run")
     return run_id
