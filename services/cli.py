@@ -103,12 +103,16 @@ def runs_list(client, args) -> int:
     if not rows:
         print("no runs")
         return 0
-    print(f"{'run':<28} {'status':<10} {'stage':>5} {'state':<9} {'updated':<19}")
+    from services.common.contracts import stages_done
+
+    # "done" counts the stages that ended done (3/3 for a finished 3-stage run); "stage" is
+    # the stage the run is at, numbered from 0 like its stage-<k> folders
+    print(f"{'run':<28} {'status':<10} {'done':>5} {'stage':>5} {'state':<9} {'updated':<19}")
     for r in rows:
-        stage = f"{r['current_stage']}/{r['num_stages']}"
+        done = f"{stages_done(r['current_stage'], r.get('stage_state'))}/{r['num_stages']}"
         print(
-            f"{r['id']:<28} {r['status']:<10} {stage:>5} {r.get('stage_state') or '-':<9} "
-            f"{_when(r['updated_at']):<19}"
+            f"{r['id']:<28} {r['status']:<10} {done:>5} {r['current_stage']:>5} "
+            f"{r.get('stage_state') or '-':<9} {_when(r['updated_at']):<19}"
         )
     return 0
 
@@ -195,9 +199,54 @@ def cmd_runs(args) -> int:
         return RUNS_COMMANDS[args.runs_command](client, args)
 
 
+# `mates serve` options and the settings they set; the environment variable stays the
+# default when an option is not given
+SERVE_OPTIONS = {
+    "api": {"host": "MATES_API_HOST", "port": "MATES_API_PORT"},
+    "scorer": {"host": "MATES_SCORER_HOST", "port": "MATES_SCORER_PORT"},
+    "worker": {"concurrency": "MATES_WORKER_CONCURRENCY"},
+    "trainer": {},
+}
+
+
+def _serve_settings(args) -> None:
+    """Put `--host`, `--port` and `--concurrency` where every settings reader finds them
+    (this process, and the processes a worker forks)."""
+    allowed = SERVE_OPTIONS[args.service]
+    for option in ("host", "port", "concurrency"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option not in allowed:
+            takers = [s for s, opts in SERVE_OPTIONS.items() if option in opts]
+            raise MatesError(
+                f"`mates serve {args.service}` takes no --{option} "
+                f"(it is for {' and '.join(takers)})"
+            )
+        os.environ[allowed[option]] = str(value)
+    from services.common.settings import get_settings
+
+    get_settings.cache_clear()  # read again, with the options
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1 to 65535, got {port}")
+    return port
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def cmd_serve(args) -> int:
     import importlib
 
+    _serve_settings(args)
     name = SERVICES[args.service]
     try:
         module = importlib.import_module(name)
@@ -229,6 +278,13 @@ def register(sub) -> dict:
     _add_runs_args(sub)
     serve = sub.add_parser("serve", help="run one of the services (needs the services extra)")
     serve.add_argument("service", choices=tuple(SERVICES), help="which service")
+    serve.add_argument("--host", help="bind address (api, scorer; default $MATES_API_HOST ...)")
+    serve.add_argument("--port", type=_port, help="port (api, scorer; default $MATES_API_PORT ...)")
+    serve.add_argument(
+        "--concurrency",
+        type=_positive,
+        help="tasks at once (worker; default $MATES_WORKER_CONCURRENCY or 2)",
+    )
     sub.add_parser(
         "loadtest", help="load-test the scorer on loopback (its options: mates loadtest --help)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -141,6 +142,27 @@ def test_save_load_gives_identical_predictions(fitted, tmp_path):
     assert loaded.meta["target_std"] == scorer.meta["target_std"]
     assert loaded.max_tokens == 32
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_loading_a_fitted_or_pretrained_encoder_reports_nothing_missing(fitted, tmp_path):
+    """A fitted encoder is saved without its pooler; loading it (every scorer and worker
+    does) logged transformers' "LOAD REPORT ... pooler MISSING" before it was built
+    without one. MiniLM, whose checkpoint has a pooler, loads quietly too."""
+    scorer, cfg = fitted["scorer"], fitted["cfg"]
+    scorer.save(tmp_path / "im", "tiny", cfg.train_encoder)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        loaded = InfluenceScorer.load(tmp_path / "im", CPU)
+        load_encoder("minilm")
+    finally:
+        logger.removeHandler(handler)
+    reports = [r.getMessage() for r in records if "LOAD REPORT" in r.getMessage()]
+    assert not reports, reports
+    assert getattr(loaded.model.encoder, "pooler", None) is None
 
 
 def test_predictions_keep_input_order_despite_length_bucketing(fitted):

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field, field_validator
 
-from mates.manifest import RunStatus
+from mates.manifest import RunStatus, StageState
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """What a run ID can be (`<name>-<8 hex>`, the name as `RunConfig.name` allows). IDs are
@@ -20,6 +20,12 @@ def random_baseline_name(name: str) -> str:
     """The name of a run's random baseline when both were submitted through the API: the
     dashboard overlays `<name>-random` on run `<name>` (names are at most 64 characters)."""
     return f"{name}-random"[:64]
+
+
+def stages_done(current_stage: int, stage_state: str | None) -> int:
+    """How many of a run's stages have ended `done`, from its current stage and that stage's
+    state: what `mates runs list` and the dashboard show as `k/n`."""
+    return current_stage + (1 if stage_state == StageState.DONE else 0)
 
 
 # --------------------------------------------------------------------------- run status

@@ -154,9 +154,16 @@ def print_stages(data: Mapping[str, Any]) -> None:
         secs = sum(st["timings"].values())
         print(
             f"{st['stage']:>5} {st['state']:>9} {m.get('tokens', 0):>10} "
-            f"{m.get('heldout_loss', float('nan')):>9.4f} {m.get('reference_loss', float('nan')):>7.4f} "
-            f"{'-' if rho is None else f'{rho:.3f}':>7} {secs:>8.1f}"
+            f"{_number(m.get('heldout_loss'), 4):>9} {_number(m.get('reference_loss'), 4):>7} "
+            f"{_number(rho, 3):>7} {secs:>8.1f}"
         )
+
+
+def _number(value: float | None, digits: int) -> str:
+    """A metric for a table, or '-' before it has been measured (never 'nan')."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:.{digits}f}"
 
 
 def cmd_compare(args) -> int:

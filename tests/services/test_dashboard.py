@@ -104,6 +104,8 @@ def test_runs_list_shows_a_finished_run_with_its_latest_loss(client, tiny_dir):
     last = [json.loads(x) for x in RunPaths(tiny_dir).metrics.read_text().splitlines()][-1]
     row = re.search(rf'<tr data-run="{run_id}">(.*?)</tr>', r.text).group(1)
     assert f'href="/runs/{run_id}"' in row and ">done<" in row
+    n = len(json.loads(RunPaths(tiny_dir).manifest.read_text())["stages"])
+    assert f"{n}/{n} done" in row  # every stage ended; not "stage n-1 of 0..n-1"
     assert f"{last['heldout_loss']:.3f}" in row
     assert 'src="/static/runs.js"' in r.text  # the live refresh
     assert "setInterval(refreshRuns" in client.get("/static/runs.js").text

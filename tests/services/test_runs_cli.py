@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ from services.common.settings import get_settings
 from services.common.store import Store
 
 KEY = "cli-test-key-0123456789"
+MATES_BIN = str(Path(sys.executable).parent / "mates")
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +116,15 @@ def test_submit_list_show_cancel(api, capsys, demo_base, monkeypatch):
 
     assert main(["runs", "list"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(run_id))
-    assert line.split()[1:4] == ["queued", "0/2", "pending"]
+    # columns: status, stages done of all, the stage it is at, that stage's state
+    assert line.split()[1:5] == ["queued", "0/2", "0", "pending"]
     assert main(["runs", "list", "--status", "done"]) == 0
     assert capsys.readouterr().out.strip() == "no runs"
 
     assert main(["runs", "show", run_id]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"run {run_id} (tiny): queued") and "stage" in out
+    assert "nan" not in out  # nothing measured yet: '-', not nan
     assert main(["runs", "show", run_id, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["id"] == run_id and [s["state"] for s in shown["stages"]] == ["pending"] * 2
@@ -196,6 +200,14 @@ def test_watch_prints_changes_until_the_run_ends(api, capsys):
     ]
 
 
+def test_a_finished_run_lists_every_stage_done(api, capsys):
+    _, store, root = api
+    hand_made_run(store, root, "finished-0001", ["training", "selecting", "done"], "done")
+    assert main(["runs", "list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("finished-0001"))
+    assert line.split()[1:5] == ["done", "1/1", "0", "done"]
+
+
 def test_errors_are_clear(api, capsys, monkeypatch, unused_port):
     url, _, _ = api
     assert main(["runs", "show", "nope"]) == 2
@@ -233,3 +245,58 @@ def test_serve_refuses_the_placeholder_key(monkeypatch):
             main(["serve", "api"])
     finally:
         get_settings.cache_clear()
+
+
+def test_serve_takes_host_port_and_concurrency(monkeypatch, unused_port, tmp_path):
+    """`mates serve scorer --host --port` listens there (a real uvicorn); a worker's
+    --concurrency reaches its settings; an option a service has no use for is refused."""
+    port = unused_port()
+    env = {
+        **os.environ,
+        "MATES_API_KEY": KEY,
+        "MATES_SCORER_PORT": "1",  # the option beats the environment
+        "MATES_ARTIFACTS_DIR": str(tmp_path),
+        "MATES_DATABASE_URL": f"sqlite:///{tmp_path}/runs.db",
+    }
+    proc = subprocess.Popen(
+        [MATES_BIN, "serve", "scorer", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "scorer.log", "wb"),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"the scorer did not listen on {port}:\n{(tmp_path / 'scorer.log').read_text()}"
+                )
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    import services.worker.main as worker_main
+
+    seen = []
+    monkeypatch.setattr(
+        worker_main, "serve", lambda: seen.append(get_settings().worker_concurrency)
+    )
+    monkeypatch.delenv("MATES_WORKER_CONCURRENCY", raising=False)
+    try:
+        assert main(["serve", "worker", "--concurrency", "5"]) == 0 and seen == [5]
+    finally:
+        os.environ.pop("MATES_WORKER_CONCURRENCY", None)
+        get_settings.cache_clear()
+    assert main(["serve", "trainer", "--port", "9000"]) == 2
+    with pytest.raises(SystemExit):
+        main(["serve", "api", "--port", "70000"])

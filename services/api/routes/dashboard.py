@@ -32,7 +32,7 @@ from mates.manifest import RunStatus
 from services.api.deps import RunId, SettingsDep, StoreDep
 from services.api.routes.runs import read_log
 from services.common.auth import check_key
-from services.common.contracts import FINAL, RUN_ID_PATTERN, random_baseline_name
+from services.common.contracts import FINAL, RUN_ID_PATTERN, random_baseline_name, stages_done
 from services.common.store import Store
 from services.common.store.records import RunDetail
 
@@ -122,6 +122,7 @@ def _rows(store: Store) -> list[dict[str, Any]]:
                 **run,
                 "loss": _latest_loss(run["artifacts_dir"]),
                 "elapsed": report.elapsed_text(max(0.0, end - run["created_at"])),
+                "stages_done": stages_done(run["current_stage"], run.get("stage_state")),
             }
         )
     return out

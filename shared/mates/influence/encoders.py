@@ -4,12 +4,22 @@ and the model itself: pooled encoder features and a linear head."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedModel,
+)
 
 from mates.errors import ConfigError
 from mates.ngram import NgramEncoder, NgramTokenizer, is_ngram_dir
@@ -71,14 +81,31 @@ def load_encoder(name: str, seed: int = 0) -> tuple[Encoder, Any]:
         return bag, NgramTokenizer(bag.config.num_buckets)
     if not (path / "config.json").is_file():
         raise ConfigError(f"`influence.encoder`: {path} is not a model directory")
+    # Mean pooling only. A fitted encoder is saved without its pooler: build the model
+    # without one, so that loading it does not print transformers' "pooler MISSING" report.
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    model_class: Any = AutoModel._model_mapping[type(config)]  # a model class
+    extra: dict[str, Any] = {}
+    if "add_pooling_layer" in inspect.signature(model_class).parameters:
+        extra["add_pooling_layer"] = _has_pooler_weights(path)
     # safetensors only: an encoder path can come from an artifact's meta.json, so never unpickle
     enc: PreTrainedModel = AutoModel.from_pretrained(
-        str(path), local_files_only=True, use_safetensors=True
+        str(path), local_files_only=True, use_safetensors=True, **extra
     )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if hasattr(enc, "pooler"):
-        enc.pooler = None  # type: ignore[assignment]  # mean pooling only; the pooler's weights would be dead
+    if getattr(enc, "pooler", None) is not None:
+        enc.pooler = None  # type: ignore[assignment]  # its weights would be dead
     return enc, tok
+
+
+def _has_pooler_weights(path: Path) -> bool:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text()).get("weight_map", {})
+    else:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            names = f.keys()
+    return any(name.startswith("pooler.") or ".pooler." in name for name in names)
 
 
 def pooled_features(
