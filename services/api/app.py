@@ -54,7 +54,8 @@ async def _library_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     if code == status.HTTP_422_UNPROCESSABLE_CONTENT:  # a run config: the request body
         kind = "config_error" if isinstance(exc, ConfigError) else "data_error"
-        return unprocessable(str(exc), ("body",), kind)
+        fields = exc.fields if isinstance(exc, ConfigError) else []
+        return unprocessable(str(exc), [("body", *f) for f in fields] or [("body",)], kind)
     return JSONResponse({"detail": str(exc)}, status_code=code)
 
 
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(MatesError, _library_error)
     app.add_exception_handler(KombuOperationalError, _broker_error)
     install_edge(app, settings, expose_headers=(MODEL_VERSION_HEADER,))
+    runs.publish_config_schema(app)
     return app
 
 

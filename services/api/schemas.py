@@ -8,11 +8,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mates.manifest import RunStatus, StageState
-from services.common.contracts import STATUS_DOC
+from services.common.contracts import STATUS_DOC, Problem
 
-
-class Problem(BaseModel):
-    detail: str = Field(description="what went wrong, naming the field or resource")
+__all__ = ["Problem"]
 
 
 class Transition(BaseModel):

@@ -14,6 +14,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from services.common.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="MATES_API_KEY as a bearer token")
+# The same key on read routes, under a name of its own so that the OpenAPI document can
+# say what the server does in its mode (services.common.edge: required with
+# MATES_READ_AUTH=1, not asked for otherwise); it never reaches a published document.
+READ_SCHEME = "ReadKey"
+_read_bearer = HTTPBearer(auto_error=False, scheme_name=READ_SCHEME)
 
 
 def key_matches(given: str | None, expected: str) -> bool:
@@ -61,7 +66,7 @@ def require_read_key(get_settings):
     """Dependency for read endpoints: the key is required only with `read_auth`."""
 
     def dep(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_read_bearer)],
         settings: Annotated[Settings, Depends(get_settings)],
     ) -> None:
         if settings.read_auth:

@@ -70,8 +70,16 @@ TASK_QUEUES = {
 # --------------------------------------------------------------------------- the scorer
 
 
+MODEL_PATTERN = RUN_ID_PATTERN.removesuffix("$") + r"/(latest|[0-9]+)$"
+"""What a `model` string can be: `<run_id>/<stage>` or `<run_id>/latest`."""
+
+
 class Document(BaseModel):
-    id: str = Field(description="the document's ID, unique within the request")
+    # the schema says what the validator below enforces (with its own message)
+    id: str = Field(
+        description="the document's ID, unique within the request",
+        json_schema_extra={"minLength": 1},
+    )
     text: str = Field(description="the document's text")
 
     @field_validator("id")
@@ -84,9 +92,16 @@ class Document(BaseModel):
 
 class ScoreRequest(BaseModel):
     model: str = Field(
-        description="`<run_id>/<stage>` or `<run_id>/latest`", examples=["tiny-1a2b3c4d/latest"]
+        description="`<run_id>/<stage>` or `<run_id>/latest`",
+        examples=["tiny-1a2b3c4d/latest"],
+        # enforced by the scorer's parse_model, whose 422 names what is wrong
+        json_schema_extra={"pattern": MODEL_PATTERN},
     )
-    documents: list[Document] = Field(description="the documents to score, IDs unique")
+    documents: list[Document] = Field(
+        description="the documents to score (at least one), IDs unique",
+        # the schema states what the validator below enforces with its own messages
+        json_schema_extra={"minItems": 1, "uniqueItems": True},
+    )
 
     @field_validator("documents")
     @classmethod
@@ -99,6 +114,19 @@ class ScoreRequest(BaseModel):
                 raise ValueError(f"duplicate document id {d.id!r}")
             seen.add(d.id)
         return docs
+
+
+class Problem(BaseModel):
+    """The body of every error answer but a 422."""
+
+    detail: str = Field(description="what went wrong, naming the field or resource")
+
+
+AUTH_RESPONSES: dict[int | str, dict] = {
+    401: {"model": Problem, "description": "no bearer API key"},
+    403: {"model": Problem, "description": "a wrong API key"},
+}
+"""OpenAPI `responses` of a route that takes the bearer key."""
 
 
 class DocumentScore(BaseModel):
@@ -120,7 +148,10 @@ SCORE_RESPONSES: dict[int | str, dict] = {
                 "schema": {"type": "string", "examples": ["tiny-1a2b3c4d/1"]},
             }
         },
-    }
+    },
+    **AUTH_RESPONSES,
+    404: {"model": Problem, "description": "no such run, stage or model version"},
+    413: {"model": Problem, "description": "too many documents or characters (names the limit)"},
 }
 """OpenAPI `responses` entry of `POST /v1/score`, shared by the scorer and the API."""
 

@@ -7,6 +7,7 @@ people read `detail`, programs read `errors`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -18,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.auth import READ_SCHEME
 from services.common.settings import Settings
 
 MAX_INPUT_CHARS = 80  # of a rejected value quoted back in a 422 message
@@ -118,12 +120,12 @@ def validation_problem(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-def unprocessable(detail: str, loc: tuple[str, ...], kind: str) -> JSONResponse:
+def unprocessable(detail: str, locs: list[tuple[Any, ...]], kind: str) -> JSONResponse:
     """A 422 found past FastAPI's validation (a run config, a model name): the same shape,
-    its one error at `loc`."""
+    an error at each of `locs` (each the field's full path, from `body`)."""
+    errors = [{"loc": list(loc), "msg": detail, "type": kind} for loc in locs]
     return JSONResponse(
-        {"detail": detail, "errors": [{"loc": list(loc), "msg": detail, "type": kind}]},
-        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        {"detail": detail, "errors": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
     )
 
 
@@ -146,7 +148,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                 }
             ]
         )
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        # Starlette names the methods of the first route whose path matched; a path served
+        # by several routes (GET and POST /v1/runs) allows all of theirs.
+        allowed = _methods_at(request)
+        if allowed:
+            exc = HTTPException(exc.status_code, exc.detail, {"Allow": ", ".join(allowed)})
     return await http_exception_handler(request, exc)
+
+
+def _methods_at(request: Request) -> list[str]:
+    """The methods the OpenAPI document lists for the requested path."""
+    path = request.url.path
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            return sorted(m.upper() for m in operations)
+    return []
 
 
 VALIDATION_PROBLEM_SCHEMA = {
@@ -192,6 +210,47 @@ def _document_422(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _document_auth(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document says what the server does in its mode: a route that takes the
+    key declares it and its 401 and 403; a read route does so only with
+    `MATES_READ_AUTH=1`, and otherwise declares no key at all."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        schemes = schema.get("components", {}).get("securitySchemes", {})
+        bearer = next((n for n in schemes if n != READ_SCHEME), None)
+        schemes.pop(READ_SCHEME, None)
+        for operations in schema["paths"].values():
+            for op in operations.values():
+                names = {name for req in op.get("security", []) for name in req}
+                if READ_SCHEME in names:
+                    if not settings.read_auth or bearer is None:
+                        op.pop("security")
+                        continue
+                    op["security"] = [{bearer: []}]
+                elif not names:
+                    continue
+                for code, text in (("401", "no bearer API key"), ("403", "a wrong API key")):
+                    op["responses"].setdefault(
+                        code,
+                        {
+                            "description": text,
+                            "content": {"application/json": {"schema": PROBLEM_SCHEMA}},
+                        },
+                    )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"type": "string"}},
+}
+
+
 def install_edge(app: FastAPI, settings: Settings, expose_headers: tuple[str, ...] = ()) -> None:
     """The body limit, the 422 shape, and CORS when `MATES_CORS_ORIGINS` names origins
     (no CORS middleware at all otherwise: browsers then refuse cross-origin calls)."""
@@ -208,3 +267,4 @@ def install_edge(app: FastAPI, settings: Settings, expose_headers: tuple[str, ..
             expose_headers=list(expose_headers),
         )
     _document_422(app)
+    _document_auth(app, settings)

@@ -98,7 +98,7 @@ def readyz(service: Service) -> dict:
 
 async def _scorer_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, BadModelName):
-        return unprocessable(str(exc), ("body", "model"), "bad_model_name")
+        return unprocessable(str(exc), [("body", "model")], "bad_model_name")
     code = next(c for t, c in ERROR_STATUS.items() if isinstance(exc, t))
     return JSONResponse({"detail": str(exc)}, status_code=code)
 

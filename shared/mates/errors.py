@@ -6,7 +6,14 @@ class MatesError(Exception):
 
 
 class ConfigError(MatesError):
-    """A config value is missing, malformed or out of range; the message names the field."""
+    """A config value is missing, malformed or out of range; the message names the field.
+
+    `fields` holds where in the config each problem is (`("selection", "ratio")`), for a
+    program to read; the message stays the one for people."""
+
+    def __init__(self, message: str, fields: list[tuple[str | int, ...]] | None = None):
+        super().__init__(message)
+        self.fields: list[tuple[str | int, ...]] = fields or []
 
 
 class DataError(MatesError):

@@ -145,7 +145,8 @@ def test_a_nul_byte_in_a_data_path_is_422_not_500(client, broker, valid_config, 
     valid_config["data"][field] = "data/evil\x00.jsonl"
     r = client.post("/v1/runs", json=valid_config, headers=AUTH)
     assert r.status_code == 422, r.text
-    assert "`data" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body"]
+    # the field is in `loc` too, not only in the message (issue 16)
+    assert "`data" in r.json()["detail"] and r.json()["errors"][0]["loc"][:2] == ["body", "data"]
     assert broker.llen("train") == 0
 
 
@@ -480,3 +481,40 @@ def test_openapi_docs(client):
         "409",
         "422",
     }
+
+
+def test_a_bad_config_names_its_field_in_errors_loc(client, valid_config):
+    """A program reads where the problem is from `errors[*].loc`, not from the message."""
+    bad = {**valid_config, "selection": {**valid_config["selection"], "ratio": 1.5}}
+    r = client.post("/v1/runs", json=bad, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["loc"] == ["body", "selection", "ratio"]
+    assert "`selection.ratio`" in r.json()["detail"]
+    missing = {**valid_config, "data": {**valid_config["data"], "pool": "/nowhere/pool.jsonl"}}
+    r = client.post("/v1/runs", json=missing, headers=AUTH)
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "data", "pool"]
+
+
+def test_the_published_schema_is_the_contract_in_each_mode(tmp_path, redis_url):
+    """The run config is the request model; a read route declares the key (and its 401)
+    only when MATES_READ_AUTH=1; OPTIONS on a path names every method it serves."""
+    for read_auth in (False, True):
+        app = create_app(make_settings(tmp_path / str(read_auth), redis_url, read_auth=read_auth))
+        schema = app.openapi()
+        body = schema["paths"]["/v1/runs"]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": "#/components/schemas/RunConfig"}
+        config = schema["components"]["schemas"]["RunConfig"]
+        assert {"data", "selection", "stages"} <= set(config["properties"])
+        ratio = schema["components"]["schemas"]["SelectionConfig"]["properties"]["ratio"]
+        assert ratio.get("exclusiveMinimum") == 0 or ratio.get("minimum") is not None
+        for path in ("/v1/runs", "/v1/models"):
+            op = schema["paths"][path]["get"]
+            assert ("security" in op) is read_auth, (path, read_auth)
+            assert ("401" in op["responses"]) is read_auth, (path, read_auth)
+        score = schema["paths"]["/v1/score"]["post"]
+        assert {"401", "403", "404", "413"} <= set(score["responses"])
+        documents = schema["components"]["schemas"]["ScoreRequest"]["properties"]["documents"]
+        assert documents["minItems"] == 1
+        with TestClient(app) as c:
+            r = c.options("/v1/runs")
+            assert r.status_code == 405 and r.headers["allow"] == "GET, POST"

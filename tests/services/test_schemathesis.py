@@ -1,6 +1,7 @@
 """Property-based tests of the API and the scorer from their own OpenAPI documents:
 schemathesis generates valid and invalid requests for every operation, sends them with
-the API key to real uvicorn servers on loopback, and no answer may be a 5xx.
+the API key to real uvicorn servers on loopback; no answer may be a 5xx, and every answer
+passes all of schemathesis' checks (the published schema is the contract).
 
 The API relays `/v1/score` to a real scorer over the tiny run's artifacts, so scoring
 requests reach the model too; runs submitted by a generated request would go to the
@@ -14,6 +15,7 @@ import os
 
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.checks  # noqa: F401  (registers the OpenAPI checks)
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from procs import serving
@@ -81,6 +83,14 @@ API_OPERATIONS = [
 SCORER_OPERATIONS = ["POST /v1/score", "GET /v1/models", "GET /healthz", "GET /readyz"]
 
 
+ALL_CHECKS = list(schemathesis.checks.CHECKS.get_all())  # after the OpenAPI checks registered
+# What no JSON Schema can say, so a schema-valid request may still be refused with 422:
+# a run config's data files must exist on the server (and some settings depend on others);
+# the documents of a score request need unique IDs (`uniqueItems` covers only whole items).
+POSITIVE_ONLY_BY_SCHEMA = [c for c in ALL_CHECKS if c.__name__ == "positive_data_acceptance"]
+EXCLUDED = {"POST /v1/runs": POSITIVE_ONLY_BY_SCHEMA, "POST /v1/score": POSITIVE_ONLY_BY_SCHEMA}
+
+
 def _labels(schema) -> set[str]:
     return {
         f"{method.upper()} {path}"
@@ -90,6 +100,8 @@ def _labels(schema) -> set[str]:
 
 
 def test_every_operation_is_fuzzed(api_schema, scorer_schema):
+    names = {c.__name__ for c in ALL_CHECKS}
+    assert {"response_schema_conformance", "positive_data_acceptance", "ignored_auth"} <= names
     assert _labels(api_schema) == set(API_OPERATIONS)
     assert _labels(scorer_schema) == set(SCORER_OPERATIONS)
 
@@ -116,12 +128,24 @@ def fuzz(schema, label: str, real_model: str) -> set[int]:
     )
     @given(case=cases, use_real_model=st.booleans())
     def no_server_error(case, use_real_model: bool) -> None:
-        if use_real_model and isinstance(case.body, dict) and "model" in case.body:
+        # a negative case may be invalid in its `model` alone: only a positive one is
+        # pointed at the real model (which keeps it valid)
+        positive = case.meta is not None and case.meta.generation.mode.is_positive
+        if use_real_model and positive and isinstance(case.body, dict) and "model" in case.body:
             case.body["model"] = real_model
         response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         seen.add(response.status_code)
         assert response.status_code < 500, (
             f"{response.status_code} {response.text[:500]}\n{case.as_curl_command()}"
+        )
+        # every check schemathesis has: status codes, content types, headers and bodies
+        # conform to the published schema, schema-invalid input is refused, schema-valid
+        # input accepted, an operation that takes the key refuses a request without it
+        case.validate_response(
+            response,
+            checks=ALL_CHECKS,
+            excluded_checks=EXCLUDED.get(label, []),
+            headers={"Authorization": f"Bearer {KEY}"},
         )
         if response.status_code == 422:  # the one 422 shape: a message naming the field + a list
             body = response.json()

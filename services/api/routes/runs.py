@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query, status
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, status
 
 from mates.artifacts import RunPaths, read_json
 from mates.config import RunConfig, config_from_dict
@@ -56,19 +56,48 @@ AUTH: dict[int | str, dict[str, Any]] = {
 }
 
 
+def publish_config_schema(app: FastAPI) -> None:
+    """`POST /v1/runs` reads its body as a plain object, so that the library validates it
+    with its own messages (naming each field) and then checks the data files on this
+    server. Its published schema is the run config's own (every field, description and
+    bound), so a generated client can validate before it sends."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        config = RunConfig.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in {**config.pop("$defs", {}), "RunConfig": config}.items():
+            if components.setdefault(name, definition) != definition:
+                raise RuntimeError(f"OpenAPI component {name!r} is defined twice")
+        media = schema["paths"]["/v1/runs"]["post"]["requestBody"]["content"]["application/json"]
+        media["schema"] = {"$ref": "#/components/schemas/RunConfig"}
+        media["example"] = EXAMPLE_CONFIG
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def validate_run_config(raw: dict[str, Any]) -> RunConfig:
     """The config as the library validates it, plus: its data files exist on this server."""
     try:
         cfg = config_from_dict(raw, base_dir=Path.cwd())
     except ValueError as e:  # resolving a path the OS refuses (a NUL byte); was a 500
-        raise ConfigError(f"`data`: a path in it is not usable on this server ({e})") from None
+        raise ConfigError(
+            f"`data`: a path in it is not usable on this server ({e})", fields=[("data",)]
+        ) from None
     for name in DATA_FILES:
         path = getattr(cfg.data, name)
         if not path.is_file():
-            raise ConfigError(f"`data.{name}`: {path} does not exist on the server")
+            raise ConfigError(
+                f"`data.{name}`: {path} does not exist on the server", fields=[("data", name)]
+            )
     tok = cfg.data.tokenizer
     if tok != "train-bpe" and not Path(tok).is_dir():
-        raise ConfigError(f"`data.tokenizer`: {tok} is not a directory on the server")
+        field = "data.tokenizer"
+        raise ConfigError(
+            f"`{field}`: {tok} is not a directory on the server", fields=[tuple(field.split("."))]
+        )
     return cfg
 
 

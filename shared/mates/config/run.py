@@ -170,7 +170,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+        raise ConfigError(
+            _format_validation_error(e), fields=[tuple(x["loc"]) for x in e.errors()]
+        ) from None
     if base_dir is not None:
         for name in ("pool", "reference", "heldout"):
             p = getattr(cfg.data, name)

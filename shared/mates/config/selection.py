@@ -131,7 +131,12 @@ class SelectionConfig(Section):
         description="How 'mates' and 'static' keep documents by score: Gumbel-top-k "
         "from softmax(-score/tau), or the k lowest scores.",
     )
-    ratio: float = Field(0.2, description="Fraction of the pool kept, in (0, 1].")
+    ratio: float = Field(
+        0.2,
+        description="Fraction of the pool kept, in (0, 1].",
+        # the schema states the bound; the validator below enforces it with its message
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": 1},
+    )
     temperature: float = Field(0.5, gt=0, description="Softmax temperature tau for 'gumbel'.")
     seed: int | None = Field(
         None,
