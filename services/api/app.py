@@ -10,7 +10,7 @@ with its message; a broker that cannot take a task 503. The HTTP edge (body limi
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -18,13 +18,17 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError as KombuOperationalError
+from prometheus_client.core import GaugeMetricFamily
 
 import mates
 from mates.errors import ConfigError, DataError, MatesError, RunStateError
+from services.api.deps import ReadKey
 from services.api.routes import dashboard, health, models, runs, scoring
 from services.common.contracts import MODEL_VERSION_HEADER
 from services.common.edge import install_edge, unprocessable
 from services.common.errors import BrokerUnavailable
+from services.common.metrics import FunctionCollector, gauge, install_metrics
+from services.common.queue import queue_depths
 from services.common.settings import Settings, get_settings
 from services.common.store import Store
 
@@ -77,6 +81,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.close()
 
 
+def _queue_metrics(settings: Settings) -> Iterator[GaugeMetricFamily]:
+    depths = queue_depths(settings.broker_url)
+    yield gauge("mates_queue_depth", "Tasks waiting in each Celery queue", "queue", depths)
+
+
+def _run_metrics(app: FastAPI) -> Iterator[GaugeMetricFamily]:
+    store = getattr(app.state, "store", None)
+    if store is None:
+        return
+    counts = {str(status): n for status, n in store.count_by_status().items()}
+    yield gauge("mates_runs", "Runs in the run store by status", "status", counts)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The control-plane app; refuses the placeholder API key outside development mode."""
     settings = settings or get_settings()
@@ -99,6 +116,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(KombuOperationalError, _broker_error)
     install_edge(app, settings, expose_headers=(MODEL_VERSION_HEADER,))
     runs.publish_config_schema(app)
+    install_metrics(
+        app,
+        ReadKey,
+        [
+            FunctionCollector("queues", lambda: _queue_metrics(settings)),
+            FunctionCollector("runs", lambda: _run_metrics(app)),
+        ],
+    )
     return app
 
 

@@ -274,3 +274,19 @@ def run_worker(
             "--without-mingle",
         ]
     )
+
+
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in "<queue>\x06\x16<p>"
+_PRIORITY_KEYS = ("", *(f"{kombu_redis.Channel.sep}{p}" for p in kombu_redis.PRIORITY_STEPS if p))
+
+
+def queue_depths(broker_url: str) -> dict[str, int]:
+    """Messages waiting in each of the task queues (not those a worker holds)."""
+    client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return {
+            queue: sum(int(client.llen(queue + suffix)) for suffix in _PRIORITY_KEYS)
+            for queue in sorted(set(TASK_QUEUES.values()))
+        }
+    finally:
+        client.close()

@@ -10,7 +10,7 @@ GET  /readyz      the artifact store is readable and the model thread runs (503 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -18,6 +18,8 @@ import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from mates.errors import MatesError
 from services.common.auth import require_key, require_read_key
@@ -29,6 +31,7 @@ from services.common.contracts import (
     ScoreRequest,
 )
 from services.common.edge import install_edge, unprocessable
+from services.common.metrics import FunctionCollector, install_metrics
 from services.common.settings import Settings, get_settings
 from services.scorer.errors import (
     BadModelName,
@@ -112,6 +115,7 @@ async def _library_error(request: Request, exc: Exception) -> JSONResponse:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     service = ScoringService(app.state.settings)
+    service.batcher.on_batch = app.state.observe_batch
     service.start()
     app.state.service = service
     try:
@@ -131,7 +135,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(exc_type, _scorer_error)
     app.add_exception_handler(MatesError, _library_error)
     install_edge(app, settings, expose_headers=(MODEL_VERSION_HEADER,))
+    registry = install_metrics(
+        app, ReadKey, [FunctionCollector("scorer", lambda: _cache_metrics(app))]
+    )
+    batch_docs = Histogram(
+        "mates_scorer_batch_documents",
+        "Documents per forward pass of the scorer's model thread",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        registry=registry,
+    )
+    documents = Counter(
+        "mates_scorer_documents",
+        "Documents scored (rate(): documents per second)",
+        registry=registry,
+    )
+
+    def observe_batch(n: int) -> None:
+        batch_docs.observe(n)
+        documents.inc(n)
+
+    app.state.observe_batch = observe_batch
     return app
+
+
+def _cache_metrics(app: FastAPI) -> Iterator[CounterMetricFamily]:
+    service = getattr(app.state, "service", None)
+    if service is None:
+        return
+    yield CounterMetricFamily(
+        "mates_scorer_model_cache_hits",
+        "Requests served by a model already loaded",
+        value=service.cache.hits,
+    )
+    yield CounterMetricFamily(
+        "mates_scorer_model_loads",
+        "Models read from disk into the cache",
+        value=service.cache.loads,
+    )
 
 
 def serve(settings: Settings | None = None) -> None:

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,6 +46,7 @@ class Batcher:
         self.max_docs = max_docs
         self.wait_s = max(0.0, wait_s)
         self.batches = 0  # predict calls made, for logs and tests
+        self.on_batch: Callable[[int], None] | None = None  # documents per pass (metrics)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending: deque[_Job] = deque()  # jobs for another model; model thread only
         self._stopping = False  # model thread only: the stop sentinel was seen
@@ -142,6 +143,8 @@ class Batcher:
                 job.future.set_exception(e)
             return
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(tokens))
         log.debug(
             "scored %d documents from %d requests in %.3fs",
             len(tokens),

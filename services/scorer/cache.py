@@ -45,6 +45,7 @@ class ModelCache:
         self.capacity = capacity
         self.device = device
         self.loads = 0  # how many times a model was read from disk
+        self.hits = 0  # requests served by a model already loaded
         self._loader = loader
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
@@ -60,6 +61,8 @@ class ModelCache:
     def get(self, version: Version) -> LoadedModel:
         entry = self._cached(version.name)
         if entry is not None:
+            with self._lock:
+                self.hits += 1
             return entry
         with self._lock:
             loading = self._loading.setdefault(version.name, threading.Lock())

@@ -270,6 +270,13 @@ class RunRecords:
             r["stage_state"] = None if r["stage_state"] is None else StageState(r["stage_state"])
         return cast(list[RunSummary], rows)
 
+    def count_by_status(self) -> dict[RunStatus, int]:
+        """How many runs are in each status (every status, zero included)."""
+        q = select(runs.c.status, func.count()).group_by(runs.c.status)
+        with self.engine.connect() as conn:
+            counts = {RunStatus(status): int(n) for status, n in conn.execute(q)}
+        return {status: counts.get(status, 0) for status in RunStatus}
+
     def bump_generation(self, run_id: str) -> int:
         with self.engine.begin() as conn:
             done = conn.execute(
