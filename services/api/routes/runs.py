@@ -10,7 +10,8 @@ from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, status
 
 from mates.artifacts import RunPaths, read_json
 from mates.config import RunConfig, config_from_dict
-from mates.errors import ArtifactError, ConfigError
+from mates.data.sources import expand_pool
+from mates.errors import ArtifactError, ConfigError, DataError
 from services.api.deps import KeyRequired, ReadKey, RunId, SettingsDep, StoreDep
 from services.api.schemas import Problem, Run, RunMetrics, RunStatus, RunSummary
 from services.common import lifecycle
@@ -20,7 +21,7 @@ from services.common.store.records import RunSummary as RunSummaryRow
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
-DATA_FILES = ("pool", "reference", "heldout")
+DATA_FILES = ("reference", "heldout")  # and the pool's shards
 MAX_OFFSET = 2**31 - 1  # a bigger one overflows the database's integer (a 500 before)
 
 EXAMPLE_CONFIG = {
@@ -86,6 +87,10 @@ def validate_run_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             f"`data`: a path in it is not usable on this server ({e})", fields=[("data",)]
         ) from None
+    try:
+        expand_pool(cfg.data.pool)
+    except DataError as e:  # a shard missing, a glob matching nothing: named
+        raise ConfigError(f"`data.pool`: {e} on the server", fields=[("data", "pool")]) from None
     for name in DATA_FILES:
         path = getattr(cfg.data, name)
         if not path.is_file():

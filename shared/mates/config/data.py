@@ -40,7 +40,12 @@ class HeldoutSetConfig(Section):
 
 
 class DataConfig(Section):
-    pool: FilePath = Field(description="Candidate pool: JSONL or Parquet rows {id, text, ...}.")
+    pool: FilePath | Annotated[list[FilePath], Field(min_length=1)] = Field(
+        description="Candidate pool, rows {id, text, ...}: a file, a glob (`shards/*.jsonl.zst`) "
+        "or a list of them, each JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, or a folder "
+        "saved by Hugging Face `datasets` (`save_to_disk`); read in list order, a glob's "
+        "matches sorted; IDs unique across all shards."
+    )
     reference: FilePath = Field(
         description="Reference task probed by the oracle: JSONL {context, continuation} (cloze), "
         "JSONL {text} documents or plain text (full text; see `reference_kind`)."

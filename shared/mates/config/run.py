@@ -174,7 +174,12 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
             _format_validation_error(e), fields=[tuple(x["loc"]) for x in e.errors()]
         ) from None
     if base_dir is not None:
-        for name in ("pool", "reference", "heldout"):
+        pool = cfg.data.pool
+        if isinstance(pool, list):
+            cfg.data.pool = [p if p.is_absolute() else (base_dir / p).resolve() for p in pool]
+        elif not pool.is_absolute():
+            cfg.data.pool = (base_dir / pool).resolve()
+        for name in ("reference", "heldout"):
             p = getattr(cfg.data, name)
             if p is not None and not p.is_absolute():
                 setattr(cfg.data, name, (base_dir / p).resolve())

@@ -1,6 +1,7 @@
 """Corpus reading and tokenization into memory-mapped arrays.
 
-A corpus is JSONL or Parquet rows `{"id": str, "text": str, ...}`. It is read
+A corpus is rows `{"id": str, "text": str, ...}` in one or many shards (JSONL, gzip or
+zstd JSONL, Parquet, saved Hugging Face datasets: mates.data.sources). It is read
 once, validated (unique non-empty string IDs, non-empty UTF-8 text), tokenized,
 and stored as flat binary arrays with offsets, so that a pool of millions of
 documents is never held in Python lists of text or tokens.
@@ -12,13 +13,15 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mates.artifacts import atomic_path, iter_jsonl, read_json, write_json
+from mates.artifacts import atomic_path, read_json, write_json
 from mates.data.chunking import chunk_texts
+from mates.data.sources import PoolSpec, expand_pool, raw_rows
 from mates.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -52,25 +55,6 @@ class BadRow(DataError):
         self.reason = reason
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, parsed object or an exception) from JSONL or Parquet."""
-    if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several unrelated types
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        n = 0
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
-            for obj in batch.to_pylist():
-                n += 1
-                yield n, obj
-        return
-    for lineno, obj, bad in iter_jsonl(path):
-        yield lineno, BadRow(f"{path}:{lineno}", bad) if bad else obj
-
-
 def _validate(obj: Any, where: str, id_field: str, text_field: str) -> tuple[str, str]:
     if isinstance(obj, BadRow):
         raise obj
@@ -87,7 +71,7 @@ def _validate(obj: Any, where: str, id_field: str, text_field: str) -> tuple[str
 
 
 def iter_corpus(
-    path: Path,
+    path: PoolSpec,
     *,
     id_field: str = "id",
     text_field: str = "text",
@@ -95,28 +79,38 @@ def iter_corpus(
     on_bad_row: str = "error",
     stats: ReadStats | None = None,
 ) -> Iterator[Row]:
-    """Stream validated rows. Bad rows raise (naming file and line) or are skipped and counted."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"corpus file {path} does not exist")
+    """Stream validated rows of every shard `path` names (mates.data.sources), in order.
+    Bad rows raise (naming file and line) or are skipped and counted; an ID seen in an
+    earlier row, of this shard or another, is a bad row naming both places."""
+    shards = expand_pool(path)
     stats = stats if stats is not None else ReadStats()
-    seen: set[str] = set()
-    for lineno, obj in _raw_rows(path):
-        where = f"{path}:{lineno}"
-        try:
-            doc_id, text = _validate(obj, where, id_field, text_field)
-            if doc_id in seen:
-                raise BadRow(where, f"duplicate id {doc_id!r}")
-        except BadRow as e:
-            if on_bad_row == "error":
-                raise
-            stats.skip(e.reason.split(" (")[0].split(" '")[0])
-            log.warning("skipping bad row: %s", e)
-            continue
-        seen.add(doc_id)
-        stats.rows += 1
-        domain = obj.get(domain_field) if domain_field else None
-        yield Row(doc_id, text, domain if isinstance(domain, str) else None)
+    seen: dict[str, tuple[int, int]] = {}  # id -> (shard, row): where it was first
+    for s, shard in enumerate(shards):
+        for n, (where, obj, bad) in enumerate(raw_rows(shard)):
+            try:
+                if bad:
+                    raise BadRow(where, bad)
+                doc_id, text = _validate(obj, where, id_field, text_field)
+                if doc_id in seen:
+                    first = _where_of(shards, *seen[doc_id])
+                    raise BadRow(where, f"duplicate id {doc_id!r} (first at {first})")
+            except BadRow as e:
+                if on_bad_row == "error":
+                    raise
+                stats.skip(e.reason.split(" (")[0].split(" '")[0])
+                log.warning("skipping bad row: %s", e)
+                continue
+            seen[doc_id] = (s, n)
+            stats.rows += 1
+            domain = obj.get(domain_field) if domain_field else None
+            yield Row(doc_id, text, domain if isinstance(domain, str) else None)
+
+
+def _where_of(shards: list[Path], shard: int, row: int) -> str:
+    """`<file>:<n>` of the row-th row read from a shard (its line, for JSONL)."""
+    for where, _, _ in islice(raw_rows(shards[shard]), row, row + 1):
+        return where
+    return str(shards[shard])
 
 
 class TokenizedCorpus:
@@ -276,7 +270,7 @@ def _write_arrays(
 
 
 def tokenize_corpus(
-    path: Path,
+    path: PoolSpec,
     tokenizer,
     out: Path,
     *,
@@ -309,7 +303,7 @@ def tokenize_corpus(
         if counts["num_docs"] == 0:
             raise DataError(f"corpus {path} has no usable documents (the pool is empty)")
         meta = {
-            "source": str(path),
+            "source": [str(p) for p in expand_pool(path)],
             "token_dtype": token_dtype.name,
             "vocab_size": vocab,
             "skipped_rows": stats.skipped,
