@@ -194,6 +194,12 @@ class CompareConfig(Section):
         default_factory=lambda: ["random", "mates", "static", "dsir", "random-aa"],
         description=f"Arms of `mates compare`, from {list(COMPARE_ARMS)}; 'random-aa' is random "
         "again with another selection seed (the null spread).",
+        # the schema states what the validator below enforces with its message
+        json_schema_extra={
+            "items": {"enum": list(COMPARE_ARMS)},
+            "uniqueItems": True,
+            "minItems": 1,
+        },
     )
     intervals: bool = Field(True, description="Report 95% intervals over seeds (needs 2+ seeds).")
     seeds: int = Field(3, ge=1, description="Seeds per arm (the run's seed, seed+1, ...).")

@@ -3,7 +3,7 @@ stages and their budgets."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,6 +35,12 @@ class ModelConfig(Section):
         return self
 
 
+def _betas_schema(schema: dict[str, Any]) -> None:
+    """The published schema states the bound `_betas_in_range` enforces."""
+    for item in schema.get("prefixItems", []):
+        item.update(minimum=0, exclusiveMaximum=1)
+
+
 class TrainConfig(Section):
     seq_tokens: int = Field(256, ge=8, description="Tokens per training sequence (packed).")
     batch_sequences: int = Field(16, ge=1, description="Sequences per optimizer step (global).")
@@ -42,7 +48,9 @@ class TrainConfig(Section):
         None, ge=1, description="Sequences per forward (gradient accumulation); default: all."
     )
     lr: float = Field(1e-3, gt=0, le=1, description="Peak AdamW learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="AdamW betas, each in [0, 1).", json_schema_extra=_betas_schema
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then constant lr.")
