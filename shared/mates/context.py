@@ -51,6 +51,7 @@ class Context:
     eos: int = -1
     order: np.ndarray = None  # type: ignore[assignment]  # the corpus order pools are drawn from
     labels: np.ndarray | None = None  # 'label': which corpus documents match, once asked
+    tracker: Any = None  # mates.tracking.Tracker when `tracking:` names a backend (rank 0)
 
     @property
     def primary(self) -> bool:

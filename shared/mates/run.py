@@ -35,6 +35,7 @@ from mates.influence import Encoder
 from mates.manifest import Manifest, RunStatus, StageState
 from mates.run_dir import hold_run_dir, init_run, open_manifest
 from mates.stages import fitting, probing, scoring, selecting, sharing, training
+from mates.tracking import open_tracker
 from mates.train import Trainer, world
 
 __all__ = [
@@ -138,14 +139,29 @@ class Run:
         stage-0 probes and influence model (the same computation on the same checkpoint)."""
         with hold_run_dir(self.paths.lock, self.manifest):
             self._begin(seed_stage0_from, prepared_from, probes_from)
-            n = self.cfg.stages.num_stages
-            for k in range(n):
-                if self.manifest.stage(k)["state"] != StageState.DONE:
-                    with self.guard(k):
-                        self._run_stage(k)
-            with self.guard(n - 1):
-                self.finish()
+            self.ctx.tracker = open_tracker(
+                self.cfg, self.paths.root, self.manifest.run_id, self.ctx.primary
+            )
+            try:
+                n = self.cfg.stages.num_stages
+                for k in range(n):
+                    if self.manifest.stage(k)["state"] != StageState.DONE:
+                        with self.guard(k):
+                            self._run_stage(k)
+                        self._track_stage(k)
+                with self.guard(n - 1):
+                    self.finish()
+            finally:
+                if self.ctx.tracker is not None:
+                    self.ctx.tracker.close()
+                    self.ctx.tracker = None
             return self.manifest
+
+    def _track_stage(self, k: int) -> None:
+        if self.ctx.tracker is not None:
+            stages = self.manifest.data["stages"]
+            tokens = int(stages[k]["metrics"].get("tokens", 0))
+            self.ctx.tracker.stage_end(k, stages, tokens)
 
     def _run_stage(self, k: int) -> None:
         """The same stage functions the services call, one after another."""

@@ -19,6 +19,7 @@ def arm_config(cfg: RunConfig, arm: str, seed: int) -> RunConfig:
     c = cfg.model_copy(deep=True)
     c.seed = seed
     c.name = f"{cfg.name}-s{seed}-{arm}"[:64]
+    c.tracking.group = cfg.tracking.group or cfg.name  # the arms overlay on one chart
     sel = c.selection
     if arm == "mates":
         sel.method = (

@@ -32,7 +32,7 @@ from mates.config.selection import (
     SelectionConfig,
     SelectionMethod,
 )
-from mates.config.training import ModelConfig, StagesConfig, TrainConfig
+from mates.config.training import ModelConfig, StagesConfig, TrackingConfig, TrainConfig
 
 __all__ = [
     "ADDED_FIELDS",
@@ -53,6 +53,7 @@ __all__ = [
     "Section",
     "SelectionConfig",
     "StagesConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from mates.config.data import NAME_PATTERN, DataConfig, Section
 from mates.config.selection import CompareConfig, InfluenceConfig, ProbingConfig, SelectionConfig
-from mates.config.training import ModelConfig, StagesConfig, TrainConfig
+from mates.config.training import ModelConfig, StagesConfig, TrackingConfig, TrainConfig
 from mates.errors import ConfigError
 
 PRESETS = Path(__file__).parent.parent / "configs"
@@ -56,6 +56,7 @@ class RunConfig(Section):
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _chunks_fit_the_context(self) -> RunConfig:
@@ -100,6 +101,7 @@ class RunConfig(Section):
         and so can still be resumed.
         """
         dumped = self.model_dump(mode="json")
+        dumped.pop("tracking")  # where figures are sent is no part of what a run computes
         for section, name in ADDED_FIELDS:
             if name is None:  # a whole section
                 if getattr(self, section) == type(getattr(self, section))():

@@ -157,3 +157,22 @@ class StagesConfig(Section):
     @property
     def token_budgets(self) -> bool:
         return self.stage_tokens is not None
+
+
+class TrackingConfig(Section):
+    """Experiment tracking (off by default): the same figures as metrics.jsonl and the
+    stage metrics, sent to TensorBoard event files and/or Weights & Biases."""
+
+    tensorboard: bool = Field(
+        False, description="Write TensorBoard event files to `<run>/tensorboard`."
+    )
+    wandb: bool = Field(False, description="Log to Weights & Biases (needs `wandb` installed).")
+    wandb_project: str = Field("mates", min_length=1, description="The W&B project.")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="'offline' writes the W&B run under `<run>/wandb` to sync later."
+    )
+    group: str | None = Field(
+        None,
+        description="Group of runs drawn together (W&B group); `mates compare` sets it to "
+        "the comparison's name so one chart overlays its arms.",
+    )

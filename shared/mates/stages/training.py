@@ -168,6 +168,8 @@ class Evaluation(Callback):
             row = evaluate(self.ctx, trainer.model, self.stage, info.step, info.tokens)
             row.update(train_loss=round(float(np.mean(self.losses)), 5), lr=info.lr)
             append_jsonl(self.ctx.paths.metrics, row)
+            if self.ctx.tracker is not None:
+                self.ctx.tracker.metrics_row(row)
         self.losses.clear()
 
 
