@@ -254,6 +254,26 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from mates.downstream import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    record = evaluate(
+        args.target,
+        tasks,
+        stage=args.stage,
+        limit=args.limit,
+        include=args.include,
+        batch_size=args.batch_size,
+        device=args.device,
+        out=args.out,
+    )
+    for task, metrics in record["tasks"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"{task}: {shown}")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "bench": cmd_bench,
@@ -263,6 +283,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "compare": cmd_compare,
     "score": cmd_score,
+    "eval": cmd_eval,
     "select": cmd_select,
 }
 

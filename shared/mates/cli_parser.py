@@ -129,6 +129,19 @@ def library_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
         "--seeds", type=int, default=None, help="seeds per arm (default `compare.seeds`)"
     )
 
+    ev = sub.add_parser(
+        "eval", help="lm-evaluation-harness tasks on a run's LM (final, or a stage's checkpoint)"
+    )
+    ev.add_argument("target", type=Path, help="a run folder, or a save_pretrained model folder")
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    ev.add_argument("--stage", type=int, default=None, help="evaluate stage K's checkpoint")
+    ev.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    ev.add_argument(
+        "--include", type=Path, action="append", default=[], help="a folder of YAML tasks"
+    )
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--out", type=Path, default=None, help="results JSON (default: <run>/eval/)")
     score = sub.add_parser("score", help="score documents with an influence model")
     score.add_argument("--model", type=Path, required=True, help="influence-model directory")
     score.add_argument("--input", type=Path, required=True, help="JSONL {id, text}")

@@ -84,6 +84,11 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def read_cloze_pairs(path: Path) -> list[tuple[str, str]]:
+    """(context, continuation) of each row of a cloze JSONL file, checked."""
+    return _read_pairs(_existing(path, "cloze set"))
+
+
 def pack_rows(
     rows: list[tuple[list[int], int]], source: str, docs: list[int] | None = None
 ) -> ReferenceSet:
