@@ -99,6 +99,18 @@ class RunPaths:
         """Final LM in `save_pretrained` form."""
         return self.root / "final-model"
 
+    def eval_dir(self) -> Path:
+        """Downstream evaluation (`mates eval`): results, exported stages, built tasks."""
+        return self.root / "eval"
+
+    def eval_results(self, k: int | None) -> Path:
+        """lm-eval results of the final model (k None) or of stage k's checkpoint."""
+        return self.eval_dir() / ("final.json" if k is None else f"stage-{k}.json")
+
+    def eval_model(self, k: int) -> Path:
+        """Stage k's checkpoint in `save_pretrained` form, for lm-eval."""
+        return self.eval_dir() / "models" / f"stage-{k}"
+
 
 TMP_SUFFIX = ".tmp"  # a temporary of `atomic_path`; one left by a killed process is garbage
 

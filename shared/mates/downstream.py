@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 HELDOUT_TASK = "mates_heldout_cloze"
 DISTRACTORS = 3
+WEIGHTS = "model.safetensors"
 EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -38,8 +39,8 @@ class EvalError(MatesError):
 
 def model_dir(target: Path, stage: int | None) -> tuple[Path, Path | None]:
     """(the model to evaluate, the run it belongs to or None) for a run or model folder."""
-    if (target / "run.json").is_file():
-        paths = RunPaths(target)
+    paths = RunPaths(target)
+    if paths.manifest.is_file():
         final = paths.export()
         if stage is None:
             if not (final / "config.json").is_file():
@@ -56,10 +57,10 @@ def model_dir(target: Path, stage: int | None) -> tuple[Path, Path | None]:
 def export_stage(paths: RunPaths, k: int) -> Path:
     """Stage k's checkpoint in `save_pretrained` form (its weights, the final model's
     config and tokenizer), written once under `<run>/eval/models/stage-<k>`."""
-    out = paths.root / "eval" / "models" / f"stage-{k}"
-    if (out / "model.safetensors").is_file():
+    out = paths.eval_model(k)
+    if (out / WEIGHTS).is_file():
         return out
-    weights = paths.stage(k) / "checkpoint" / "model.safetensors"
+    weights = paths.checkpoint(k) / WEIGHTS
     final = paths.export()
     if not weights.is_file():
         raise ConfigError(f"stage {k} has no checkpoint at {weights.parent}")
@@ -73,7 +74,7 @@ def export_stage(paths: RunPaths, k: int) -> Path:
         for name in EXPORT_FILES:
             if (final / name).is_file():
                 shutil.copy2(final / name, tmp / name)
-        shutil.copy2(weights, tmp / "model.safetensors")
+        shutil.copy2(weights, tmp / WEIGHTS)
     return out
 
 
@@ -150,7 +151,7 @@ def evaluate(
                 f"{HELDOUT_TASK} is built from a run's held-out data: give a run folder"
             )
         cfg = RunConfig.model_validate(read_json(RunPaths(run).manifest)["config"])
-        paths.append(heldout_task(cfg, run / "eval" / "tasks"))
+        paths.append(heldout_task(cfg, RunPaths(run).eval_dir() / "tasks"))
     manager = TaskManager(include_path=[str(p) for p in paths] or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -183,7 +184,7 @@ def evaluate(
     }
     record = {"model": str(model), "stage": stage, "limit": limit, "tasks": results}
     if out is None and run is not None:
-        out = run / "eval" / ("final.json" if stage is None else f"stage-{stage}.json")
+        out = RunPaths(run).eval_results(stage)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(out), record)
