@@ -228,15 +228,20 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     caller can raise naming `path:line` or skip it and count.
     """
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError as e:
-                yield lineno, None, f"not valid UTF-8 ({e.reason})"
-            except json.JSONDecodeError as e:
-                yield lineno, None, f"not valid JSON ({e.msg})"
+        yield from parse_jsonl_lines(fh)
+
+
+def parse_jsonl_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
+    """`iter_jsonl` over lines of bytes from anywhere (a gzip or zstd stream)."""
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError as e:
+            yield lineno, None, f"not valid UTF-8 ({e.reason})"
+        except json.JSONDecodeError as e:
+            yield lineno, None, f"not valid JSON ({e.msg})"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import TINY_CONFIG
+from procs import Proc, wait_http
 
 from mates.artifacts import RunPaths
 from mates.cli import main
@@ -258,32 +259,16 @@ def test_serve_takes_host_port_and_concurrency(monkeypatch, unused_port, tmp_pat
         "MATES_ARTIFACTS_DIR": str(tmp_path),
         "MATES_DATABASE_URL": f"sqlite:///{tmp_path}/runs.db",
     }
-    proc = subprocess.Popen(
+    proc = Proc(
+        "scorer",
         [MATES_BIN, "serve", "scorer", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "scorer.log", "wb"),
+        env,
+        tmp_path,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"the scorer did not listen on {port}:\n{(tmp_path / 'scorer.log').read_text()}"
-                )
-            time.sleep(0.1)
+        wait_http(f"http://127.0.0.1:{port}/healthz", [proc], timeout=60)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop()
 
     import services.worker.main as worker_main
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mates.artifacts import parse_jsonl_lines
 from mates.errors import DataError
 
 _BATCH_ROWS = 1000
@@ -104,16 +104,8 @@ def _jsonl_rows(path: Path, kind: str) -> Iterator[tuple[str, Any, str | None]]:
     lineno = 0
     try:
         with _open_text_bytes(path, kind) as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    yield where, json.loads(raw.decode("utf-8")), None
-                except UnicodeDecodeError as e:
-                    yield where, None, f"not valid UTF-8 ({e.reason})"
-                except json.JSONDecodeError as e:
-                    yield where, None, f"not valid JSON ({e.msg})"
+            for lineno, obj, bad in parse_jsonl_lines(fh):
+                yield f"{path}:{lineno}", obj, bad
     except (OSError, EOFError) as e:  # a truncated or corrupt gzip, a bad zstd frame
         at = f" after line {lineno}" if lineno else ""
         raise DataError(f"{path}: not a readable {kind} file{at} ({e})") from None
